@@ -1,0 +1,40 @@
+"""``python -m dad3dlib <command>``: a registry of commands, each a module's ``main(argv)``.
+
+Modules are imported only when their command runs, so that a command never pays for (or needs)
+another command's dependencies.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module, one-line help)
+    "make-head": ("dad3dlib.synthetic_head", "write the synthetic FLAME-format head model"),
+    "show-head": ("dad3dlib.viz", "render the synthetic head and random variations to a PNG"),
+    "make-data": ("dad3dlib.synthetic_data", "render a synthetic DAD-3DHeads-format data set"),
+    "show-data": ("dad3dlib.viz", "a grid of data samples with overlays and loader crops"),
+    "train": ("dad3dlib.train", "train DAD-3DNet from a params file"),
+    "evaluate": ("dad3dlib.evaluate", "evaluate a checkpoint on a data split"),
+    "predict": ("dad3dlib.evaluate", "write a reference-format submission JSON"),
+    "benchmark": ("dad3dlib.benchmark", "score a submission with the DAD-3DHeads benchmark metrics"),
+    "study": ("dad3dlib.study", "run the ablation study (papermill) and build the report"),
+}
+
+# Modules that serve several commands expose main_<command> (dashes as underscores).
+def _entry(name: str):
+    module = importlib.import_module(COMMANDS[name][0])
+    return getattr(module, "main_" + name.replace("-", "_"), None) or module.main
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items()]
+        print("usage: python -m dad3dlib <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    return int(_entry(argv[0])(argv[1:]) or 0)

@@ -1,0 +1,463 @@
+"""FLAME: file formats, the DAD-3DNet 3DMM vector, and a batched differentiable layer.
+
+One loading path serves the real FLAME model (``generic_model.pkl``, often chumpy-pickled) and the
+project's synthetic head, which is written in exactly the same formats. Pickles are untrusted input
+and only go through :func:`safe_load_pickle`.
+
+Shapes: B batch, V vertices (5023 on FLAME), F faces, L landmarks.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
+N_3DMM = N_SHAPE + N_EXPR + N_JAW + N_ROT6D + N_TRANS + N_SCALE  # 413
+LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
+               ("rot6d", N_ROT6D), ("translation", N_TRANS), ("scale", N_SCALE))
+ALIGN7 = (36, 39, 42, 45, 33, 48, 54)
+SUBSETS = ("face", "face_w_ears", "head")
+CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (BRIEF §2)
+
+MODEL_FILE = "generic_model.pkl"
+STATIC_FILE = "flame_static_embedding.pkl"
+DYNAMIC_FILE = "flame_dynamic_embedding.npy"
+FACES_FILE = "flame_mesh_faces.pt"
+
+
+class FlameFormatError(ValueError):
+    """A FLAME asset file is missing, refused or malformed; the message names the file."""
+
+
+# --------------------------------------------------------------------------------------------
+# Restricted unpickling
+# --------------------------------------------------------------------------------------------
+class _ChumpyStub:
+    """Stands in for chumpy objects so that chumpy pickles load without chumpy installed."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {"state": state})
+
+
+def _sparse_class(name: str):
+    import scipy.sparse
+
+    return getattr(scipy.sparse, name)
+
+
+_ALLOWED = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"),
+    ("builtins", "object"), ("__builtin__", "object"), ("collections", "OrderedDict"),
+    ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+}
+_SPARSE = {"csc_matrix", "csr_matrix", "coo_matrix"}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED:
+            return super().find_class(module, name)
+        if module.startswith("numpy") and name.startswith("dtype"):  # numpy.dtypes.Float64DType
+            return super().find_class(module, name)
+        if module.startswith("scipy.sparse") and name in _SPARSE:
+            return _sparse_class(name)
+        if module.split(".")[0] == "chumpy":
+            return _ChumpyStub
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
+
+
+def safe_load_pickle(path: str | Path) -> object:
+    """Load a FLAME-asset pickle allowing only numpy, scipy.sparse and (stubbed) chumpy classes.
+
+    Python-2 pickles (the published FLAME files) are read with ``latin1`` encoding.
+    Raises FlameFormatError naming the file for anything else (e.g. a pickle that would run code).
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise FlameFormatError(f"{path}: cannot read ({e.strerror})") from e
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise FlameFormatError(f"{path}: refused to unpickle: {e}") from e
+    except Exception as e:  # truncated or corrupt data
+        raise FlameFormatError(f"{path}: not a valid pickle ({type(e).__name__}: {e})") from e
+
+
+def _as_array(value, path: Path, key: str, dtype) -> np.ndarray:
+    """A dense numpy array from a numpy array, scipy sparse matrix or chumpy stub."""
+    if isinstance(value, _ChumpyStub):
+        if "x" not in value.__dict__:
+            raise FlameFormatError(f"{path}: '{key}' is a chumpy expression without a value 'x'")
+        value = value.__dict__["x"]
+    if hasattr(value, "toarray"):
+        value = value.toarray()
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        raise FlameFormatError(f"{path}: '{key}' is not a numeric array")
+    return arr.astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Assets
+# --------------------------------------------------------------------------------------------
+@dataclass
+class FlameModel:
+    """The content of ``generic_model.pkl`` (numpy)."""
+
+    v_template: np.ndarray     # [V,3] float32, metres
+    faces: np.ndarray          # [F,3] int64
+    shapedirs: np.ndarray      # [V,3,400]: 300 identity + 100 expression components
+    posedirs: np.ndarray       # [V,3,36]
+    J_regressor: np.ndarray    # [5,V] dense
+    weights: np.ndarray        # [V,5] skinning weights
+    kintree_table: np.ndarray  # [2,5] int64
+
+    @property
+    def parents(self) -> np.ndarray:
+        """[5] int64 parent of each joint, -1 for the root."""
+        p = self.kintree_table[0].astype(np.int64).copy()
+        p[0] = -1  # stored as 2**32-1 in the published file
+        return p
+
+
+@dataclass
+class FlameTopology:
+    """Everything of FLAME but the model: faces, the landmark embedding, vertex subsets."""
+
+    faces: np.ndarray             # [F,3] int64
+    static_face_idx: np.ndarray   # [51] int64
+    static_bary: np.ndarray       # [51,3]
+    dynamic_face_idx: np.ndarray  # [K,17] int64 (row 0: zero yaw)
+    dynamic_bary: np.ndarray      # [K,17,3]
+    subsets: dict                 # name -> int64 vertex ids
+
+    @property
+    def lmk_face_idx(self) -> np.ndarray:
+        """[68] int64: 17 contour points (dynamic row 0) then the 51 static points."""
+        return np.concatenate([self.dynamic_face_idx[0], self.static_face_idx]).astype(np.int64)
+
+    @property
+    def lmk_bary(self) -> np.ndarray:
+        """[68,3] float32 barycentric coordinates, same order as :attr:`lmk_face_idx`."""
+        return np.concatenate([self.dynamic_bary[0], self.static_bary]).astype(np.float32)
+
+
+@dataclass
+class FlameAssets:
+    topology: FlameTopology
+    model: FlameModel | None  # None for a topology-only directory
+    path: Path
+
+
+def _load_model(path: Path) -> FlameModel:
+    raw = safe_load_pickle(path)
+    if not isinstance(raw, dict):
+        raise FlameFormatError(f"{path}: expected a dict, got {type(raw).__name__}")
+    need = ("v_template", "f", "shapedirs", "posedirs", "J_regressor", "weights", "kintree_table")
+    missing = [k for k in need if k not in raw]
+    if missing:
+        raise FlameFormatError(f"{path}: missing keys {missing}")
+    m = FlameModel(
+        v_template=_as_array(raw["v_template"], path, "v_template", np.float32),
+        faces=_as_array(raw["f"], path, "f", np.int64),
+        shapedirs=_as_array(raw["shapedirs"], path, "shapedirs", np.float32),
+        posedirs=_as_array(raw["posedirs"], path, "posedirs", np.float32),
+        J_regressor=_as_array(raw["J_regressor"], path, "J_regressor", np.float32),
+        weights=_as_array(raw["weights"], path, "weights", np.float32),
+        kintree_table=_as_array(raw["kintree_table"], path, "kintree_table", np.int64),
+    )
+    V = m.v_template.shape[0]
+    expect = {"v_template": (V, 3), "shapedirs": (V, 3, N_SHAPE + N_EXPR), "posedirs": (V, 3, 36),
+              "J_regressor": (5, V), "weights": (V, 5), "kintree_table": (2, 5)}
+    for key, shape in expect.items():
+        if getattr(m, key).shape != shape:
+            raise FlameFormatError(f"{path}: '{key}' has shape {getattr(m, key).shape}, expected {shape}")
+    if m.faces.ndim != 2 or m.faces.shape[1] != 3 or m.faces.max() >= V or m.faces.min() < 0:
+        raise FlameFormatError(f"{path}: 'f' must be [F,3] vertex ids below {V}")
+    return m
+
+
+def _load_embeddings(path: Path) -> tuple[np.ndarray, ...]:
+    static = safe_load_pickle(path / STATIC_FILE)
+    try:
+        dynamic = np.load(path / DYNAMIC_FILE, allow_pickle=False)
+    except ValueError:  # the published file is a pickled dict inside .npy
+        dynamic = _load_npy_dict(path / DYNAMIC_FILE)
+    except OSError as e:
+        raise FlameFormatError(f"{path / DYNAMIC_FILE}: cannot read ({e})") from e
+    out = []
+    for name, d, shapes in ((STATIC_FILE, static, ((51,), (51, 3))),
+                            (DYNAMIC_FILE, dynamic, ((None, 17), (None, 17, 3)))):
+        if not isinstance(d, dict) or "lmk_face_idx" not in d or "lmk_b_coords" not in d:
+            raise FlameFormatError(f"{path / name}: expected a dict with lmk_face_idx and lmk_b_coords")
+        idx = _as_array(d["lmk_face_idx"], path / name, "lmk_face_idx", np.int64)
+        bary = _as_array(d["lmk_b_coords"], path / name, "lmk_b_coords", np.float32)
+        for arr, shape, key in ((idx, shapes[0], "lmk_face_idx"), (bary, shapes[1], "lmk_b_coords")):
+            if arr.ndim != len(shape) or any(s is not None and s != a for s, a in zip(shape, arr.shape)):
+                raise FlameFormatError(f"{path / name}: '{key}' has shape {arr.shape}, expected {shape}")
+        out += [idx, bary]
+    return tuple(out)
+
+
+def _load_npy_dict(path: Path) -> dict:
+    """A dict saved with ``np.save`` (a 0-d object array, pickled inside .npy), read restrictedly."""
+    with open(path, "rb") as f:
+        try:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
+            shape, _, dtype = read_header[major](f)
+        except Exception as e:
+            raise FlameFormatError(f"{path}: not a .npy file ({e})") from e
+        if dtype != object or shape != ():
+            raise FlameFormatError(f"{path}: expected a dict saved with np.save, got {dtype} {shape}")
+        try:
+            obj = _RestrictedUnpickler(f, encoding="latin1").load()
+        except Exception as e:
+            raise FlameFormatError(f"{path}: refused to unpickle: {e}") from e
+    return obj[()] if isinstance(obj, np.ndarray) else obj
+
+
+def _load_faces_pt(path: Path) -> np.ndarray:
+    try:
+        faces = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FlameFormatError(f"{path}: cannot load faces ({e})") from e
+    return np.asarray(faces, dtype=np.int64)
+
+
+def default_flame_dir() -> Path:
+    """The project's synthetic head (FLAME formats), generated on first use."""
+    from . import OUTPUTS_DIR
+
+    out = OUTPUTS_DIR / "flame_synthetic"
+    if not (out / MODEL_FILE).exists():
+        from .synthetic_head import make_head
+
+        make_head(out, seed=0)
+    return out
+
+
+def load_flame_assets(path: str | Path | None = None, require_model: bool = True) -> FlameAssets:
+    """Read a FLAME-format directory (None: the project's synthetic head).
+
+    The directory holds ``generic_model.pkl`` (optional when ``require_model`` is False, faces
+    then come from ``flame_mesh_faces.pt``), ``flame_static_embedding.pkl``,
+    ``flame_dynamic_embedding.npy`` and the subsets ``face.npy``, ``face_w_ears.npy``,
+    ``head.npy``.
+    """
+    path = Path(path) if path is not None else default_flame_dir()
+    if not path.is_dir():
+        raise FlameFormatError(f"{path}: FLAME assets directory not found")
+    model = None
+    if (path / MODEL_FILE).exists():
+        model = _load_model(path / MODEL_FILE)
+        faces = model.faces
+    elif require_model:
+        raise FlameFormatError(f"{path / MODEL_FILE}: not found (the FLAME model is required here)")
+    elif (path / FACES_FILE).exists():
+        faces = _load_faces_pt(path / FACES_FILE)
+    else:
+        raise FlameFormatError(f"{path}: neither {MODEL_FILE} nor {FACES_FILE} found")
+    s_idx, s_bary, d_idx, d_bary = _load_embeddings(path)
+    n_faces = len(faces)
+    for name, idx in ((STATIC_FILE, s_idx), (DYNAMIC_FILE, d_idx)):
+        if idx.max() >= n_faces or idx.min() < 0:
+            raise FlameFormatError(f"{path / name}: face ids out of range 0..{n_faces - 1}")
+    n_vert = int(faces.max()) + 1
+    subsets = {}
+    for name in SUBSETS:
+        f = path / f"{name}.npy"
+        try:
+            ids = np.load(f, allow_pickle=False).astype(np.int64)
+        except (OSError, ValueError) as e:
+            raise FlameFormatError(f"{f}: cannot read vertex subset ({e})") from e
+        if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= n_vert:
+            raise FlameFormatError(f"{f}: expected a 1-D array of vertex ids below {n_vert}")
+        subsets[name] = ids
+    topo = FlameTopology(faces, s_idx, s_bary, d_idx, d_bary, subsets)
+    return FlameAssets(topology=topo, model=model, path=path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str | Path) -> Path:
+    """Write FLAME's file formats (plain numpy pickles, J_regressor as scipy CSC like FLAME's)."""
+    import scipy.sparse
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def npy_bytes(arr, allow_pickle=False) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=allow_pickle)
+        return buf.getvalue()
+
+    for name in SUBSETS:
+        _atomic_write(out / f"{name}.npy", npy_bytes(np.asarray(topology.subsets[name], np.int64)))
+    static = {"lmk_face_idx": topology.static_face_idx.astype(np.uint32),
+              "lmk_b_coords": topology.static_bary.astype(np.float64)}
+    dynamic = {"lmk_face_idx": topology.dynamic_face_idx.astype(np.uint32),
+               "lmk_b_coords": topology.dynamic_bary.astype(np.float64)}
+    _atomic_write(out / STATIC_FILE, pickle.dumps(static, protocol=2))
+    _atomic_write(out / DYNAMIC_FILE, npy_bytes(np.array(dynamic, dtype=object), allow_pickle=True))
+    kintree = model.kintree_table.astype(np.int64).copy()
+    kintree[0, 0] = 2**32 - 1  # as in the published file
+    generic = {
+        "v_template": model.v_template.astype(np.float64),
+        "f": model.faces.astype(np.uint32),
+        "shapedirs": model.shapedirs.astype(np.float64),
+        "posedirs": model.posedirs.astype(np.float64),
+        "J_regressor": scipy.sparse.csc_matrix(model.J_regressor.astype(np.float64)),
+        "weights": model.weights.astype(np.float64),
+        "kintree_table": kintree,
+    }
+    # The model file last: its presence marks a complete directory (see default_flame_dir).
+    _atomic_write(out / MODEL_FILE, pickle.dumps(generic, protocol=2))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: landmarks, rotations, the 3DMM vector
+# --------------------------------------------------------------------------------------------
+def landmarks_from_vertices(vertices: Tensor, faces: Tensor, face_idx: Tensor, bary: Tensor) -> Tensor:
+    """Barycentric landmark points.
+
+    vertices [B,V,3], faces [F,3] long, face_idx [L] long, bary [L,3] -> [B,L,3]
+    """
+    tri = vertices[:, faces[face_idx]]  # [B,L,3(corners),3]
+    return (tri * bary.to(vertices.dtype)[None, :, :, None]).sum(dim=2)
+
+
+def rot6d_to_matrix(x: Tensor) -> Tensor:
+    """6D rotation (a, b) -> matrix with columns (b1, b2, b3), BRIEF §2.
+
+    b1 = normalize(a); b3 = normalize(b1 × b); b2 = −(b1 × b3).  x [...,6] -> [...,3,3]
+    """
+    a, b = x[..., :3], x[..., 3:]
+    b1 = nn.functional.normalize(a, dim=-1)
+    b3 = nn.functional.normalize(torch.cross(b1, b, dim=-1), dim=-1)
+    b2 = -torch.cross(b1, b3, dim=-1)
+    return torch.stack([b1, b2, b3], dim=-1)
+
+
+def matrix_to_rot6d(R: Tensor) -> Tensor:
+    """[...,3,3] -> [...,6]: the first two columns, inverse of :func:`rot6d_to_matrix`."""
+    return torch.cat([R[..., :, 0], R[..., :, 1]], dim=-1)
+
+
+def split_3dmm(vec: Tensor) -> dict[str, Tensor]:
+    """[B,413] -> shape [B,300], expression [B,100], jaw [B,3], rot6d [B,6], translation [B,3],
+    scale [B,1] (stored as s - 1). The pieces are views of ``vec``."""
+    if vec.shape[-1] != N_3DMM:
+        raise ValueError(f"3DMM vector must have {N_3DMM} numbers, got {vec.shape[-1]}")
+    return dict(zip([n for n, _ in LAYOUT_3DMM], torch.split(vec, [s for _, s in LAYOUT_3DMM], dim=-1)))
+
+
+def pack_3dmm(shape: Tensor, expression: Tensor, jaw: Tensor, rot6d: Tensor, translation: Tensor,
+              scale: Tensor) -> Tensor:
+    """Inverse of :func:`split_3dmm`: the pieces [B,k] -> [B,413]."""
+    return torch.cat([shape, expression, jaw, rot6d, translation, scale], dim=-1)
+
+
+def weak_perspective(vertices: Tensor, R: Tensor, translation: Tensor, scale: Tensor,
+                     crop_size: float) -> Tensor:
+    """Rotate, scale, shift and map to crop pixels (x right, y down), BRIEF §2.
+
+    vertices [B,V,3], R [B,3,3], translation [B,3] (z ignored), scale [B,1] (s - 1) -> [B,V,3]
+    """
+    s = torch.clamp(scale + 1.0, min=1e-8)[:, None, :]  # [B,1,1]
+    t = torch.cat([translation[:, :2], torch.zeros_like(translation[:, 2:])], dim=-1)[:, None]
+    v = vertices @ R.transpose(1, 2) * s + t
+    return (v + 1.0) / 2.0 * crop_size
+
+
+# --------------------------------------------------------------------------------------------
+# The layer
+# --------------------------------------------------------------------------------------------
+class FlameLayer(nn.Module):
+    """Batched, differentiable FLAME (LBS from smplx) and the DAD-3DNet 3DMM-vector views."""
+
+    def __init__(self, assets: FlameAssets):
+        super().__init__()
+        if assets.model is None:
+            raise FlameFormatError(f"{assets.path}: {MODEL_FILE} is needed for the FLAME layer")
+        m, t = assets.model, assets.topology
+        f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
+        self.register_buffer("v_template", f32(m.v_template))
+        self.register_buffer("shapedirs", f32(m.shapedirs))
+        self.register_buffer("posedirs", f32(m.posedirs.reshape(-1, m.posedirs.shape[-1]).T))  # [36,V*3]
+        self.register_buffer("J_regressor", f32(m.J_regressor))
+        self.register_buffer("lbs_weights", f32(m.weights))
+        self.register_buffer("parents", torch.as_tensor(m.parents))
+        self.register_buffer("faces", torch.as_tensor(m.faces, dtype=torch.long))
+        self.register_buffer("lmk_face_idx", torch.as_tensor(t.lmk_face_idx))
+        self.register_buffer("lmk_bary", torch.as_tensor(t.lmk_bary))
+        for name in SUBSETS:
+            self.register_buffer(f"subset_{name}", torch.as_tensor(t.subsets[name]))
+
+    @property
+    def num_vertices(self) -> int:
+        return self.v_template.shape[0]
+
+    def subset(self, name: str) -> Tensor:
+        """Vertex ids [n] of "face", "face_w_ears" or "head"."""
+        return getattr(self, f"subset_{name}")
+
+    def vertices(self, shape: Tensor, expression: Tensor, jaw: Tensor, neck: Tensor | None = None,
+                 global_pose: Tensor | None = None) -> Tensor:
+        """Model-space vertices by LBS; eyes are zero.
+
+        shape [B,300], expression [B,100], jaw/neck/global_pose [B,3] axis-angle -> [B,V,3]
+        """
+        from smplx.lbs import lbs
+
+        zeros = torch.zeros_like(jaw)
+        pose = torch.cat([zeros if global_pose is None else global_pose,
+                          zeros if neck is None else neck, jaw, zeros, zeros], dim=-1)
+        betas = torch.cat([shape, expression], dim=-1)
+        verts, _ = lbs(betas, pose, self.v_template[None].expand(len(betas), -1, -1), self.shapedirs,
+                       self.posedirs, self.J_regressor, self.parents, self.lbs_weights)
+        return verts
+
+    def canonical(self, params: Tensor) -> Tensor:
+        """[B,413] -> [B,V,3]: global rotation, neck and eyes zero, jaw from the vector, z += 0.05."""
+        p = split_3dmm(params)
+        v = self.vertices(p["shape"], p["expression"], p["jaw"])
+        return v + v.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET])
+
+    def posed(self, params: Tensor) -> Tensor:
+        """[B,413] -> [B,V,3]: R·canonical."""
+        R = rot6d_to_matrix(split_3dmm(params)["rot6d"])
+        return self.canonical(params) @ R.transpose(1, 2)
+
+    def reproject(self, params: Tensor, crop_size: float, canonical: Tensor | None = None) -> Tensor:
+        """[B,413] -> [B,V,3] crop pixels (x right, y down) and scaled depth.
+
+        Pass ``canonical`` when it was already computed, to skip a second LBS.
+        """
+        p = split_3dmm(params)
+        v = self.canonical(params) if canonical is None else canonical
+        return weak_perspective(v, rot6d_to_matrix(p["rot6d"]), p["translation"], p["scale"], crop_size)
+
+    def landmarks68(self, vertices: Tensor) -> Tensor:
+        """[B,V,3] -> [B,68,3]."""
+        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
+
+    def landmarks7(self, vertices: Tensor) -> Tensor:
+        """[B,V,3] -> [B,7,3], the alignment landmarks ALIGN7."""
+        return self.landmarks68(vertices)[:, list(ALIGN7)]
