@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from . import REPO_ROOT
+from . import OUTPUTS_DIR, REPO_ROOT
 
 PARAMS_DIR = REPO_ROOT / "params"
 LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
@@ -109,6 +109,9 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     params["ablation"] = abl.get("name", apath.stem)
     params["ablation_description"] = abl.get("description", "")
     params["seed"] = int(seed)
+    data = params.setdefault("data", {})
+    if data.get("root") and not Path(data["root"]).is_absolute():  # relative roots live under outputs/
+        data["root"] = str(OUTPUTS_DIR / data["root"])
     params.setdefault("loss", {})
     params["loss"]["lambdas"] = validate_lambdas(params["loss"].get("lambdas", {}), f"{ppath} + {apath}")
     return params

@@ -1,0 +1,270 @@
+"""The study runner: preset × ablations × seeds, one papermill execution of
+``notebooks/ablation.ipynb`` per run, then ``notebooks/aggregate.ipynb`` → ``report.html``.
+
+Layout of a study directory ``DIR``::
+
+    DIR/study.json                 what was asked (preset, ablations, seeds) and the run table
+    DIR/runs/<ablation>_s<seed>/   params.yaml, ablation.ipynb (executed), metrics.json,
+                                   per_sample.csv, checkpoints/, provenance.json, error.json
+    DIR/summary.csv, DIR/aggregate.ipynb, DIR/report.html
+
+A run is finished when its ``metrics.json`` exists and was produced from the same params; finished
+runs are skipped, unfinished ones resume from their last checkpoint (the notebook's training
+resumes), a failed run is recorded in ``error.json`` without stopping the others. Ablations with
+identical training params (the plan's ``l3d50_proj0.05`` is the baseline) run once and are
+reported under every name.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import REPO_ROOT
+from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
+from .synthetic_data import DATASET_DIR
+
+NOTEBOOKS = REPO_ROOT / "notebooks"
+ABLATION_NB = NOTEBOOKS / "ablation.ipynb"
+AGGREGATE_NB = NOTEBOOKS / "aggregate.ipynb"
+PACKAGES = ("torch", "torchvision", "timm", "lightning", "easypytorch3d", "numpy", "papermill", "moderngl")
+
+
+@dataclass
+class Run:
+    name: str                      # directory name: <ablation>_s<seed>
+    ablation: str
+    seed: int
+    params: dict
+    aliases: list[str] = field(default_factory=list)  # other ablations with identical params
+
+    @property
+    def fingerprint(self) -> str:
+        return training_fingerprint(self.params)
+
+
+def plan_runs(preset: str, ablations: list[str], seeds: list[int], overrides: dict | None = None) -> list[Run]:
+    """One Run per distinct (training params, seed); identical ablations become aliases."""
+    runs: dict[tuple[str, int], Run] = {}
+    for seed in seeds:
+        for abl in ablations:
+            params = run_params(preset, abl, seed, overrides)
+            key = (training_fingerprint(params), seed)
+            if key in runs:
+                runs[key].aliases.append(params["ablation"])
+            else:
+                runs[key] = Run(f"{params['ablation']}_s{seed}", params["ablation"], seed, params)
+    return list(runs.values())
+
+
+def is_finished(run_dir: Path, run: Run) -> bool:
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return metrics.get("fingerprint") == run.fingerprint
+
+
+def provenance(run: Run) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def pkg(n):
+        try:
+            return version(n)
+        except PackageNotFoundError:
+            return None
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                                timeout=10).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                    capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    return {"run": run.name, "ablation": run.ablation, "aliases": run.aliases, "seed": run.seed,
+            "fingerprint": run.fingerprint, "git_commit": commit, "git_dirty": dirty,
+            "python": sys.version.split()[0], "platform": platform.platform(),
+            "packages": {n: pkg(n) for n in PACKAGES}, "params": run.params}
+
+
+def write_json(path: Path, obj) -> None:
+    """Atomic JSON write."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)
+
+
+def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
+    """A run's ``metrics.json`` (atomic), stamped with the fingerprint of the params it came from."""
+    path = Path(run_dir) / "metrics.json"
+    write_json(path, {**metrics, "ablation": params["ablation"], "seed": params["seed"],
+                      "fingerprint": training_fingerprint(params)})
+    return path
+
+
+def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None) -> dict:
+    """Execute the ablation notebook for one run; never raises (failures are recorded)."""
+    import papermill as pm
+
+    run_dir = study_dir / "runs" / run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_params(run.params, run_dir / "params.yaml")
+    (run_dir / "error.json").unlink(missing_ok=True)
+    prov = provenance(run)
+    start = time.time()
+    status, error = "finished", None
+    try:
+        pm.execute_notebook(
+            str(ABLATION_NB), str(run_dir / "ablation.ipynb"),
+            parameters={"params_file": str(run_dir / "params.yaml"), "out_dir": str(run_dir),
+                        "device": device, "num_threads": num_threads},
+            kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
+        if not is_finished(run_dir, run):
+            raise RuntimeError(f"{run_dir / 'ablation.ipynb'} ran but wrote no valid metrics.json")
+    except Exception as e:  # a failed run must not stop the study
+        status = "failed"
+        error = {"error": f"{type(e).__name__}: {getattr(e, 'evalue', e)}",
+                 "notebook": str(run_dir / "ablation.ipynb"),
+                 "cell": _failed_cell(run_dir / "ablation.ipynb"),
+                 "traceback": getattr(e, "traceback", None) or traceback.format_exc().splitlines()}
+        write_json(run_dir / "error.json", error)
+    prov.update(status=status, wall_time_s=round(time.time() - start, 1), device=device)
+    write_json(run_dir / "provenance.json", prov)
+    return {"run": run.name, "status": status, "error": error and error["error"]}
+
+
+def _failed_cell(nb_path: Path) -> int | None:
+    """Index of the first code cell whose output is an error, in the executed notebook."""
+    try:
+        cells = json.loads(nb_path.read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return None
+    for i, c in enumerate(cells):
+        if any(o.get("output_type") == "error" for o in c.get("outputs", [])):
+            return i
+    return None
+
+
+def devices_for(jobs: int) -> list[str]:
+    """One device string per concurrent job: a GPU each when there are GPUs, else the CPU."""
+    try:
+        import torch
+
+        n = torch.cuda.device_count()
+    except Exception:
+        n = 0
+    return [f"cuda:{i % n}" for i in range(jobs)] if n else ["cpu"] * jobs
+
+
+def ensure_data(params: dict) -> Path:
+    """The data root of a run: generated when the preset names a synthetic data preset
+    (``study.make_data``; ``make_data.json`` is written last, so a partial one is redone), an
+    error when a real data set is missing."""
+    root = Path(params["data"]["root"])
+    synthetic = (params.get("study") or {}).get("make_data")
+    if synthetic:
+        if not (root / "make_data.json").exists():
+            from .synthetic_data import make_data
+
+            make_data(root, synthetic, params["data"].get("flame_path"), params["study"].get("data_seed", 0))
+    elif not (root / DATASET_DIR).is_dir():
+        raise FileNotFoundError(f"data directory {root} not found (expected the DAD-3DHeads layout "
+                                f"{root / DATASET_DIR}/{{train,val,test}}); set data.root or --data")
+    return root
+
+
+def aggregate(study_dir: Path) -> Path:
+    """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+
+    from .report import write_summary
+
+    write_summary(study_dir)
+    out_nb = study_dir / "aggregate.ipynb"
+    pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
+                        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
+    html, _ = exporter.from_notebook_node(nbformat.read(str(out_nb), as_version=4))
+    report = study_dir / "report.html"
+    tmp = report.with_name("report.html.tmp")
+    tmp.write_text(html)
+    tmp.replace(report)
+    return report
+
+
+def run_study(preset: str, out: Path, seeds: int = 1, jobs: int = 1, ablations: list[str] | None = None,
+              overrides: dict | None = None) -> dict:
+    """Plan, execute (skipping finished runs), aggregate. Returns the study record."""
+    from tqdm.auto import tqdm
+
+    ablations = ablations or default_ablations()
+    runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    ensure_data(runs[0].params)
+    record = {"preset": preset, "ablations": ablations, "seeds": seeds,
+              "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
+                        "fingerprint": r.fingerprint} for r in runs]}
+    write_json(out / "study.json", record)
+    todo = [r for r in runs if not is_finished(out / "runs" / r.name, r)]
+    devices = devices_for(jobs)
+    cpu_threads = max(1, (os.cpu_count() or 1) // jobs)
+    results = []
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"study {preset}", unit="run") as bar, \
+            ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(execute_run, r, out, devices[i % jobs],
+                               cpu_threads if devices[i % jobs] == "cpu" else None): r
+                   for i, r in enumerate(todo)}
+        for f in as_completed(futures):
+            res = f.result()
+            results.append(res)
+            bar.set_postfix_str(f"{res['run']}: {res['status']}")
+            bar.update()
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in failed:
+        print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",
+              file=sys.stderr)
+    report = aggregate(out)
+    record.update(failed=[r["run"] for r in failed], report=str(report))
+    write_json(out / "study.json", record)
+    return record
+
+
+def default_ablations() -> list[str]:
+    names = available("ablations")
+    return ["baseline"] + [n for n in names if n != "baseline"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dad3dlib study", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu", help=f"one of {available('presets')} or a YAML path")
+    ap.add_argument("--out", type=Path, required=True, help="study directory")
+    ap.add_argument("--seeds", type=int, default=1, help="seeds 1..K per ablation")
+    ap.add_argument("--jobs", type=int, default=1, help="concurrent runs (one per GPU when there are GPUs)")
+    ap.add_argument("--ablations", help=f"comma-separated subset of {available('ablations')}")
+    ap.add_argument("--data", help="data root (the directory holding DAD-3DHeadsDataset/); default: the preset's")
+    ap.add_argument("--flame-assets", help="FLAME-format directory; default: the synthetic head")
+    args = ap.parse_args(argv)
+    overrides: dict = {}
+    if args.data:
+        overrides = deep_merge(overrides, {"data": {"root": str(Path(args.data).resolve())},
+                                           "study": {"make_data": None}})
+    if args.flame_assets:
+        overrides = deep_merge(overrides, {"data": {"flame_path": str(Path(args.flame_assets).resolve())}})
+    ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
+    try:
+        record = run_study(args.preset, args.out, args.seeds, max(1, args.jobs), ablations, overrides)
+    except (ParamsError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {record['report']}")
+    return 1 if record["failed"] else 0

@@ -1,0 +1,68 @@
+"""Params files: presets × ablations, validation errors that name the file, run planning."""
+import pytest
+
+from dad3dlib import config, study
+from dad3dlib.config import ParamsError
+
+
+def test_every_ablation_of_the_brief_is_there():
+    assert set(config.available("ablations")) >= {"baseline", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5",
+                                                  "l3d5_proj0.05", "l3d50_proj0.05"}
+    assert {"smoke", "cpu", "paper"} <= set(config.available("presets"))
+
+
+@pytest.mark.parametrize("ablation, lambdas", [
+    ("baseline", {"l3d": 50, "l1": 100, "lproj": 0.05, "awing": 1}),
+    ("no_l3d", {"l3d": 0, "l1": 100, "lproj": 0.05, "awing": 1}),
+    ("no_lproj", {"l3d": 50, "l1": 100, "lproj": 0, "awing": 1}),
+    ("no_2d", {"l3d": 50, "l1": 0, "lproj": 0.05, "awing": 0}),
+    ("l3d50_proj0.5", {"l3d": 50, "l1": 100, "lproj": 0.5, "awing": 1}),
+    ("l3d5_proj0.05", {"l3d": 5, "l1": 100, "lproj": 0.05, "awing": 1}),
+])
+def test_ablation_weights_match_the_brief(ablation, lambdas):
+    p = config.run_params("smoke", ablation, seed=3)
+    assert p["loss"]["lambdas"] == pytest.approx(lambdas)
+    assert p["ablation"] == ablation and p["seed"] == 3 and p["preset"] == "smoke"
+
+
+def test_identical_configurations_run_once():
+    runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
+    assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
+    assert runs[0].aliases == ["l3d50_proj0.05"] and runs[1].aliases == []
+
+
+def test_unknown_ablation_lists_the_available_ones():
+    with pytest.raises(ParamsError, match=r"unknown ablation 'no_such'.*baseline"):
+        config.run_params("smoke", "no_such")
+
+
+@pytest.mark.parametrize("text, match", [
+    ("loss: {lambdas: {l3d: 1\n", "malformed YAML"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("loss: {lambdas: {l3d: -1, l1: 1}}\n", r"lambdas.l3d = -1 is negative"),
+    ("loss: {lambdas: {l3d: 0, l1: 0, lproj: 0, awing: 0}}\n", "all loss weights are zero"),
+    ("loss: {lambdas: {l4d: 1}}\n", "unknown loss weight"),
+    ("loss: {lambdas: {l3d: fifty}}\n", "must be a number"),
+    ("trainer: {max_epochs: 1}\n", "an ablation may only set"),
+    ("optimiser: {}\n", "unknown section"),
+])
+def test_malformed_ablation_file_is_reported_with_its_path(tmp_path, text, match):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text(text)
+    with pytest.raises(ParamsError, match=match) as e:
+        config.run_params("smoke", bad)
+    assert "broken.yaml" in str(e.value)
+
+
+def test_missing_real_data_dir_is_a_clear_error(tmp_path):
+    p = config.run_params("smoke", "baseline", overrides={"data": {"root": str(tmp_path / "nowhere")},
+                                                           "study": {"make_data": None}})
+    with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
+        study.ensure_data(p)
+
+
+def test_study_cli_reports_bad_input(tmp_path, capsys):
+    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
+    assert "unknown ablation 'bogus'" in capsys.readouterr().err
+    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err

@@ -1,0 +1,115 @@
+"""The smoke study end to end: data → six runs → aggregate → HTML, interrupted once and resumed."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import dad3dlib
+from dad3dlib import report
+
+pytestmark = pytest.mark.slow
+SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
+ABLATIONS = ("baseline", "l3d50_proj0.05", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5", "l3d5_proj0.05")
+
+
+def _study_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "dad3dlib", "study", "--preset", "smoke", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """Start the smoke study, kill it (and its kernels) once the first run has finished, run it again."""
+    out = tmp_path_factory.mktemp("smoke_study")
+    proc = subprocess.Popen(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not list(out.glob("runs/*/metrics.json")):
+        if proc.poll() is not None:
+            pytest.fail(f"study exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("no run finished within 10 minutes")
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = sorted(out.glob("runs/*/metrics.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+    res = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, stamps
+
+
+def test_resume_skips_finished_runs(smoke_study):
+    out, stamps = smoke_study
+    assert stamps, "the interrupted study had finished a run"
+    for path, mtime in stamps.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was run again"
+
+
+def test_every_run_wrote_its_files(smoke_study):
+    out, _ = smoke_study
+    runs = json.loads((out / "study.json").read_text())["runs"]
+    assert len(runs) == 6  # seven ablation names, the plan's λ1=50, λ3=0.05 variant is the baseline
+    assert next(r for r in runs if r["ablation"] == "baseline")["aliases"] == ["l3d50_proj0.05"]
+    for r in runs:
+        d = out / "runs" / r["run"]
+        metrics = json.loads((d / "metrics.json").read_text())
+        for k in SIX:
+            assert np.isfinite(metrics[k]), (r["run"], k)
+        assert 0 <= metrics["z5_accuracy"] <= 1 and 0 <= metrics["z5_accuracy_local"] <= 1
+        assert metrics["median_mm"] > 0 and metrics["nme_reprojection"] > 0
+        per_sample = pd.read_csv(d / "per_sample.csv")
+        assert len(per_sample) == metrics["num_samples"] > 0
+        assert np.isclose(per_sample["nme_reprojection"].mean(), metrics["nme_reprojection"], rtol=1e-4)
+        prov = json.loads((d / "provenance.json").read_text())
+        assert prov["status"] == "finished" and prov["packages"]["torch"] and prov["wall_time_s"] > 0
+        assert (d / "ablation.ipynb").exists() and list(d.glob("**/*.ckpt"))
+
+
+def test_summary_has_every_ablation_and_metric(smoke_study):
+    out, _ = smoke_study
+    summary = pd.read_csv(out / "summary.csv", index_col="ablation")
+    assert set(summary.index) == set(ABLATIONS)
+    assert summary.loc[list(ABLATIONS), list(SIX)].notna().all().all()
+    pd.testing.assert_series_equal(summary.loc["baseline", list(SIX)], summary.loc["l3d50_proj0.05", list(SIX)],
+                                   check_names=False)
+    assert summary.loc["baseline", "seeds"] == 1
+
+
+def test_report_html_is_self_contained(smoke_study):
+    out, _ = smoke_study
+    html = (out / "report.html").read_text()
+    for label, _ in report.METRICS.values():
+        assert label in html
+    for name in ABLATIONS:
+        assert name in html
+    assert html.count("data:image/png;base64") >= 5
+    assert "Traceback" not in html  # no cell of the aggregate notebook failed
+
+
+def test_report_in_headless_chromium(smoke_study):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("chromium not installed")
+    out, _ = smoke_study
+    shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    shot.unlink(missing_ok=True)
+    profile = out / "chromium-profile"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}",
+                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    import cv2
+    img = cv2.imread(str(shot))
+    assert img is not None, "no screenshot"
+    # a rendered report: text and figures, not a blank page
+    assert img.std() > 20 and (img < 128).mean() > 0.005
