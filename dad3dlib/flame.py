@@ -317,11 +317,11 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
     _atomic_write(out / DYNAMIC_FILE, npy_bytes(np.array(dynamic, dtype=object), allow_pickle=True))
     kintree = model.kintree_table.astype(np.int64).copy()
     kintree[0, 0] = 2**32 - 1  # as in the published file
-    generic = {
+    generic = {  # float32 blendshapes: half the size of FLAME's float64, the layer's precision anyway
         "v_template": model.v_template.astype(np.float64),
         "f": model.faces.astype(np.uint32),
-        "shapedirs": model.shapedirs.astype(np.float64),
-        "posedirs": model.posedirs.astype(np.float64),
+        "shapedirs": model.shapedirs.astype(np.float32),
+        "posedirs": model.posedirs.astype(np.float32),
         "J_regressor": scipy.sparse.csc_matrix(model.J_regressor.astype(np.float64)),
         "weights": model.weights.astype(np.float64),
         "kintree_table": kintree,

@@ -294,35 +294,33 @@ def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray
 
 
 def _sample(params: dict, split: str, item_id: str):
-    """(image RGB uint8, GT image-space vertices [V,3] with depth, GT landmarks [68,2]) of one item."""
-    import cv2
-
+    """(image RGB uint8, GT vertices in image pixels with depth [V,3]) of one item of a run's data."""
     from .render import project
 
-    root = Path(params["data"]["root"])
-    base = root / "DAD-3DHeadsDataset" / split
-    entry = _split_index(base / f"{split}.json")[item_id]
-    img = cv2.imread(str(base.parent / entry["img_path"]) if not Path(entry["img_path"]).is_absolute()
-                     else entry["img_path"], cv2.IMREAD_COLOR)
-    if img is None:
-        img = cv2.imread(str(base / "images" / f"{item_id}.png"), cv2.IMREAD_COLOR)
-    ann = json.loads((base / "annotations" / f"{item_id}.json").read_text())
-    v = np.asarray(ann["vertices"], np.float64)
-    mv, p = np.asarray(ann["model_view_matrix"]), np.asarray(ann["projection_matrix"])
+    ds = _dataset(params["data"]["root"], split, params["data"]["crop_size"], params["data"])
+    i = ds.position(item_id)
+    img = ds.image(i)
+    v, mv, p, _ = ds.geometry(i, img.shape[0])
+    v = v.astype(np.float64)
     xy = project(v, mv, p, img.shape[0])
     depth = -(v @ mv[:3, :3].T + mv[:3, 3])[:, 2]
-    # scale depth to pixel units so that the ortho depth range is sensible
-    z = (depth - depth.mean()) * p[0, 0] / depth.mean()
-    return img[..., ::-1].copy(), np.concatenate([xy, z[:, None]], axis=1)
+    z = (depth - depth.mean()) * p[0, 0] / depth.mean()  # depth in pixel units around the head
+    return img, np.concatenate([xy, z[:, None]], axis=1)
 
 
-_SPLITS: dict = {}
+_DATASETS: dict = {}
 
 
-def _split_index(path: Path) -> dict:
-    if path not in _SPLITS:
-        _SPLITS[path] = {e["item_id"]: e for e in json.loads(path.read_text())}
-    return _SPLITS[path]
+def _dataset(root: str, split: str, crop_size: int, data: dict):
+    from .data import DAD3DHeadsDataset
+    from .flame import load_flame_assets
+    from .train import flame_dir
+
+    key = (root, split)
+    if key not in _DATASETS:
+        topo = load_flame_assets(flame_dir(data), require_model=False).topology
+        _DATASETS[key] = DAD3DHeadsDataset(root, split, crop_size, topo, skip_bad=data.get("skip_bad", False))
+    return _DATASETS[key]
 
 
 def _crop_box(vertices_img: np.ndarray, margin: float = 0.15) -> tuple[int, int, int, int]:
@@ -491,11 +489,12 @@ def explorer(study_dir: str | Path, split: str = "test"):
 
 
 def run_curves(run_dir: str | Path) -> pd.DataFrame:
-    """Long table (step, epoch, metric, value) of one run's Lightning CSV log(s)."""
-    frames = []
-    for log in sorted(Path(run_dir).glob("**/metrics.csv")):
-        df = pd.read_csv(log)
-        ids = [c for c in ("step", "epoch") if c in df]
-        frames.append(df.melt(id_vars=ids, value_vars=[c for c in df if c not in ids], var_name="metric")
-                      .dropna(subset=["value"]).assign(ablation=Path(run_dir).name))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    """Long table (step, epoch, metric, value) of one run's training log (resumed versions joined)."""
+    from .train import read_metrics
+
+    df = read_metrics(run_dir)
+    if df is None or df.empty:
+        return pd.DataFrame()
+    ids = [c for c in ("step", "epoch") if c in df]
+    return (df.melt(id_vars=ids, value_vars=[c for c in df if c not in ids], var_name="metric")
+            .dropna(subset=["value"]).assign(ablation=Path(run_dir).name))

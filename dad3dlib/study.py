@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -102,6 +103,18 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
+    """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>")."""
+    trainer = dict(params.get("trainer") or {})
+    if device == "cpu":
+        trainer.update(accelerator="cpu", devices=1)
+    elif device.startswith("cuda"):
+        trainer.update(accelerator="gpu", devices=[int(device.split(":")[1])] if ":" in device else 1)
+    if num_threads:
+        trainer["num_threads"] = int(num_threads)
+    return {**params, "trainer": trainer}
+
+
 def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     """A run's ``metrics.json`` (atomic), stamped with the fingerprint of the params it came from."""
     path = Path(run_dir) / "metrics.json"
@@ -134,11 +147,15 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None)
         error = {"error": f"{type(e).__name__}: {getattr(e, 'evalue', e)}",
                  "notebook": str(run_dir / "ablation.ipynb"),
                  "cell": _failed_cell(run_dir / "ablation.ipynb"),
-                 "traceback": getattr(e, "traceback", None) or traceback.format_exc().splitlines()}
+                 "traceback": [_ANSI.sub("", line) for line in
+                               (getattr(e, "traceback", None) or traceback.format_exc().splitlines())]}
         write_json(run_dir / "error.json", error)
     prov.update(status=status, wall_time_s=round(time.time() - start, 1), device=device)
     write_json(run_dir / "provenance.json", prov)
     return {"run": run.name, "status": status, "error": error and error["error"]}
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _failed_cell(nb_path: Path) -> int | None:

@@ -67,7 +67,7 @@ def test_every_run_wrote_its_files(smoke_study):
         assert 0 <= metrics["z5_accuracy"] <= 1 and 0 <= metrics["z5_accuracy_local"] <= 1
         assert metrics["median_mm"] > 0 and metrics["nme_reprojection"] > 0
         per_sample = pd.read_csv(d / "per_sample.csv")
-        assert len(per_sample) == metrics["num_samples"] > 0
+        assert len(per_sample) == metrics["n_samples"] > 0
         assert np.isclose(per_sample["nme_reprojection"].mean(), metrics["nme_reprojection"], rtol=1e-4)
         prov = json.loads((d / "provenance.json").read_text())
         assert prov["status"] == "finished" and prov["packages"]["torch"] and prov["wall_time_s"] > 0

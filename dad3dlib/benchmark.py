@@ -1,0 +1,343 @@
+"""The DAD-3DHeads benchmark (BRIEF §5), vectorized, on the reference's file formats.
+
+``python -m dad3dlib benchmark --gt GT.json --submission SUB.json --flame-assets DIR [--json OUT]``
+
+Ground truth: a JSON list of ``{id, bbox [x,y,w,h], vertices [V,3], model_view_matrix 4x4,
+projection_matrix 4x4, image_height[, attributes]}``. Submission: ``{id: {"68_landmarks_2d" [68,2],
+"N_landmarks_3d" [N,3], "7_landmarks_3d" [7,3], "rotation_matrix" 3x3}}``; as the reference's
+README allows, an entry may hold a subset of the keys: a metric whose inputs are absent is not
+computed for that item (Z_n also needs N = V, FLAME's topology). Items are scored in batches with
+the reference's conventions. A GT item without a prediction is reported and left out of the means
+(as the reference does); a malformed entry is an error naming the file, the item and the key.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import metrics as M
+from .flame import FlameTopology, landmarks_from_vertices, load_flame_assets
+
+Z_N = 5
+HEAD_SUBSET = "face_w_ears"  # the reference's head_indices.npy
+FACE_SUBSET = "face"
+FLIP_YZ = (1.0, -1.0, -1.0)  # diag(1,-1,-1): OpenGL camera axes -> the 3DMM rotation's axes
+FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # a pseudo-key: N_landmarks_3d with N = V
+
+GT_KEYS = {"bbox": (4,), "vertices": ("V", 3), "model_view_matrix": (4, 4),
+           "projection_matrix": (4, 4), "image_height": ()}
+PRED_KEYS = {"68_landmarks_2d": (68, 2), "N_landmarks_3d": ("N", 3), "7_landmarks_3d": (7, 3),
+             "rotation_matrix": (3, 3)}
+
+
+class BenchmarkFormatError(ValueError):
+    """A ground-truth or submission file does not follow the reference format."""
+
+
+# --------------------------------------------------------------------------------------------
+# The metrics: name -> (prediction keys needed, fn(gt, pred, scorer) -> [b])
+# gt: derived GT tensors of the rows (see Scorer.prepare); pred: stacked prediction arrays.
+# --------------------------------------------------------------------------------------------
+def _nme(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.nme_reprojection(p["68_landmarks_2d"], g["landmarks_2d"], g["bbox"])
+
+
+def _zn_inputs(g: dict, p: dict, s: Scorer) -> tuple[Tensor, Tensor]:
+    """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
+    return p["N_landmarks_3d"][:, s.head].float(), (-g["world"][:, s.head]).float()
+
+
+def _z5(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.z_n_accuracy_reference(*_zn_inputs(g, p, s), Z_N).double()
+
+
+def _z5_local(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.z_n_accuracy_local(*_zn_inputs(g, p, s), Z_N).double()
+
+
+def _chamfer(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g["world"], g["landmarks_world"], s.face)
+
+
+def _pose_error(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.pose_error(p["rotation_matrix"], g["rotation"])
+
+
+def _angle_error(g: dict, p: dict, s: Scorer) -> Tensor:
+    return M.angle_error_deg(p["rotation_matrix"], g["rotation"])
+
+
+BENCHMARK_METRICS = {
+    "nme_reprojection": (("68_landmarks_2d",), _nme),
+    "z5_accuracy": ((FLAME_MESH,), _z5),
+    "z5_accuracy_local": ((FLAME_MESH,), _z5_local),
+    "chamfer": (("N_landmarks_3d", "7_landmarks_3d"), _chamfer),
+    "pose_error": (("rotation_matrix",), _pose_error),
+    "angle_error_deg": (("rotation_matrix",), _angle_error),
+}
+METRICS = tuple(BENCHMARK_METRICS)
+SHORT = {"nme_reprojection": "nme", "z5_accuracy": "z5", "z5_accuracy_local": "z5_local",
+         "chamfer": "chamfer", "pose_error": "pose_error", "angle_error_deg": "angle_deg"}
+
+
+# --------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------
+def _read_json(path: Path):
+    import orjson
+
+    try:
+        raw = path.read_bytes()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:  # Python's json also reads NaN / Infinity (rejected later)
+            return json.loads(raw)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BenchmarkFormatError(f"{path}: cannot read JSON ({e})") from e
+
+
+def _array(value, shape: tuple, where: str, key: str, sizes: dict) -> np.ndarray:
+    """A finite float64 array of ``shape``; a letter in ``shape`` is ``sizes[letter]``, or any size."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise BenchmarkFormatError(f"{where}: key '{key}' is not a numeric array ({e})") from e
+    want = tuple(sizes.get(s, s) for s in shape)
+    if arr.ndim != len(want) or arr.size == 0 or any(isinstance(w, int) and a != w for a, w in zip(arr.shape, want)):
+        raise BenchmarkFormatError(f"{where}: key '{key}' has shape {arr.shape}, expected {want}")
+    if not np.isfinite(arr).all():
+        raise BenchmarkFormatError(f"{where}: key '{key}' holds NaN or infinite values")
+    return arr
+
+
+def read_ground_truth(path: str | Path, n_vertices: int) -> list[dict]:
+    """The GT list, validated: each item {id, attributes (dict), and the GT_KEYS as float64 arrays}."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise BenchmarkFormatError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
+    items, seen = [], set()
+    for k, entry in enumerate(data):
+        if not isinstance(entry, dict) or "id" not in entry:
+            raise BenchmarkFormatError(f"{path}: item #{k}: missing key 'id'")
+        where = f"{path}: item {entry['id']!r}"
+        item_id = str(entry["id"])
+        if item_id in seen:
+            raise BenchmarkFormatError(f"{where}: duplicate id")
+        seen.add(item_id)
+        missing = [key for key in GT_KEYS if key not in entry]
+        if missing:
+            raise BenchmarkFormatError(f"{where}: missing key '{missing[0]}'")
+        attributes = entry.get("attributes") or {}
+        if not isinstance(attributes, dict):
+            raise BenchmarkFormatError(f"{where}: key 'attributes' must be an object")
+        arrays = {key: _array(entry[key], shape, where, key, {"V": n_vertices}) for key, shape in GT_KEYS.items()}
+        items.append({"id": item_id, "attributes": attributes, **arrays})
+    return items
+
+
+def read_submission(path: str | Path) -> dict:
+    """The submission dict {item id: raw entry}; entries are validated when scored."""
+    path = Path(path)
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise BenchmarkFormatError(f"{path}: expected a JSON object {{item id: prediction}}")
+    return data
+
+
+def parse_prediction(entry, where: str, n_vertices: int) -> dict[str, np.ndarray]:
+    """The keys present in one submission entry, validated, plus the FLAME_MESH pseudo-key."""
+    if not isinstance(entry, dict):
+        raise BenchmarkFormatError(f"{where}: expected an object, got {type(entry).__name__}")
+    if not any(k in entry for k in PRED_KEYS):
+        raise BenchmarkFormatError(f"{where}: none of the keys {list(PRED_KEYS)}")
+    out = {k: _array(entry[k], shape, where, k, {}) for k, shape in PRED_KEYS.items() if k in entry}
+    if "N_landmarks_3d" in out and len(out["N_landmarks_3d"]) == n_vertices:
+        out[FLAME_MESH] = out["N_landmarks_3d"]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Ground-truth quantities (reference conventions)
+# --------------------------------------------------------------------------------------------
+def gt_world(vertices: Tensor, mv: Tensor) -> Tensor:
+    """MV applied to model-space vertices.  vertices [B,V,3], mv [B,4,4] -> [B,V,3]"""
+    return vertices @ mv[:, :3, :3].transpose(1, 2) + mv[:, None, :3, 3]
+
+
+def gt_rotation(mv: Tensor) -> Tensor:
+    """R_gt = (diag(1,-1,-1,1)·MV)[:3,:3].  mv [B,4,4] -> [B,3,3]"""
+    return mv[:, :3, :3] * mv.new_tensor(FLIP_YZ)[:, None]
+
+
+def project_to_image(points: Tensor, mv: Tensor, proj: Tensor, image_height: Tensor) -> Tensor:
+    """Model space -> image pixels: P·MV·[v,1], divide by w, y = H - y.
+
+    points [B,L,3], mv [B,4,4], proj [B,4,4], image_height [B] -> [B,L,2]
+    """
+    homo = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
+    clip = homo @ (proj @ mv).transpose(1, 2)
+    xy = clip[..., :2] / clip[..., 3:]
+    return torch.stack([xy[..., 0], image_height[:, None] - xy[..., 1]], dim=-1)
+
+
+class Scorer:
+    """The benchmark's metrics on one topology, for batches of GT items and predictions."""
+
+    def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        self.device = torch.device(device)
+        self.faces = as_long(topology.faces)
+        self.lmk_face_idx = as_long(topology.lmk_face_idx)
+        self.lmk_bary = torch.as_tensor(topology.lmk_bary, dtype=torch.float64, device=device)
+        self.head = as_long(topology.subsets[HEAD_SUBSET])
+        self.face = as_long(topology.subsets[FACE_SUBSET])
+        self.n_vertices = int(topology.faces.max()) + 1
+
+    def landmarks68(self, vertices: Tensor) -> Tensor:
+        """[B,V,3] -> [B,68,3] (dynamic contour row 0, as the reference)."""
+        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
+
+    def prepare(self, gt: dict[str, Tensor]) -> dict[str, Tensor]:
+        """GT arrays (vertices [B,V,3], model_view_matrix, projection_matrix [B,4,4], image_height
+        [B], bbox [B,4]) -> landmarks_2d [B,68,2] image px, world [B,V,3], landmarks_world
+        [B,68,3], rotation [B,3,3], bbox [B,4]."""
+        mv = gt["model_view_matrix"]
+        world = gt_world(gt["vertices"], mv)
+        return {"landmarks_2d": project_to_image(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"],
+                                                 gt["image_height"]),
+                "world": world, "landmarks_world": self.landmarks68(world), "rotation": gt_rotation(mv),
+                "bbox": gt["bbox"]}
+
+    def __call__(self, gt: dict[str, Tensor], preds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """Every metric for every row that has its inputs: {metric: [B] float64, NaN elsewhere}."""
+        g = self.prepare(gt)
+        out = {m: np.full(len(preds), np.nan) for m in METRICS}
+        for name, (needs, fn) in BENCHMARK_METRICS.items():
+            groups = defaultdict(list)  # rows with the needed keys, by their arrays' shapes
+            for i, p in enumerate(preds):
+                if all(k in p for k in needs):
+                    groups[tuple(p[k].shape for k in needs)].append(i)
+            for rows in groups.values():
+                idx = torch.as_tensor(rows, device=self.device)
+                stacked = {k: torch.as_tensor(np.stack([preds[i][k] for i in rows]), device=self.device)
+                           for k in needs}
+                if FLAME_MESH in stacked:
+                    stacked["N_landmarks_3d"] = stacked[FLAME_MESH]
+                out[name][rows] = fn({k: v[idx] for k, v in g.items()}, stacked, self).cpu().numpy()
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+def score(gt_items: list[dict], submission: dict, scorer: Scorer, batch_size: int = 64,
+          submission_name: str = "submission") -> tuple[list[dict], list[str]]:
+    """Per-item rows {id, attributes, metric: float (NaN: not computable)} for items with a
+    prediction, and the ids without one."""
+    from tqdm import tqdm
+
+    todo = [g for g in gt_items if g["id"] in submission]
+    missing = [g["id"] for g in gt_items if g["id"] not in submission]
+    rows = []
+    for start in tqdm(range(0, len(todo), batch_size), desc="benchmark", unit="batch",
+                      disable=len(todo) <= batch_size):
+        chunk = todo[start:start + batch_size]
+        preds = [parse_prediction(submission[g["id"]], f"{submission_name}: item {g['id']!r}", scorer.n_vertices)
+                 for g in chunk]
+        gt = {k: torch.as_tensor(np.stack([g[k] for g in chunk]), device=scorer.device) for k in GT_KEYS}
+        values = scorer(gt, preds)
+        rows += [{"id": g["id"], "attributes": g["attributes"], **{m: float(values[m][i]) for m in METRICS}}
+                 for i, g in enumerate(chunk)]
+    return rows, missing
+
+
+def _attr_key(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _mean(values: list[float]) -> float | None:
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """{"overall": {metric: mean}, "per_attribute": {metric: {attribute: {value: mean}}},
+    "n_scored": {metric: items}}; means over the items where the metric was computable."""
+    groups: dict = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        for name, value in r["attributes"].items():
+            groups[name][_attr_key(value)].append(r)
+    return {
+        "overall": {m: _mean([r[m] for r in rows]) for m in METRICS},
+        "per_attribute": {m: {name: {v: _mean([r[m] for r in rs]) for v, rs in sorted(vals.items())}
+                              for name, vals in groups.items()} for m in METRICS},
+        "n_scored": {m: sum(not np.isnan(r[m]) for r in rows) for m in METRICS},
+    }
+
+
+def format_report(result: dict) -> str:
+    """The overall table and the per-attribute table, as text."""
+    fmt = lambda x: f"{'n/a':>10}" if x is None else f"{x:10.6f}"  # noqa: E731
+    lines = ["overall" + " " * 21 + "value   items"]
+    lines += [f"  {m:<20}{fmt(v)}{result['n_scored'][m]:>8}" for m, v in result["overall"].items()]
+    first = next(iter(result["per_attribute"].values()), {})
+    if first:
+        lines += ["", f"{'per attribute':<28}" + "".join(f"{SHORT[m]:>12}" for m in METRICS)]
+        for name, vals in first.items():
+            for value in vals:
+                cells = "".join(f"{fmt(result['per_attribute'][m][name][value]):>12}" for m in METRICS)
+                label = f"{name}={value}"[:26]
+                lines.append(f"  {label:<26}{cells}")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def run(gt_path, submission_path, flame_assets, device="cpu", batch_size: int = 64) -> dict:
+    """Score a submission file against a GT file: the summary plus n_items and missing (ids)."""
+    topology = load_flame_assets(flame_assets, require_model=False).topology
+    scorer = Scorer(topology, device)
+    gt_items = read_ground_truth(gt_path, scorer.n_vertices)
+    submission = read_submission(submission_path)
+    rows, missing = score(gt_items, submission, scorer, batch_size, str(submission_path))
+    return {**summarize(rows), "n_items": len(gt_items), "missing": missing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dad3dlib benchmark", description=__doc__.split("\n")[0])
+    ap.add_argument("--gt", required=True, help="ground-truth JSON (reference format)")
+    ap.add_argument("--submission", required=True, help="submission JSON (reference format)")
+    ap.add_argument("--flame-assets", required=True,
+                    help="FLAME-format directory (topology files suffice, e.g. ../shared/flame_topology)")
+    ap.add_argument("--json", type=Path, help="write {overall, per_attribute, n_scored, n_items, missing} here")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args(argv)
+    try:
+        result = run(args.gt, args.submission, args.flame_assets, args.device, args.batch_size)
+    except ValueError as e:  # BenchmarkFormatError, FlameFormatError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result["missing"]:
+        ids = ", ".join(map(str, result["missing"][:10])) + (" ..." if len(result["missing"]) > 10 else "")
+        print(f"No prediction for {len(result['missing'])} of {result['n_items']} items: {ids}", file=sys.stderr)
+    print(f"{result['n_items'] - len(result['missing'])} of {result['n_items']} items have a prediction")
+    print(format_report(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0

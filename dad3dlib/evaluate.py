@@ -1,0 +1,315 @@
+"""Evaluation of a trained DAD-3DNet on a data split, and reference-format predictions.
+
+    python -m dad3dlib evaluate --checkpoint CKPT [--split test] [--data DIR] [--out DIR]
+    python -m dad3dlib predict --checkpoint CKPT --data DIR --split test --out SUB.json
+
+Per sample (BRIEF §5, metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
+to the original image), Z5 accuracy with the reference pairing and with the paper's (head
+subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (GT face
+region to the predicted canonical surface after a 7-landmark similarity alignment; median, mean,
+std) and the reference's "chamfer". The aggregate is the mean over samples, except median_mm /
+mean_mm / std_mm, which pool every face-region distance of the split (as the NoW benchmark does);
+``by_attribute`` breaks every metric down by the split's attributes.
+
+The network runs on ``device``; FLAME on the same device; the metrics on CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import metrics as M
+from .benchmark import write_json_atomic
+from .flame import ALIGN7, FlameLayer, landmarks_from_vertices, load_flame_assets, rot6d_to_matrix, split_3dmm
+from .train import crop_to_image, data_root, flame_dir, load_model, with_defaults
+
+Z_N = 5
+HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
+FACE_SUBSET = "face"
+METRIC_COLUMNS = ("nme_reprojection", "z5_accuracy", "z5_accuracy_local", "angle_error_deg", "pose_error",
+                  "yaw_error_deg", "pitch_error_deg", "roll_error_deg", "median_mm", "mean_mm", "std_mm", "chamfer")
+
+
+def resolve_device(device: str) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_batch(model: nn.Module, layer: FlameLayer, image: Tensor, crop_affine: Tensor) -> dict[str, Tensor]:
+    """The network's 3DMM vector and the meshes it implies.
+
+    image [B,3,S,S], crop_affine [B,2,3] (isotropic) -> params_3dmm [B,413], vertices_canonical
+    [B,V,3] (model space, metres), vertices_image [B,V,3] (the reprojected mesh in original-image
+    pixels, x right, y down, depth in pixels growing away from the camera), landmarks_2d_image
+    [B,68,2], rotation [B,3,3]
+    """
+    params = model(image)["params_3dmm"].float()
+    canonical = layer.canonical(params)
+    crop = layer.reproject(params, image.shape[-1], canonical)
+    xy = crop_to_image(crop[..., :2], crop_affine)
+    on_image = torch.cat([xy, crop[..., 2:] / crop_affine[:, 0, 0, None, None]], dim=-1)
+    return {"params_3dmm": params, "vertices_canonical": canonical, "vertices_image": on_image,
+            "landmarks_2d_image": layer.landmarks68(on_image)[..., :2],
+            "rotation": rot6d_to_matrix(split_3dmm(params)["rot6d"])}
+
+
+class Topology:
+    """The CPU tensors of a FLAME layer that the metrics need."""
+
+    def __init__(self, layer: FlameLayer):
+        self.faces = layer.faces.cpu()
+        self.lmk_face_idx, self.lmk_bary = layer.lmk_face_idx.cpu(), layer.lmk_bary.cpu()
+        self.head, self.face = layer.subset(HEAD_SUBSET).cpu(), layer.subset(FACE_SUBSET).cpu()
+
+    def landmarks68(self, vertices: Tensor) -> Tensor:
+        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
+
+
+def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topology,
+                   refine_iters: int = 0) -> tuple[dict[str, Tensor], Tensor]:
+    """Every metric per sample ([B] each, METRIC_COLUMNS) and the face-region distances [B,P] mm.
+
+    pred: predict_batch's output (CPU); batch: vertices_model, rotation, landmarks_2d_image, bbox.
+    Z_n compares the GT posed by its rotation (z forward, as the benchmark's -world) with the
+    predicted image-space mesh; the 3D metrics use the predicted canonical mesh.
+    """
+    gt_v, R_gt = batch["vertices_model"].double(), batch["rotation"].double()
+    pv, R = pred["vertices_canonical"].double(), pred["rotation"].double()
+    gt68, pred68 = topo.landmarks68(gt_v), topo.landmarks68(pv)
+    a7 = list(ALIGN7)
+    zn_pred, zn_gt = pred["vertices_image"][:, topo.head].float(), (gt_v @ R_gt.transpose(1, 2))[:, topo.head].float()
+    shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, topo.face], gt68[:, a7], topo.faces, refine_iters)
+    ypr = M.yaw_pitch_roll_error_deg(R, R_gt)
+    out = {
+        "nme_reprojection": M.nme_reprojection(pred["landmarks_2d_image"].double(),
+                                               batch["landmarks_2d_image"].double(), batch["bbox"].double()),
+        "z5_accuracy": M.z_n_accuracy_reference(zn_pred, zn_gt, Z_N),
+        "z5_accuracy_local": M.z_n_accuracy_local(zn_pred, zn_gt, Z_N),
+        "angle_error_deg": M.angle_error_deg(R, R_gt),
+        "pose_error": M.pose_error(R, R_gt),
+        "yaw_error_deg": ypr[:, 0], "pitch_error_deg": ypr[:, 1], "roll_error_deg": ypr[:, 2],
+        "median_mm": shape["median"], "mean_mm": shape["mean"], "std_mm": shape["std"],
+        "chamfer": M.chamfer_reference(pv, pred68[:, a7], gt_v, gt68, topo.face),
+    }
+    return out, shape["distances"]
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+def _as_model(model_or_ckpt) -> nn.Module:
+    return model_or_ckpt if isinstance(model_or_ckpt, nn.Module) else load_model(model_or_ckpt)[0]
+
+
+def _attribute_key(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def aggregate(df, distances: np.ndarray) -> dict:
+    """Means over samples of METRIC_COLUMNS; median_mm / mean_mm / std_mm pooled over all
+    distances [N,P]; n_samples; by_attribute {attribute: {value: {metric: mean, "n": count}}}."""
+    out = {m: float(df[m].mean()) for m in METRIC_COLUMNS}
+    pooled = distances.reshape(-1)
+    out.update(median_mm=float(np.median(pooled)), mean_mm=float(pooled.mean()), std_mm=float(pooled.std()),
+               n_samples=int(len(df)))
+    attrs = [c for c in df.columns if c not in METRIC_COLUMNS and c != "item_id"]
+    out["by_attribute"] = {a: {str(v): {"n": int(len(g)), **{m: float(g[m].mean()) for m in METRIC_COLUMNS}}
+                               for v, g in df.groupby(a, sort=True)} for a in attrs}
+    return out
+
+
+def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 16, device: str = "cpu",
+             refine_iters: int = 0, num_workers: int = 0) -> tuple:
+    """Score a model (or a checkpoint path) on a dataset with annotations.
+
+    dataset: a DAD3DHeadsDataset (or anything with its batch keys and ``items``) -> (per-sample
+    DataFrame: item_id, one column per attribute, METRIC_COLUMNS; the aggregate dict, see
+    :func:`aggregate`; arrays for predictions.npz: item_id, params_3dmm, crop_affine,
+    landmarks_2d_image, crop_size, vertex_error_mm [V] (face-region mean, NaN elsewhere)).
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    dev = resolve_device(device)
+    model = _as_model(model_or_ckpt).to(dev).eval()
+    layer = flame_layer.to(dev).eval()
+    topo = Topology(layer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    rows, dists, keep = [], [], defaultdict(list)
+    crop_size = None
+    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=len(loader) < 2):
+        crop_size = batch["image"].shape[-1]
+        pred = predict_batch(model, layer, batch["image"].to(dev), batch["crop_affine"].to(dev))
+        pred = {k: v.cpu() for k, v in pred.items()}
+        values, d = sample_metrics(pred, batch, topo, refine_iters)
+        for j, i in enumerate(batch["index"].tolist()):
+            item = dataset.items[i]
+            attributes = {str(k): _attribute_key(v) for k, v in (item.get("attributes") or {}).items()}
+            rows.append({"item_id": str(item["item_id"]), **attributes,
+                         **{m: float(values[m][j]) for m in METRIC_COLUMNS}})
+        dists.append(d.numpy())
+        for k in ("params_3dmm", "landmarks_2d_image"):
+            keep[k].append(pred[k].numpy())
+        keep["crop_affine"].append(batch["crop_affine"].numpy())
+    if not rows:
+        raise ValueError("evaluate: the dataset is empty")
+    df = pd.DataFrame(rows)
+    distances = np.concatenate(dists)
+    vertex_error = np.full(layer.num_vertices, np.nan)
+    vertex_error[topo.face.numpy()] = distances.mean(axis=0)
+    arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
+              "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
+    return df, aggregate(df, distances), arrays
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_evaluation(out_dir: str | Path, df, agg: dict, arrays: dict) -> None:
+    """per_sample.csv, evaluation.json and predictions.npz in ``out_dir``, each written atomically."""
+    out = Path(out_dir)
+    _atomic_bytes(out / "per_sample.csv", df.to_csv(index=False).encode())
+    write_json_atomic(out / "evaluation.json", agg)
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    _atomic_bytes(out / "predictions.npz", buf.getvalue())
+
+
+def _split_dataset(params: dict, split: str, annotations: bool | None = True):
+    """(dataset, FLAME assets) of a run's data section."""
+    from .data import DAD3DHeadsDataset
+
+    d = params["data"]
+    assets = load_flame_assets(flame_dir(d))
+    return DAD3DHeadsDataset(data_root(d), split, d["crop_size"], assets, skip_bad=d.get("skip_bad", False),
+                             annotations=annotations), assets
+
+
+def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str = "test",
+                 device: str = "auto", batch_size: int | None = None, refine_iters: int = 0) -> dict:
+    """Evaluate a run's checkpoint on ``split`` of its data; writes per_sample.csv, evaluation.json
+    and predictions.npz into ``out_dir`` and returns the aggregate (flat metrics + by_attribute)."""
+    params = with_defaults(params)
+    dataset, assets = _split_dataset(params, split)
+    d = params["data"]
+    df, agg, arrays = evaluate(checkpoint, dataset, FlameLayer(assets), batch_size or d["batch_size"], device,
+                               refine_iters, num_workers=d["num_workers"])
+    save_evaluation(out_dir, df, agg, arrays)
+    return agg
+
+
+# --------------------------------------------------------------------------------------------
+# Submission in the reference benchmark's format
+# --------------------------------------------------------------------------------------------
+def submission_entries(pred: dict[str, Tensor], topo: Topology) -> list[dict]:
+    """predict_batch output -> reference submission entries: 68_landmarks_2d and N_landmarks_3d
+    in original-image pixels (depth growing away from the camera, as the benchmark's Z_n expects),
+    7_landmarks_3d of that mesh, the 3DMM rotation matrix."""
+    v = pred["vertices_image"].double().cpu()
+    lmk = topo.landmarks68(v)
+    return [{"68_landmarks_2d": lmk[i, :, :2].tolist(), "N_landmarks_3d": v[i].tolist(),
+             "7_landmarks_3d": lmk[i, list(ALIGN7)].tolist(), "rotation_matrix": pred["rotation"][i].double().tolist()}
+            for i in range(len(v))]
+
+
+def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, flame_assets=None,
+            device: str = "auto", batch_size: int = 16, num_workers: int = 0) -> int:
+    """Write a reference-format submission for every item of ``split`` (annotations not needed);
+    returns the number of items."""
+    from tqdm import tqdm
+
+    model, params = load_model(checkpoint)
+    params = {**params, "data": {**params["data"], "root": str(Path(data).resolve()),
+                                 **({"flame_path": str(flame_assets)} if flame_assets else {})}}
+    dataset, assets = _split_dataset(params, split, annotations=False)
+    dev = resolve_device(device)
+    model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
+    topo = Topology(layer)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    submission = {}
+    for batch in tqdm(loader, desc="predict", unit="batch", disable=len(loader) < 2):
+        pred = predict_batch(model, layer, batch["image"].to(dev), batch["crop_affine"].to(dev))
+        entries = submission_entries(pred, topo)
+        for i, entry in zip(batch["index"].tolist(), entries):
+            submission[str(dataset.items[i]["item_id"])] = entry
+    _atomic_bytes(Path(out), json.dumps(submission).encode())
+    return len(submission)
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+def format_aggregate(agg: dict) -> str:
+    lines = [f"{agg['n_samples']} samples"] + [f"  {m:<20}{agg[m]:12.4f}" for m in METRIC_COLUMNS]
+    for attr, values in agg["by_attribute"].items():
+        lines.append(f"\n{attr:<22}" + "".join(f"{m[:10]:>11}" for m in ("n",) + METRIC_COLUMNS))
+        for value, row in values.items():
+            lines.append(f"  {value[:20]:<20}{row['n']:>11d}" + "".join(f"{row[m]:11.4f}" for m in METRIC_COLUMNS))
+    return "\n".join(lines)
+
+
+def main_evaluate(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dad3dlib evaluate",
+                                 description="evaluate a checkpoint on a data split (per-sample CSV, JSON, npz)")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--data", help="DAD-3DHeads-format root (default: the checkpoint's)")
+    ap.add_argument("--flame-assets", help="FLAME-format directory (default: the checkpoint's data's)")
+    ap.add_argument("--out", help="output directory (default: next to the checkpoint, eval_<split>)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--refine-iters", type=int, default=0, help="rigid ICP steps after the 7-landmark alignment")
+    args = ap.parse_args(argv)
+    try:
+        _, params = load_model(args.checkpoint)
+        data = dict(params["data"])
+        if args.data:
+            data["root"] = str(Path(args.data).resolve())
+        if args.flame_assets:
+            data["flame_path"] = str(Path(args.flame_assets).resolve())
+        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.split}"
+        agg = evaluate_run({**params, "data": data}, args.checkpoint, out, args.split, args.device,
+                           args.batch_size, args.refine_iters)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_aggregate(agg))
+    print(f"\nwrote {out}/per_sample.csv, evaluation.json, predictions.npz")
+    return 0
+
+
+def main_predict(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dad3dlib predict",
+                                 description="write a DAD-3DHeads benchmark submission JSON for a split")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--data", required=True, help="DAD-3DHeads-format root")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--out", required=True, help="submission JSON to write")
+    ap.add_argument("--flame-assets", help="FLAME-format directory (default: the checkpoint's data's)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch-size", type=int, default=16)
+    args = ap.parse_args(argv)
+    try:
+        n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+

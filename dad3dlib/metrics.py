@@ -1,0 +1,325 @@
+"""The study's metrics (BRIEF §5), batched torch, CPU or GPU.
+
+Every function takes a batch and returns one value per sample ([B] or [B,k]); aggregate with a
+mean (or median) over the split. NME, the rotation metrics and the reference Z_n are plain torch (the
+training loop uses them); the others import pytorch3d (and, on CPU, scipy) inside.
+
+Shapes: B batch, V vertices, N points of a subset, L landmarks, F faces.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .flame import ALIGN7
+
+MM_PER_METRE = 1000.0
+INTER_EYE_UNITS = 20.0      # the reference benchmark scales GT so that |lmk39 - lmk42| = 20
+INNER_EYE_CORNERS = (39, 42)
+_MIN_TRIANGLE_AREA_MM2 = 1e-6  # pytorch3d treats smaller triangles as degenerate (default 5e-3)
+# CPU point-to-surface pruning: triangles split at these radius quantiles; the last tier (the
+# largest triangles) is bound-tested against every point, the others searched by KD-tree.
+_RADIUS_TIERS = (0.7, 0.95, 0.99)
+_TIER_NEIGHBOURS = 24
+
+
+# --------------------------------------------------------------------------------------------
+# 2D landmarks
+# --------------------------------------------------------------------------------------------
+def nme_reprojection(pred: Tensor, gt: Tensor, bbox: Tensor) -> Tensor:
+    """Mean landmark distance over sqrt(w·h) of the GT bbox, ×100.
+
+    pred [B,L,2], gt [B,L,2] image pixels, bbox [B,4] (x, y, w, h) -> [B]
+    """
+    dist = torch.linalg.vector_norm(pred - gt, dim=-1).mean(dim=-1)
+    return dist / torch.sqrt(bbox[:, 2] * bbox[:, 3]) * 100.0
+
+
+# --------------------------------------------------------------------------------------------
+# Neighbours
+# --------------------------------------------------------------------------------------------
+def knn(query: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k nearest ``points`` of each query point, nearest first (exact).
+
+    CUDA: pytorch3d.ops.knn_points; CPU: scipy's cKDTree (about 10x pytorch3d's brute-force CPU
+    kernel on FLAME-sized sets, and memory-bounded).
+    query [B,P,3], points [B,Q,3] -> squared distances [B,P,k] (query dtype), ids [B,P,k] long
+    """
+    if query.is_cuda:
+        from pytorch3d.ops import knn_points
+
+        r = knn_points(query.float(), points.float(), K=k)
+        return r.dists.to(query.dtype), r.idx
+    from scipy.spatial import cKDTree
+
+    found = [cKDTree(p).query(q, k=[*range(1, k + 1)])
+             for q, p in zip(query.detach().double().numpy(), points.detach().double().numpy())]
+    dist = torch.as_tensor(np.stack([d for d, _ in found]), dtype=query.dtype)
+    return dist.square(), torch.as_tensor(np.stack([i for _, i in found]), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# Depth order (Z_n)
+# --------------------------------------------------------------------------------------------
+def _depth_agreement(pred_z: Tensor, gt_z: Tensor, partner: Tensor) -> Tensor:
+    """Fraction of pairs (i, partner[i, k]) whose depth order agrees.
+
+    pred_z [B,N], gt_z [B,N], partner [B,N,K] long -> [B]
+    """
+    B, N, K = partner.shape
+    flat = partner.reshape(B, N * K)
+    gt_j = torch.gather(gt_z, 1, flat).view(B, N, K)
+    pred_j = torch.gather(pred_z, 1, flat).view(B, N, K)
+    agree = (gt_z[:, :, None] >= gt_j) == (pred_z[:, :, None] >= pred_j)
+    return agree.to(pred_z.dtype).mean(dim=(1, 2))
+
+
+def z_n_accuracy_local(pred: Tensor, gt: Tensor, n: int = 5) -> Tensor:
+    """Z_n as the paper defines it: each GT point against its n nearest GT neighbours (3D).
+
+    A pair (i, j) agrees when (gt_i.z >= gt_j.z) == (pred_i.z >= pred_j.z).
+    pred [B,N,3], gt [B,N,3] (same vertex order) -> [B]
+    """
+    B, N, _ = gt.shape
+    _, idx = knn(gt, gt, n + 1)  # [B,N,n+1], self (distance 0) first
+    # Drop the point itself wherever it sits (duplicates may come first); else drop the last.
+    is_self = idx == torch.arange(N, device=idx.device)[None, :, None]
+    rank = torch.arange(n + 1, device=idx.device) + is_self.long() * (n + 1)
+    keep = torch.argsort(rank.expand_as(idx), dim=-1)[..., :n]
+    partner = torch.gather(idx, 2, keep)
+    return _depth_agreement(pred[..., 2], gt[..., 2], partner)
+
+
+def z_n_accuracy_reference(pred: Tensor, gt: Tensor, n: int = 5) -> Tensor:
+    """Z_n with the reference benchmark's pairing (the published numbers), BRIEF §5.
+
+    The reference argsorts the GT distance matrix along dim 0 and takes columns 1..n: point i is
+    paired with the i-th nearest GT point of each of the points 1..n. Only those n columns of the
+    distance matrix are needed, so this is O(N·n) memory.
+    pred [B,N,3], gt [B,N,3] -> [B]
+    """
+    cols = gt[:, 1:n + 1]                                   # [B,n,3]
+    dist = torch.cdist(gt, cols)                            # [B,N,n], as the reference's columns
+    partner = torch.argsort(dist, dim=1)                    # [B,N,n]: rank i -> point id
+    return _depth_agreement(pred[..., 2], gt[..., 2], partner)
+
+
+# --------------------------------------------------------------------------------------------
+# Rotation
+# --------------------------------------------------------------------------------------------
+def pose_error(R_pred: Tensor, R_gt: Tensor) -> Tensor:
+    """The benchmark's ‖I − R_pred·R_gtᵀ‖_F.  R_pred [B,3,3], R_gt [B,3,3] -> [B]"""
+    eye = torch.eye(3, dtype=R_pred.dtype, device=R_pred.device)
+    return torch.linalg.matrix_norm(eye - R_pred @ R_gt.transpose(-1, -2))
+
+
+def rotation_angle_deg(R: Tensor) -> Tensor:
+    """Geodesic angle of rotations, stable over [0°, 180°] (atan2 of sin and cos).
+
+    R [...,3,3] -> [...]
+    """
+    skew = R - R.transpose(-1, -2)
+    sin = torch.stack([skew[..., 2, 1], skew[..., 0, 2], skew[..., 1, 0]], -1).norm(dim=-1) / 2
+    cos = (torch.diagonal(R, dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    return torch.rad2deg(torch.atan2(sin, cos))
+
+
+def angle_error_deg(R_pred: Tensor, R_gt: Tensor) -> Tensor:
+    """Geodesic angle of R_pred·R_gtᵀ in degrees.  R_pred [B,3,3], R_gt [B,3,3] -> [B]"""
+    return rotation_angle_deg(R_pred @ R_gt.transpose(-1, -2))
+
+
+def yaw_pitch_roll_deg(R: Tensor) -> Tensor:
+    """Head yaw, pitch, roll in degrees of a 3DMM rotation (camera x right, y down, z forward).
+
+    The rotation is first expressed in OpenGL camera axes, ``Q = diag(1,-1,-1)·R`` (a frontal head
+    gives Q = I), then decomposed as Q = Ry(yaw)·Rx(pitch)·Rz(roll).
+    R [B,3,3] -> [B,3] (yaw, pitch, roll)
+    """
+    Q = R * R.new_tensor([1.0, -1.0, -1.0])[:, None]
+    yaw = torch.atan2(Q[..., 0, 2], Q[..., 2, 2])
+    pitch = torch.asin(torch.clamp(-Q[..., 1, 2], -1.0, 1.0))
+    roll = torch.atan2(Q[..., 1, 0], Q[..., 1, 1])
+    return torch.rad2deg(torch.stack([yaw, pitch, roll], dim=-1))
+
+
+def yaw_pitch_roll_error_deg(R_pred: Tensor, R_gt: Tensor) -> Tensor:
+    """Absolute yaw/pitch/roll differences, wrapped to [0°, 180°].  [B,3,3] x2 -> [B,3]"""
+    d = yaw_pitch_roll_deg(R_pred) - yaw_pitch_roll_deg(R_gt)
+    return torch.remainder(d + 180.0, 360.0).sub(180.0).abs()
+
+
+# --------------------------------------------------------------------------------------------
+# 3D shape
+# --------------------------------------------------------------------------------------------
+def similarity_align(points: Tensor, src_lmk: Tensor, dst_lmk: Tensor,
+                     allow_reflection: bool = False) -> Tensor:
+    """Map ``points`` by the similarity (s, R, t) fitted from ``src_lmk`` onto ``dst_lmk`` (Umeyama).
+
+    points [B,M,3], src_lmk [B,K,3], dst_lmk [B,K,3] -> [B,M,3]
+    """
+    from pytorch3d.ops import corresponding_points_alignment
+
+    t = corresponding_points_alignment(src_lmk, dst_lmk, estimate_scale=True,
+                                       allow_reflection=allow_reflection)
+    return t.s[:, None, None] * points @ t.R + t.T[:, None]
+
+
+def _point_face_sq(points: Tensor, tris: Tensor, first_p: Tensor, first_t: Tensor, max_points: int) -> Tensor:
+    """pytorch3d's packed point-face kernel: points [P,3], tris [T,3,3] -> squared distances [P]."""
+    from pytorch3d.loss.point_mesh_distance import point_face_distance
+
+    return point_face_distance(points.contiguous(), first_p, tris.contiguous(), first_t, max_points,
+                               _MIN_TRIANGLE_AREA_MM2)
+
+
+def _pairs_sq(points: Tensor, tris: Tensor, point_ids: np.ndarray, tri_ids: np.ndarray) -> Tensor:
+    """Squared distance of each point to the nearest of its paired triangles (pairs sorted by
+    point, every point paired at least once).  points [P,3], tris [F,3,3] -> [P]"""
+    counts = torch.bincount(torch.from_numpy(point_ids), minlength=len(points))
+    return _point_face_sq(points, tris[torch.from_numpy(tri_ids)], torch.arange(len(points)),
+                          torch.cumsum(counts, 0) - counts, 1)
+
+
+def _tier_pairs(tree, ids: np.ndarray, r_tier: float, points: np.ndarray, d_upper: np.ndarray,
+                slack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(point, triangle) pairs of one radius tier: centroids within d_upper + r_tier of the point.
+    The k nearest centroids serve most points at once; the few whose ball holds more than k get
+    an exact ball query."""
+    reach = d_upper + r_tier + slack
+    k = min(_TIER_NEIGHBOURS, len(ids))
+    dist, near = tree.query(points, k=k)
+    dist, near = dist.reshape(len(points), k), near.reshape(len(points), k)
+    p_ids, j = np.nonzero(dist <= reach[:, None])
+    t_ids = ids[near[p_ids, j]]
+    crowded = np.flatnonzero(dist[:, -1] <= reach) if k < len(ids) else np.zeros(0, np.int64)
+    if len(crowded):
+        keep = ~np.isin(p_ids, crowded)
+        groups = tree.query_ball_point(points[crowded], reach[crowded])
+        counts = np.fromiter(map(len, groups), dtype=np.int64, count=len(crowded))
+        p_ids = np.concatenate([p_ids[keep], np.repeat(crowded, counts)])
+        t_ids = np.concatenate([t_ids[keep], ids[np.concatenate(groups).astype(np.int64)]])
+    return p_ids, t_ids
+
+
+def _surface_sq_pruned(points: Tensor, tris: Tensor) -> Tensor:
+    """Exact squared point-to-surface distances on CPU, measuring only triangles that can be nearest.
+
+    A triangle T with centroid c and radius r (farthest corner from c) is at least |p − c| − r
+    from p. Pass 1 measures each point against the triangles of its 8 nearest centroids: an upper
+    bound d on its distance. Pass 2 measures it against every triangle with |p − c| − r <= d,
+    found per radius tier (KD-tree balls of radius d + the tier's largest r; the largest
+    triangles are bound-tested one by one).
+    points [P,3], tris [F,3,3] float32 -> [P]
+    """
+    from scipy.spatial import cKDTree
+
+    p64, t64 = points.double().numpy(), tris.double().numpy()
+    centre = t64.mean(axis=1)
+    radius = np.linalg.norm(t64 - centre[:, None], axis=-1).max(axis=1)
+    order = np.argsort(radius)
+    cuts = [int(np.ceil(q * len(order))) for q in _RADIUS_TIERS]
+    tiers = [t for t in np.split(order, cuts) if len(t)]
+    dense = tiers.pop() if len(tiers) > 1 else np.zeros(0, np.int64)
+    trees = [cKDTree(centre[t]) for t in tiers]
+    P, k = len(p64), min(8, len(tiers[0]))
+    _, near = trees[0].query(p64, k=k)
+    d_upper = _pairs_sq(points, tris, np.repeat(np.arange(P), k), tiers[0][near.reshape(P * k)])
+    d_upper = d_upper.double().sqrt().numpy()
+    slack = 1e-6 * (1 + d_upper)  # float32 kernel vs float64 bounds
+    pairs = [_tier_pairs(tree, ids, radius[ids[-1]], p64, d_upper, slack) for tree, ids in zip(trees, tiers)]
+    if len(dense):
+        lower = torch.cdist(torch.from_numpy(p64), torch.from_numpy(centre[dense])) - torch.from_numpy(radius[dense])
+        p_dense, j = np.nonzero((lower.numpy() <= (d_upper + slack)[:, None]))
+        pairs.append((p_dense, dense[j]))
+    point_ids = np.concatenate([p for p, _ in pairs])
+    tri_ids = np.concatenate([t for _, t in pairs])
+    by_point = np.argsort(point_ids, kind="stable")
+    return _pairs_sq(points, tris, point_ids[by_point], tri_ids[by_point])
+
+
+def point_to_surface_distance(points: Tensor, vertices: Tensor, faces: Tensor) -> Tensor:
+    """Euclidean distance of each point to the closest triangle of its sample's mesh (exact).
+
+    pytorch3d's point-face kernel, in float32: pass coordinates in millimetres (its degenerate-
+    triangle threshold is an area, set here to 1e-6 mm²). On CUDA every point meets every
+    triangle; on CPU (where that kernel is a plain double loop) only the triangles that can be
+    nearest are measured.
+    points [B,P,3], vertices [B,V,3], faces [F,3] long -> [B,P]
+    """
+    B, P, _ = points.shape
+    F = faces.shape[0]
+    tris = vertices[:, faces].float().detach()  # [B,F,3,3]
+    pts = points.float().detach()
+    if points.is_cuda:
+        first_p, first_t = (torch.arange(B, device=points.device) * n for n in (P, F))
+        sq = _point_face_sq(pts.reshape(B * P, 3), tris.reshape(B * F, 3, 3), first_p, first_t, P)
+    else:
+        sq = torch.stack([_surface_sq_pruned(p, t) for p, t in zip(pts, tris)])
+    return sq.view(B, P).clamp_min(0).sqrt()
+
+
+def rigid_refine(vertices: Tensor, target: Tensor, iters: int) -> Tensor:
+    """Rigid ICP: ``iters`` times, pair each target point with its nearest mesh vertex and move
+    the mesh by the rigid fit of those vertices onto the targets (the metric's direction, so the
+    back of the head does not pull).
+    vertices [B,V,3], target [B,P,3] -> [B,V,3]
+    """
+    from pytorch3d.ops import corresponding_points_alignment
+
+    for _ in range(iters):
+        _, idx = knn(target, vertices, 1)
+        nearest = torch.gather(vertices, 1, idx.expand(-1, -1, 3))
+        t = corresponding_points_alignment(nearest, target)  # nearest @ R + T ≈ target
+        vertices = vertices @ t.R + t.T[:, None]
+    return vertices
+
+
+def shape_error_mm(pred_vertices: Tensor, pred_lmk7: Tensor, gt_points: Tensor, gt_lmk7: Tensor,
+                   faces: Tensor, refine_iters: int = 0, units_to_mm: float = MM_PER_METRE
+                   ) -> dict[str, Tensor]:
+    """NoW-style 3D shape error: GT face-region points to the aligned predicted surface, in mm.
+
+    The predicted mesh is mapped onto the GT by the similarity fitted on the 7 landmarks
+    (no reflection), optionally refined rigidly (``refine_iters`` ICP steps), then each GT point's
+    distance to the predicted surface is taken.
+    pred_vertices [B,V,3], pred_lmk7 [B,7,3], gt_points [B,P,3] (the GT's face region),
+    gt_lmk7 [B,7,3], faces [F,3] long -> {"median", "mean", "std"} each [B] (std: population),
+    and "distances" [B,P].
+    """
+    aligned = similarity_align(pred_vertices, pred_lmk7, gt_lmk7)
+    if refine_iters > 0:
+        aligned = rigid_refine(aligned, gt_points, refine_iters)
+    centre = gt_points.mean(dim=1, keepdim=True)  # float32 precision: work near the origin
+    d = point_to_surface_distance((gt_points - centre) * units_to_mm, (aligned - centre) * units_to_mm,
+                                  faces)
+    return {"median": d.quantile(0.5, dim=1), "mean": d.mean(dim=1), "std": d.std(dim=1, correction=0),
+            "distances": d}
+
+
+def chamfer_reference(pred_vertices: Tensor, pred_lmk7: Tensor, gt_vertices: Tensor, gt_lmk68: Tensor,
+                      gt_region: Tensor) -> Tensor:
+    """The DAD-3DHeads benchmark's one-sided "chamfer", with its conventions (BRIEF §5).
+
+    GT scaled (about the origin) so that |lmk39 − lmk42| = 20; the predicted points mapped by the
+    orthogonal Procrustes similarity (reflection allowed) from ``pred_lmk7`` onto the scaled GT's
+    7 landmarks; value = mean over GT region vertices of the SQUARED distance to the nearest
+    transformed predicted vertex.
+    pred_vertices [B,M,3], pred_lmk7 [B,7,3], gt_vertices [B,V,3] (world), gt_lmk68 [B,68,3] of
+    those vertices, gt_region [R] long (the "face" subset) -> [B]
+    """
+    a, b = INNER_EYE_CORNERS
+    scale = INTER_EYE_UNITS / torch.linalg.vector_norm(gt_lmk68[:, a] - gt_lmk68[:, b], dim=-1)
+    gt_face = gt_vertices[:, gt_region] * scale[:, None, None]
+    gt7 = gt_lmk68[:, list(ALIGN7)] * scale[:, None, None]
+    aligned = similarity_align(pred_vertices.double(), pred_lmk7.double(), gt7.double(),
+                               allow_reflection=True)
+    sq, _ = knn(gt_face.double(), aligned, 1)
+    return sq[..., 0].mean(dim=1).to(gt_vertices.dtype)
+
+
+__all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
+           "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
+           "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
+           "chamfer_reference", "MM_PER_METRE"]

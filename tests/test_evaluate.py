@@ -1,0 +1,164 @@
+"""Split evaluation and reference-format predictions, with a model that outputs known 3DMM vectors."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dad3dlib import benchmark as BM
+from dad3dlib import evaluate as E
+from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
+
+torch.set_num_threads(1)
+S = 64
+FLIP = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+
+
+def _yaw_pitch(yaw: float, pitch: float) -> torch.Tensor:
+    cy, sy, cp, sp = math.cos(yaw), math.sin(yaw), math.cos(pitch), math.sin(pitch)
+    Ry = torch.tensor([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    Rx = torch.tensor([[1, 0, 0], [0, cp, -sp], [0, sp, cp]])
+    return FLIP @ Ry @ Rx  # the 3DMM rotation of a head turned by (yaw, pitch)
+
+
+class TableModel(nn.Module):
+    """Outputs row i of a table of 3DMM vectors for an image whose first pixel holds i."""
+
+    def __init__(self, params: torch.Tensor):
+        super().__init__()
+        self.register_buffer("params", params)
+
+    def forward(self, image):
+        return {"params_3dmm": self.params[image[:, 0, 0, 0].round().long()]}
+
+
+class HeadsFromParams(Dataset):
+    """Samples whose ground truth is exactly the mesh of given 3DMM vectors (crop = 2·image − 20)."""
+
+    def __init__(self, layer: FlameLayer, params: torch.Tensor):
+        self.params = params
+        p = split_3dmm(params)
+        with torch.no_grad():
+            self.vertices = layer.vertices(p["shape"], p["expression"], p["jaw"])
+            crop = layer.reproject(params, S)
+        self.R = rot6d_to_matrix(p["rot6d"])
+        self.A = torch.tensor([[2.0, 0, -20], [0, 2.0, -20]]).expand(len(params), 2, 3)
+        self.image_vertices = torch.cat([(crop[..., :2] + 20) / 2, crop[..., 2:] / 2], -1)
+        self.lmk = layer.landmarks68(self.image_vertices)[..., :2]
+        self.items = [{"item_id": f"s{i}", "attributes": {"quality": ["hq", "lq"][i % 2], "occlusions": i < 2}}
+                      for i in range(len(params))]
+
+    def __len__(self):
+        return len(self.params)
+
+    def __getitem__(self, i):
+        lo, hi = self.lmk[i].min(0).values, self.lmk[i].max(0).values
+        image = torch.zeros(3, S, S)
+        image[0, 0, 0] = i
+        return {"image": image, "crop_affine": self.A[i], "vertices_model": self.vertices[i], "rotation": self.R[i],
+                "landmarks_2d_image": self.lmk[i], "bbox": torch.cat([lo, hi - lo]), "index": torch.tensor(i)}
+
+
+@pytest.fixture(scope="module")
+def setup():
+    assets = load_flame_assets()  # the project's synthetic head
+    layer = FlameLayer(assets)
+    g = torch.Generator().manual_seed(0)
+    n = 5
+    angles = torch.rand(n, 2, generator=g) - 0.5
+    R = torch.stack([_yaw_pitch(0.5 * float(a), 0.3 * float(b)) for a, b in angles])
+    params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
+                        (torch.rand(n, 2, generator=g) - 0.5) * 0.2, torch.zeros(n, 1),
+                        4 + torch.rand(n, 1, generator=g)], 1)
+    return layer, params, HeadsFromParams(layer, params)
+
+
+def test_gt_as_prediction_is_perfect(setup):
+    layer, params, data = setup
+    df, agg, arrays = E.evaluate(TableModel(params), data, layer, batch_size=2)
+    assert list(df["item_id"]) == [f"s{i}" for i in range(5)]
+    assert {"quality", "occlusions"} <= set(df.columns) and set(E.METRIC_COLUMNS) <= set(df.columns)
+    for m in ("nme_reprojection", "angle_error_deg", "pose_error", "yaw_error_deg", "median_mm", "mean_mm", "chamfer"):
+        assert df[m].abs().max() < 1e-3, m
+    assert df["z5_accuracy"].min() == 1.0 and df["z5_accuracy_local"].min() == 1.0
+    assert agg["n_samples"] == 5 and agg["mean_mm"] < 1e-3
+    assert agg["by_attribute"]["quality"]["hq"]["n"] == 3
+    assert set(agg["by_attribute"]["occlusions"]) == {"true", "false"}
+    assert arrays["params_3dmm"].shape == (5, 413) and arrays["crop_affine"].shape == (5, 2, 3)
+    assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.num_vertices - len(layer.subset("face"))
+
+
+def test_pose_error_moves_pose_metrics_only(setup):
+    """Rotating the prediction by 10° about the camera's vertical axis: angle 10°, yaw 10°, the
+    canonical shape untouched (0 mm), the reprojection off."""
+    layer, params, data = setup
+    turned = params.clone()
+    R = rot6d_to_matrix(split_3dmm(params)["rot6d"])
+    c, s = math.cos(math.radians(10)), math.sin(math.radians(10))
+    Ry = torch.tensor([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+    turned[:, 403:409] = matrix_to_rot6d(FLIP @ Ry @ FLIP @ R)
+    df, agg, _ = E.evaluate(TableModel(turned), data, layer, batch_size=5)
+    assert np.allclose(df["angle_error_deg"], 10, atol=1e-3) and np.allclose(df["yaw_error_deg"], 10, atol=0.2)
+    assert df["mean_mm"].max() < 1e-3 and df["chamfer"].max() < 1e-6
+    assert df["nme_reprojection"].min() > 1 and df["z5_accuracy_local"].max() < 1
+
+
+def test_shape_error_in_millimetres(setup):
+    """A different identity gives mm errors of the size of the change; pooled median vs per sample."""
+    layer, params, data = setup
+    other = params.clone()
+    other[:, :300] += 0.5 * torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    df, agg, arrays = E.evaluate(TableModel(other), data, layer, batch_size=5)
+    assert 0.2 < agg["mean_mm"] < 20 and df["median_mm"].min() > 0.05
+    assert agg["mean_mm"] == pytest.approx(df["mean_mm"].mean(), rel=1e-6)  # same point count per sample
+    assert np.nanmean(arrays["vertex_error_mm"]) == pytest.approx(agg["mean_mm"], rel=1e-6)
+
+
+def test_save_evaluation_writes_atomically(setup, tmp_path):
+    layer, params, data = setup
+    df, agg, arrays = E.evaluate(TableModel(params), data, layer, batch_size=5)
+    E.save_evaluation(tmp_path / "run", df, agg, arrays)
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert files == ["evaluation.json", "per_sample.csv", "predictions.npz"]
+    assert json.loads((tmp_path / "run" / "evaluation.json").read_text())["n_samples"] == 5
+    npz = np.load(tmp_path / "run" / "predictions.npz", allow_pickle=False)
+    assert list(npz["item_id"]) == list(df["item_id"]) and int(npz["crop_size"]) == S
+
+
+def _benchmark_gt(data: HeadsFromParams, layer: FlameLayer, params: torch.Tensor, i: int, height: int = 100) -> dict:
+    """The benchmark GT of sample i: MV = [FLIP·R | 0] and an orthographic P that reproduce the
+    weak-perspective image of the sample (crop = 2·image − 20)."""
+    p = split_3dmm(params[i:i + 1])
+    s = float(p["scale"][0, 0]) + 1
+    k = s * S / 2 / 2  # image px per model unit
+    R = data.R[i]
+    off = R @ torch.tensor([0.0, 0.0, 0.05])
+    c = [(k * off[j] + ((float(p["translation"][0, j]) + 1) * S / 2 + 20) / 2).item() for j in (0, 1)]
+    mv = torch.eye(4)
+    mv[:3, :3] = FLIP @ R
+    proj = torch.tensor([[k, 0, 0, c[0]], [0, k, 0, height - c[1]], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    return {"vertices": data.vertices[i].double(), "model_view_matrix": mv.double(), "projection_matrix": proj.double(),
+            "image_height": torch.tensor(float(height), dtype=torch.float64), "bbox": data[i]["bbox"].double()}
+
+
+def test_submission_scores_perfectly_on_the_benchmark(setup):
+    """predict's entries (image-space mesh, landmarks, rotation) for the GT's own 3DMM vectors score
+    NME 0, Z5 1, chamfer 0 and pose error 0 in the benchmark: the conventions agree."""
+    layer, params, data = setup
+    topo = E.Topology(layer)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
+    pred = E.predict_batch(TableModel(params), layer, batch["image"], batch["crop_affine"])
+    entries = E.submission_entries(pred, topo)
+    scorer = BM.Scorer(load_flame_assets().topology)
+    gts = [_benchmark_gt(data, layer, params, i) for i in range(5)]
+    gt = {k: torch.stack([g[k] for g in gts]) for k in BM.GT_KEYS}
+    preds = [BM.parse_prediction(e, f"item {i}", scorer.n_vertices) for i, e in enumerate(entries)]
+    values = scorer(gt, preds)
+    assert np.abs(values["nme_reprojection"]).max() < 1e-3
+    assert values["z5_accuracy"].min() == 1.0 and values["z5_accuracy_local"].min() == 1.0
+    assert values["chamfer"].max() < 1e-6 and values["pose_error"].max() < 1e-5
