@@ -1,0 +1,503 @@
+"""DAD-3DHeads-format data set (the real one or the synthetic one; one code path).
+
+Layout (BRIEF §6): ``<root>/DAD-3DHeadsDataset/<split>/<split>.json`` lists ``{item_id, img_path,
+annotation_path, bbox [x,y,w,h], attributes}``; ``annotations/<id>.json`` holds ``vertices``
+[V,3], ``model_view_matrix`` and ``projection_matrix``. Parsing thousands of 5k-vertex JSON files
+per epoch is slow, so the first use of a split validates every item and writes a compact cache
+(``.npy`` arrays, memory-mapped) under ``outputs/data_cache/``; the cache is keyed on the sizes
+and modification times of all source files and rebuilt when any of them changes.
+
+A sample is a dict of tensors with the batch keys of docs/ARCHITECTURE.md. Shapes: V vertices,
+S crop side, L = 68 landmarks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import orjson
+import torch
+from torch.utils.data import Dataset
+
+from .flame import FlameAssets, FlameTopology
+from .render import project
+
+log = logging.getLogger(__name__)
+
+DATASET_DIR = "DAD-3DHeadsDataset"
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+HEATMAP = {"stride": 4, "radius": 5}
+MARGIN_TRAIN = (0.05, 0.15)   # random bbox growth per side, fraction of the bbox side
+MARGIN_EVAL = 0.10            # fixed growth per side in evaluation
+_SCALE = (1.0 / (255.0 * IMAGENET_STD))[:, None, None]
+_SHIFT = (IMAGENET_MEAN / IMAGENET_STD)[:, None, None]
+FLIP_YZ = np.diag([1.0, -1.0, -1.0])  # GT rotation R = FLIP_YZ @ MV[:3,:3]
+CACHE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# Pure functions: crop geometry and targets
+# --------------------------------------------------------------------------------------------
+def crop_affine(bbox, margins, size: int) -> np.ndarray:
+    """A [2,3] mapping image pixels to crop pixels (continuous coordinates, pixel i covers [i, i+1)).
+
+    bbox (x, y, w, h); margins (left, right, top, bottom) as fractions of w / h; the grown box's
+    longest side becomes ``size`` and the other is centred (padding on both sides).
+    """
+    x, y, w, h = (float(v) for v in bbox)
+    left, right, top, bottom = margins
+    x0, x1, y0, y1 = x - left * w, x + w + right * w, y - top * h, y + h + bottom * h
+    s = size / max(x1 - x0, y1 - y0)
+    return np.array([[s, 0.0, (size - s * (x1 - x0)) / 2.0 - s * x0],
+                     [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
+
+
+def apply_affine(A, points):
+    """A [...,2,3], points [...,N,2] -> [...,N,2] (numpy or torch)."""
+    return points @ A[..., :, :2].swapaxes(-1, -2) + A[..., None, :, 2]
+
+
+def warp_crop(image: np.ndarray, A: np.ndarray, size: int) -> np.ndarray:
+    """The S x S crop of an image [H,W,3] uint8 under A (zero padding outside the image).
+
+    Large down-scalings first shrink the image by an integer factor with area averaging.
+    """
+    A = np.asarray(A, np.float64).copy()
+    k = int(1.0 / A[0, 0]) if A[0, 0] < 0.5 else 1
+    if k > 1:
+        h, w = image.shape[:2]
+        image = cv2.resize(image[: h - h % k, : w - w % k], (w // k, h // k), interpolation=cv2.INTER_AREA)
+        A[:, :2] *= k
+    # OpenCV indexes pixel centres: idx_out + 0.5 = s·(idx_in + 0.5) + t
+    M = A.copy()
+    M[:, 2] += 0.5 * A[:, :2].sum(1) - 0.5
+    return cv2.warpAffine(image, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+
+def gaussian_heatmaps(points, visibility, size: int, stride: int = 4, radius: int = 5):
+    """68 target heatmaps, BRIEF §4: a Gaussian of sigma (2r+1)/6 in a (2r+1)^2 window around the
+    cell ``floor(point / stride)``, zero for invisible points (the reference coder's convention).
+
+    points [...,L,2] crop pixels, visibility [...,L] -> [...,L,size/stride,size/stride] float32;
+    numpy arrays or torch tensors (separable: two 1-D Gaussians per point, one outer product).
+    """
+    xp = torch if isinstance(points, torch.Tensor) else np
+    n = size // stride
+    sigma = (2 * radius + 1) / 6.0
+    cells = xp.floor(points / stride)[..., None]                      # [...,L,2,1]
+    if xp is np:
+        cells, visibility = cells.astype(np.float32), np.asarray(visibility, np.float32)
+    grid = xp.arange(n, dtype=cells.dtype)
+    if xp is torch:
+        grid = grid.to(cells.device)
+    d = grid - cells                                                  # [...,L,2,n]
+    g = xp.exp(-d ** 2 / (2 * sigma ** 2)) * (abs(d) <= radius)
+    hm = g[..., 1, :, None] * g[..., 0, None, :] * visibility[..., None, None]  # [...,L,n,n] rows y
+    return hm.float() if xp is torch else hm.astype(np.float32)
+
+
+def normalize_image(crop: np.ndarray) -> torch.Tensor:
+    """[S,S,3] uint8 RGB -> [3,S,S] float32, ImageNet mean/std."""
+    x = crop.transpose(2, 0, 1).astype(np.float32)
+    x *= _SCALE
+    x -= _SHIFT
+    return torch.from_numpy(x)
+
+
+def denormalize_image(x: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`normalize_image`: [3,S,S] -> [S,S,3] uint8."""
+    img = x.detach().cpu().numpy().transpose(1, 2, 0) * IMAGENET_STD + IMAGENET_MEAN
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+# Photometric augmentation: name -> (probability, function(rng, uint8 RGB crop) -> uint8 crop).
+def _jitter(rng, img):
+    """Saturation, contrast, brightness and a colour cast as one affine colour map."""
+    s, c, b = rng.uniform(0.6, 1.4), rng.uniform(0.7, 1.3), rng.uniform(0.7, 1.3)
+    M = b * c * (s * np.eye(3) + (1.0 - s) / 3.0)
+    mean = float(np.mean(cv2.mean(img)[:3]))
+    offset = b * mean * (1.0 - c) + rng.uniform(-20, 20, 3)
+    return cv2.transform(img, np.concatenate([M, offset[:, None]], 1))
+
+
+def _gamma(rng, img):
+    lut = np.clip(255.0 * (np.arange(256) / 255.0) ** rng.uniform(0.7, 1.5) + 0.5, 0, 255).astype(np.uint8)
+    return cv2.LUT(img, lut)
+
+
+def _blur(rng, img):
+    return cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.5))
+
+
+def _noise(rng, img):
+    noise = rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+    return np.clip(img + noise, 0, 255).astype(np.uint8)
+
+
+def _grayscale(rng, img):
+    return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+
+
+PHOTOMETRIC = {"jitter": (0.8, _jitter), "gamma": (0.3, _gamma), "blur": (0.1, _blur),
+               "noise": (0.2, _noise), "grayscale": (0.05, _grayscale)}
+
+
+def photometric(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
+    """[S,S,3] uint8 -> [S,S,3] uint8, each op of PHOTOMETRIC applied with its probability."""
+    for prob, fn in PHOTOMETRIC.values():
+        if rng.random() < prob:
+            crop = fn(rng, crop)
+    return crop
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validating the layout
+# --------------------------------------------------------------------------------------------
+def dataset_dir(root: str | Path) -> Path:
+    """``root`` itself or ``root/DAD-3DHeadsDataset``."""
+    root = Path(root)
+    return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
+
+
+def read_split(path: Path) -> list[dict]:
+    """The split file: a JSON list of objects with at least ``item_id`` and ``bbox``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: split file not found")
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed split file ({e})") from e
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise ValueError(f"{path}: malformed split file (expected a JSON list of objects)")
+    return entries
+
+
+def _check_entry(entry: dict, annotations: bool) -> None:
+    keys = ("item_id", "bbox") + (("annotation_path",) if annotations else ())
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    bbox = entry["bbox"]
+    ok = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+    if not ok or not all(map(math.isfinite, bbox)) or bbox[2] <= 0 or bbox[3] <= 0:
+        raise ValueError(f"bad bbox {bbox!r} (expected [x, y, w, h] with w, h > 0)")
+
+
+def _resolve(ds: Path, split: str, rel: str | None, default: str) -> Path:
+    """A path from the split file: relative to the data set's parent (the reference's
+    convention), the data set or the split folder; else the layout's default location."""
+    if rel:
+        for base in (ds.parent, ds, ds / split):
+            if (base / rel).exists():
+                return base / rel
+    return ds / split / default
+
+
+def read_annotation(path: Path, n_vertices: int) -> dict[str, np.ndarray]:
+    """vertices [V,3] float32, model_view_matrix / projection_matrix [4,4] float64, validated."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: annotation not found")
+    try:
+        text = path.read_bytes()
+        try:
+            raw = orjson.loads(text)
+        except orjson.JSONDecodeError:  # Python's json also accepts NaN / Infinity literals
+            raw = json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed annotation ({e})") from e
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: malformed annotation (expected a JSON object)")
+    out = {}
+    for key, shape, dtype in (("vertices", (n_vertices, 3), np.float32), ("model_view_matrix", (4, 4), np.float64),
+                              ("projection_matrix", (4, 4), np.float64)):
+        if key not in raw:
+            raise ValueError(f"{path}: annotation lacks '{key}'")
+        try:
+            arr = np.asarray(raw[key], dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from e
+        if arr.shape != shape:
+            what = "vertex count" if key == "vertices" and arr.ndim == 2 and arr.shape[1] == 3 else "shape"
+            raise ValueError(f"{path}: '{key}' has {what} {arr.shape}, expected {shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{path}: '{key}' contains NaN or inf")
+        out[key] = arr.astype(dtype)
+    return out
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) of an image file, checking that the file is intact."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+            im.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+        raise ValueError(f"{path}: unreadable image ({e})") from e
+    return size
+
+
+def read_image(path: Path) -> np.ndarray:
+    """[H,W,3] uint8 RGB."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise (ValueError(f"{path}: unreadable image") if path.exists()
+               else FileNotFoundError(f"{path}: image not found"))
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------------------------
+# The per-split cache
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SplitIndex:
+    """Validated items of one split and their arrays (memory-mapped when cached)."""
+
+    entries: list            # kept split entries
+    images: list             # Path per kept item
+    sizes: np.ndarray        # [N,2] image width, height
+    vertices: np.ndarray | None     # [N,V,3] float32 model space
+    model_view: np.ndarray | None   # [N,4,4] float64
+    projection: np.ndarray | None   # [N,4,4] float64
+    landmarks: np.ndarray | None    # [N,68,2] float64 image pixels
+    skipped: list            # [(position in the split file, file, reason)]
+
+
+def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
+                     topology: FlameTopology) -> np.ndarray:
+    """68 GT landmarks in image pixels (BRIEF §5): embedding on model space, then MV, P. [68,2]"""
+    tri = vertices.astype(np.float64)[topology.faces[topology.lmk_face_idx]]          # [68,3,3]
+    lmk = (tri * topology.lmk_bary[:, :, None].astype(np.float64)).sum(1)           # [68,3]
+    return project(lmk, mv, P, height)
+
+
+def _files(ds: Path, split: str, entries: list[dict], annotations: bool) -> list[tuple[Path, Path | None]]:
+    out = []
+    for e in entries:
+        item = str(e.get("item_id", ""))
+        img = _resolve(ds, split, e.get("img_path"), f"images/{item}.png")
+        ann = _resolve(ds, split, e.get("annotation_path"), f"annotations/{item}.json") if annotations else None
+        out.append((img, ann))
+    return out
+
+
+def _cache_key(split_file: Path, files, topology: FlameTopology, annotations: bool) -> str:
+    h = hashlib.sha1(f"v{CACHE_VERSION} {annotations} {split_file.resolve()}".encode())
+    for p in [split_file] + [p for pair in files for p in pair if p is not None]:
+        try:
+            st = p.stat()
+            h.update(f"{p}:{st.st_size}:{st.st_mtime_ns};".encode())
+        except OSError:
+            h.update(f"{p}:missing;".encode())
+    for arr in (topology.faces, topology.lmk_face_idx, topology.lmk_bary):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
+                cache_dir: Path | None) -> SplitIndex:
+    """Validate a split and load (or build) its cache. cache_dir None: no cache, arrays in memory."""
+    split_file = ds / split / f"{split}.json"
+    entries = read_split(split_file)
+    files = _files(ds, split, entries, annotations)
+    n_vert = int(topology.faces.max()) + 1
+    key = _cache_key(split_file, files, topology, annotations)
+    if cache_dir is not None:
+        cached = _load_cache(cache_dir / key, ds, split, entries, files, skip_bad)
+        if cached is not None:
+            return cached
+
+    kept, skipped, sizes, arrays = [], [], [], {k: [] for k in ("vertices", "model_view", "projection", "landmarks")}
+    from tqdm import tqdm
+
+    for pos, (entry, (img, ann)) in enumerate(tqdm(list(zip(entries, files)), desc=f"index {split}", unit="item",
+                                                    disable=len(entries) < 500)):
+        try:
+            try:
+                _check_entry(entry, annotations)
+            except ValueError as e:
+                raise ValueError(f"{split_file}: entry {pos}: {e}") from None
+            size = image_size(img)
+            if annotations:
+                a = read_annotation(ann, n_vert)
+                lmk = _landmarks_image(a["vertices"], a["model_view_matrix"], a["projection_matrix"], size[1], topology)
+                if not np.isfinite(lmk).all():
+                    raise ValueError(f"{ann}: the projection of the landmarks is not finite")
+        except (ValueError, FileNotFoundError) as e:
+            if not skip_bad:
+                raise
+            skipped.append((pos, type(e).__name__, str(e)))
+            continue
+        kept.append(pos)
+        sizes.append(size)
+        if annotations:
+            for k, v in zip(arrays, (a["vertices"], a["model_view_matrix"], a["projection_matrix"], lmk)):
+                arrays[k].append(v)
+    if skipped:
+        log.warning("%s: skipped %d bad items (first: %s)", split_file, len(skipped), skipped[0][2])
+    arrays = {k: (np.stack(v) if v else np.zeros((0,))) for k, v in arrays.items()} if annotations else {}
+    sizes = np.array(sizes, np.int64).reshape(-1, 2)
+    if cache_dir is not None:
+        _write_cache(cache_dir, key, kept, skipped, sizes, arrays)
+        cached = _load_cache(cache_dir / key, ds, split, entries, files, skip_bad)
+        if cached is not None:
+            return cached
+    return SplitIndex([entries[i] for i in kept], [files[i][0] for i in kept], sizes,
+                      *(arrays.get(k) for k in ("vertices", "model_view", "projection", "landmarks")),
+                      skipped=skipped)
+
+
+def _write_cache(cache_dir: Path, key: str, kept, skipped, sizes, arrays) -> None:
+    """Write into a fresh folder, then rename it into place (atomic; a concurrent builder wins)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = cache_dir / f".{key}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, arr in arrays.items():
+        np.save(tmp / f"{name}.npy", arr)
+    np.save(tmp / "sizes.npy", sizes)
+    (tmp / "meta.json").write_text(json.dumps({"kept": kept, "skipped": skipped}))
+    try:
+        os.replace(tmp, cache_dir / key)
+    except OSError:  # another process built it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in cache_dir.iterdir():  # caches of earlier versions of this split's files
+        if old.name != key and not old.name.startswith("."):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_cache(path: Path, ds, split, entries, files, skip_bad: bool) -> SplitIndex | None:
+    if not (path / "meta.json").is_file():
+        return None
+    meta = json.loads((path / "meta.json").read_text())
+    if meta["skipped"] and not skip_bad:
+        _, kind, reason = meta["skipped"][0]
+        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(reason)
+    arr = {n: np.load(path / f"{n}.npy", mmap_mode="r") if (path / f"{n}.npy").exists() else None
+           for n in ("vertices", "model_view", "projection", "landmarks")}
+    kept = meta["kept"]
+    return SplitIndex([entries[i] for i in kept], [files[i][0] for i in kept], np.load(path / "sizes.npy"),
+                      arr["vertices"], arr["model_view"], arr["projection"], arr["landmarks"],
+                      skipped=[tuple(s) for s in meta["skipped"]])
+
+
+# --------------------------------------------------------------------------------------------
+# The Dataset
+# --------------------------------------------------------------------------------------------
+def _cache_root() -> Path:
+    from . import OUTPUTS_DIR
+
+    return OUTPUTS_DIR / "data_cache"
+
+
+class DAD3DHeadsDataset(Dataset):
+    """One split of a DAD-3DHeads-format data set.
+
+    root: the folder holding ``DAD-3DHeadsDataset/`` (or that folder); flame: FlameAssets or
+    FlameTopology (faces, landmark embedding); train: random crop margins (5-15 % per side) instead
+    of a fixed 10 %; augment: photometric augmentation (training only); skip_bad: drop invalid items
+    and count them in ``skipped`` instead of raising; annotations: False for image + bbox only
+    (the real test split), None to decide from the presence of ``<split>/annotations/``;
+    cache: False parses every annotation on access (no cache, no validation pass).
+    """
+
+    def __init__(self, root: str | Path, split: str, crop_size: int, flame: FlameAssets | FlameTopology,
+                 train: bool = False, augment: bool = False, skip_bad: bool = False,
+                 annotations: bool | None = None, cache: bool = True, cache_dir: str | Path | None = None):
+        self.ds, self.split, self.crop_size = dataset_dir(root), split, int(crop_size)
+        self.topology = flame.topology if isinstance(flame, FlameAssets) else flame
+        self.train, self.augment = train, augment and train
+        self.annotations = (self.ds / split / "annotations").is_dir() if annotations is None else annotations
+        self.cached = cache
+        self.n_vertices = int(self.topology.faces.max()) + 1
+        if cache:
+            cache_path = Path(cache_dir) if cache_dir is not None else _cache_root() / hashlib.sha1(
+                str((self.ds / split).resolve()).encode()).hexdigest()[:16]
+            self.index = build_index(self.ds, split, self.topology, self.annotations, skip_bad, cache_path)
+        else:
+            entries = read_split(self.ds / split / f"{split}.json")
+            files = _files(self.ds, split, entries, self.annotations)
+            self.index = SplitIndex(entries, [f[0] for f in files], np.zeros((0, 2), np.int64),
+                                    None, None, None, None, skipped=[])
+            self._annotation_files = [f[1] for f in files]
+        self.skipped = len(self.index.skipped)
+
+    @property
+    def items(self) -> list[dict]:
+        """The kept split entries (item_id, bbox, attributes, ...), in sample order."""
+        return self.index.entries
+
+    def __len__(self) -> int:
+        return len(self.index.entries)
+
+    def position(self, item_id: str) -> int:
+        """Sample index of an item id."""
+        if not hasattr(self, "_positions"):
+            self._positions = {str(e["item_id"]): k for k, e in enumerate(self.index.entries)}
+        try:
+            return self._positions[str(item_id)]
+        except KeyError:
+            raise KeyError(f"{self.ds / self.split}: no item '{item_id}'") from None
+
+    def image(self, i: int) -> np.ndarray:
+        """The original image of sample i, [H,W,3] uint8 RGB."""
+        return read_image(self.index.images[i])
+
+    def geometry(self, i: int, height: int) -> tuple[np.ndarray, ...]:
+        """Annotation of sample i: vertices [V,3] float32, MV [4,4], P [4,4], GT landmarks [68,2]
+        image pixels (``height``: the image's)."""
+        return self._arrays(i, height)
+
+    def _arrays(self, i: int, height: int) -> tuple[np.ndarray, ...]:
+        """vertices [V,3] float32, MV [4,4], P [4,4], landmarks [68,2] image pixels."""
+        ix = self.index
+        if ix.vertices is not None:
+            return np.asarray(ix.vertices[i]), np.asarray(ix.model_view[i]), np.asarray(ix.projection[i]), \
+                np.asarray(ix.landmarks[i])
+        a = read_annotation(self._annotation_files[i], self.n_vertices)
+        v, mv, P = a["vertices"], a["model_view_matrix"], a["projection_matrix"]
+        return v, mv, P, _landmarks_image(v, mv, P, height, self.topology)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        entry, S = self.index.entries[i], self.crop_size
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
+        image = self.image(i)
+        height, width = image.shape[:2]
+        margins = rng.uniform(*MARGIN_TRAIN, 4) if self.train else (MARGIN_EVAL,) * 4
+        bbox = np.asarray(entry["bbox"], np.float64)
+        A = crop_affine(bbox, margins, S)
+        crop = warp_crop(image, A, S)
+        if self.augment:
+            crop = photometric(rng, crop)
+        out = {"image": normalize_image(crop), "crop_affine": torch.tensor(A, dtype=torch.float32),
+               "bbox": torch.tensor(bbox, dtype=torch.float32), "index": torch.tensor(i, dtype=torch.int64)}
+        if not self.annotations:
+            return out
+        verts, mv, P, lmk_img = self._arrays(i, height)
+        lmk_crop = apply_affine(A, lmk_img)
+        inside_crop = ((lmk_crop > 0) & (lmk_crop < S)).all(1)
+        inside_image = ((lmk_img >= 0) & (lmk_img < [width, height])).all(1)
+        visibility = (inside_crop & inside_image).astype(np.float32)
+        vertices_crop = apply_affine(A, project(verts.astype(np.float64), mv, P, height))
+        out.update({
+            "landmarks_2d": torch.tensor(lmk_crop, dtype=torch.float32),
+            "visibility": torch.from_numpy(visibility),
+            "heatmaps": torch.from_numpy(gaussian_heatmaps(lmk_crop, visibility, S, **HEATMAP)),
+            "vertices_crop": torch.tensor(vertices_crop, dtype=torch.float32),
+            "vertices_model": torch.tensor(verts, dtype=torch.float32),
+            "rotation": torch.tensor(FLIP_YZ @ mv[:3, :3], dtype=torch.float32),
+            "landmarks_2d_image": torch.tensor(lmk_img, dtype=torch.float32),
+        })
+        return out

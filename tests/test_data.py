@@ -1,0 +1,282 @@
+"""The DAD-3DHeads-format loader: targets, crop geometry, cache, bad input."""
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dad3dlib import data
+from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
+from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
+from dad3dlib.render import project
+from dad3dlib.synthetic_data import make_data
+
+S = 96
+KEYS = {"image", "landmarks_2d", "visibility", "heatmaps", "vertices_crop", "vertices_model", "rotation",
+        "crop_affine", "bbox", "landmarks_2d_image", "index"}
+TINY = {"splits": {"train": 6, "test": 2}, "image_sizes": [[160, 160], [144, 176]]}
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return load_flame_assets()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    out = tmp_path_factory.mktemp("src")
+    make_data(out, TINY, seed=5, workers=1)
+    return out
+
+
+@pytest.fixture
+def root(tmp_path, source):
+    """A private copy of the tiny data set (tests may damage it)."""
+    shutil.copytree(source, tmp_path / "d")
+    return tmp_path / "d"
+
+
+def dataset(root, assets, **kw):
+    kw.setdefault("cache_dir", root / "cache")
+    return DAD3DHeadsDataset(root, kw.pop("split", "train"), S, assets, **kw)
+
+
+def annotation(root, entry):
+    ann = json.loads((root / entry["annotation_path"]).read_text())
+    return (np.array(ann[k]) for k in ("vertices", "model_view_matrix", "projection_matrix"))
+
+
+def test_sample_keys_shapes_and_targets(root, assets):
+    ds = dataset(root, assets)
+    assert len(ds) == 6 and ds.skipped == 0 and ds.items[2]["item_id"] == "train_000002"
+    s = ds[2]
+    V = len(assets.model.v_template)
+    assert set(s) == KEYS
+    shapes = {"image": (3, S, S), "landmarks_2d": (68, 2), "visibility": (68,), "heatmaps": (68, S // 4, S // 4),
+              "vertices_crop": (V, 2), "vertices_model": (V, 3), "rotation": (3, 3), "crop_affine": (2, 3),
+              "bbox": (4,), "landmarks_2d_image": (68, 2), "index": ()}
+    assert {k: tuple(v.shape) for k, v in s.items()} == shapes
+    assert s["index"].dtype == torch.int64 and all(v.dtype == torch.float32 for k, v in s.items() if k != "index")
+    v, mv, P = annotation(root, ds.items[2])
+    topo = assets.topology
+    lmk = landmarks_from_vertices(torch.from_numpy(v[None]), torch.from_numpy(topo.faces),
+                                  torch.from_numpy(topo.lmk_face_idx), torch.from_numpy(topo.lmk_bary))[0].numpy()
+    h = data.read_image(ds.index.images[2]).shape[0]
+    np.testing.assert_allclose(s["landmarks_2d_image"].numpy(), project(lmk, mv, P, h), atol=1e-3)
+    A = s["crop_affine"].numpy().astype(np.float64)
+    np.testing.assert_allclose(s["landmarks_2d"].numpy(), project(lmk, mv, P, h) @ A[:, :2].T + A[:, 2], atol=1e-3)
+    np.testing.assert_allclose(s["vertices_crop"].numpy(), project(v, mv, P, h) @ A[:, :2].T + A[:, 2], atol=1e-3)
+    np.testing.assert_allclose(s["vertices_model"].numpy(), v, atol=1e-6)
+    np.testing.assert_allclose(s["rotation"].numpy(), np.diag([1, -1, -1]) @ mv[:3, :3], atol=1e-6)
+    assert s["visibility"].sum() == 68  # the 10 % margin keeps the whole face in the crop
+
+
+def test_eval_crop_is_the_bbox_grown_by_ten_percent(root, assets):
+    ds = dataset(root, assets)
+    s1, s2 = ds[1], ds[1]
+    torch.testing.assert_close(s1["image"], s2["image"])
+    x, y, w, h = ds.items[1]["bbox"]
+    A = s1["crop_affine"].numpy()
+    corners = np.array([[x - 0.1 * w, y - 0.1 * h], [x + 1.1 * w, y + 1.1 * h]]) @ A[:, :2].T + A[:, 2]
+    long_side = np.argmax([w, h])
+    np.testing.assert_allclose(corners[:, long_side], [0, S], atol=1e-3)
+    np.testing.assert_allclose(corners.mean(0), [S / 2, S / 2], atol=1e-3)  # centred, padded
+
+
+def test_train_margins_random_within_5_to_15_percent(root, assets):
+    ds = dataset(root, assets, train=True, augment=True)
+    torch.manual_seed(0)
+    scales = []
+    for _ in range(12):
+        s = ds[0]
+        scales.append(s["crop_affine"][0, 0].item())
+        assert s["image"].shape == (3, S, S)
+    x, y, w, h = ds.items[0]["bbox"]
+    longest = max(w, h)
+    grown = S / np.array(scales) / longest  # (1 + m1 + m2) of the longest side
+    assert grown.min() >= 1.1 - 1e-4 and grown.max() <= 1.3 + 1e-4 and np.ptp(grown) > 0.02
+
+
+def test_warp_crop_pixel_convention():
+    """The crop pixel of an image point is A·[x, y, 1] (pixel i covers [i, i+1)), also with the
+    area pre-shrink of large down-scalings: a blob's centroid maps through A."""
+    ys, xs = np.mgrid[0:400, 0:300] + 0.5
+    for bbox, size, sigma in (((100, 180, 60, 50), 64, 3.0), ((0, 0, 300, 400), 32, 25.0)):
+        blob = 255 * np.exp(-((xs - 122.3) ** 2 + (ys - 203.6) ** 2) / (2 * sigma**2))
+        img = np.repeat(blob[..., None], 3, axis=2).round().astype(np.uint8)
+        A = crop_affine(bbox, (0.1, 0.1, 0.1, 0.1), size)
+        crop = warp_crop(img, A, size)[..., 0].astype(np.float64)
+        cy, cx = np.mgrid[0:size, 0:size] + 0.5
+        centre = np.array([(crop * cx).sum(), (crop * cy).sum()]) / crop.sum()
+        np.testing.assert_allclose(centre, A[:, :2] @ [122.3, 203.6] + A[:, 2], atol=0.05)
+
+
+def test_heatmaps_follow_the_reference_coder():
+    pts = np.array([[41.0, 22.7], [10.0, 10.0], [200.0, 5.0]])
+    vis = np.array([1.0, 0.0, 1.0])
+    hm = gaussian_heatmaps(pts, vis, 128)
+    assert hm.shape == (3, 32, 32) and hm.dtype == np.float32
+    assert np.unravel_index(hm[0].argmax(), hm[0].shape) == (5, 10) and hm[0].max() == pytest.approx(1.0)
+    sigma = 11 / 6
+    assert hm[0, 5, 11] == pytest.approx(math.exp(-1 / (2 * sigma**2)), rel=1e-5)
+    assert hm[0, 5, 15] > 0 and hm[0, 5, 16] == 0 and hm[0, 11, 10] == 0  # radius 5 window
+    assert hm[1].max() == 0 and hm[2].max() == 0  # invisible; outside the map
+    torch.testing.assert_close(gaussian_heatmaps(torch.tensor(pts), torch.tensor(vis), 128), torch.from_numpy(hm))
+
+
+def test_visibility_is_zero_outside_the_crop(root, assets):
+    split = root / "DAD-3DHeadsDataset/train/train.json"
+    entries = json.loads(split.read_text())
+    x, y, w, h = entries[0]["bbox"]
+    entries[0]["bbox"] = [x, y, w, h * 0.4]  # top of the head only: the chin falls outside
+    split.write_text(json.dumps(entries))
+    s = dataset(root, assets)[0]
+    inside = ((s["landmarks_2d"] > 0) & (s["landmarks_2d"] < S)).all(1).float()
+    torch.testing.assert_close(s["visibility"], inside)
+    lowest = s["landmarks_2d_image"][:, 1].argmax()
+    assert 0 < s["visibility"].sum() < 68 and s["visibility"][lowest] == 0
+    assert s["heatmaps"][lowest].max() == 0 and s["heatmaps"][s["visibility"].argmax()].max() == 1
+
+
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(root, assets):
+    cache = root / "cache"
+    ds = dataset(root, assets)
+    assert isinstance(ds.index.vertices, np.memmap)
+    assert len(list(cache.iterdir())) == 1
+    first = next(cache.iterdir())
+    assert dataset(root, assets).index.vertices is not None and next(cache.iterdir()) == first
+    path = root / ds.items[3]["annotation_path"]
+    ann = json.loads(path.read_text())
+    ann["vertices"][0][0] += 0.001
+    path.write_text(json.dumps(ann))
+    ds2 = dataset(root, assets)
+    assert ds2.index.vertices[3, 0, 0] == pytest.approx(ds.index.vertices[3, 0, 0] + 0.001, abs=1e-6)
+    assert [p.name for p in cache.iterdir()] != [first.name] and len(list(cache.iterdir())) == 1
+
+
+def test_cached_and_uncached_samples_agree(root, assets):
+    a, b = dataset(root, assets), dataset(root, assets, cache=False)
+    for k, v in a[4].items():
+        torch.testing.assert_close(v, b[4][k], atol=1e-4, rtol=1e-5, msg=k)
+
+
+def _missing_image(root, e):
+    (root / e["img_path"]).unlink()
+
+
+def _garbage_image(root, e):
+    (root / e["img_path"]).write_bytes(b"\x89PNG not really")
+
+
+def _missing_annotation(root, e):
+    (root / e["annotation_path"]).unlink()
+
+
+def _edit_annotation(fn):
+    def edit(root, e):
+        path = root / e["annotation_path"]
+        ann = json.loads(path.read_text())
+        fn(ann)
+        path.write_text(json.dumps(ann))
+    return edit
+
+
+BAD = {
+    "missing image": (_missing_image, FileNotFoundError, "image not found"),
+    "unreadable image": (_garbage_image, ValueError, "unreadable image"),
+    "missing annotation": (_missing_annotation, FileNotFoundError, "annotation not found"),
+    "wrong vertex count": (_edit_annotation(lambda a: a["vertices"].pop()), ValueError, "vertex count"),
+    "nan": (_edit_annotation(lambda a: a["model_view_matrix"][0].__setitem__(3, float("nan"))), ValueError,
+            "NaN or inf"),
+    "bad bbox": (lambda root, e: None, ValueError, "bad bbox"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_names_file_and_problem_or_is_skipped(root, assets, case):
+    damage, error, message = BAD[case]
+    split = root / "DAD-3DHeadsDataset/train/train.json"
+    entries = json.loads(split.read_text())
+    damage(root, entries[2])
+    if case == "bad bbox":
+        entries[2]["bbox"] = [1, 2, -3, 4]
+        split.write_text(json.dumps(entries))
+    with pytest.raises(error, match=message) as info:
+        dataset(root, assets)
+    assert "train_000002" in str(info.value) or "entry 2" in str(info.value)
+    ds = dataset(root, assets, skip_bad=True)
+    assert ds.skipped == 1 and len(ds) == 5 and "train_000002" not in [e["item_id"] for e in ds.items]
+    with pytest.raises(error, match=message):  # the cache remembers the bad item
+        dataset(root, assets)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"a": 1}'])
+def test_malformed_split_file(root, assets, content):
+    split = root / "DAD-3DHeadsDataset/train/train.json"
+    split.write_text(content)
+    with pytest.raises(ValueError, match=r"train\.json: malformed split file"):
+        dataset(root, assets, skip_bad=True)
+
+
+def test_missing_split_file(root, assets):
+    with pytest.raises(FileNotFoundError, match="val.json: split file not found"):
+        dataset(root, assets, split="val")
+
+
+def test_unannotated_split_gives_image_and_bbox_only(root, assets):
+    shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
+    split = root / "DAD-3DHeadsDataset/test/test.json"
+    entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
+    split.write_text(json.dumps(entries))
+    ds = dataset(root, assets, split="test")
+    assert not ds.annotations and len(ds) == 2
+    assert set(ds[1]) == {"image", "crop_affine", "bbox", "index"}
+
+
+def test_dataloader_batches(root, assets):
+    loader = torch.utils.data.DataLoader(dataset(root, assets, train=True, augment=True), batch_size=4)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 3, S, S) and batch["heatmaps"].shape == (4, 68, S // 4, S // 4)
+
+
+def test_reads_annotations_on_the_real_flame_topology(tmp_path):
+    """A hand-made item on FLAME's own topology files (no model needed: the topology is enough)."""
+    import cv2
+
+    import dad3dlib
+    from dad3dlib.render import perspective_projection
+
+    shared = dad3dlib.REPO_ROOT.parent / "shared" / "flame_topology"
+    if not (shared / "flame_mesh_faces.pt").exists():
+        pytest.skip("../shared/flame_topology not present")
+    topo = load_flame_assets(shared, require_model=False).topology
+    rng = np.random.default_rng(0)
+    v = rng.normal(0, 0.05, (5023, 3))
+    mv, P = np.eye(4), perspective_projection(300.0, 64.0, 64.0, 0.1, 10.0)
+    mv[2, 3] = -0.8
+    split = tmp_path / "DAD-3DHeadsDataset" / "val"
+    (split / "images").mkdir(parents=True)
+    (split / "annotations").mkdir()
+    cv2.imwrite(str(split / "images/a1.png"), rng.integers(0, 255, (128, 128, 3), dtype=np.uint8))
+    ann = {"vertices": v.tolist(), "model_view_matrix": mv.tolist(), "projection_matrix": P.tolist()}
+    (split / "annotations/a1.json").write_text(json.dumps(ann))
+    entry = {"item_id": "a1", "annotation_path": "DAD-3DHeadsDataset/val/annotations/a1.json",
+             "img_path": "DAD-3DHeadsDataset/val/images/a1.png", "bbox": [30, 30, 60, 70], "attributes": {}}
+    (split / "val.json").write_text(json.dumps([entry]))
+    s = DAD3DHeadsDataset(tmp_path, "val", S, topo, cache_dir=tmp_path / "cache")[0]
+    lmk = landmarks_from_vertices(torch.from_numpy(v[None]), torch.from_numpy(topo.faces),
+                                  torch.from_numpy(topo.lmk_face_idx), torch.from_numpy(topo.lmk_bary))[0].numpy()
+    np.testing.assert_allclose(s["landmarks_2d_image"].numpy(), project(lmk, mv, P, 128), atol=1e-3)
+    assert s["vertices_model"].shape == (5023, 3)
+
+
+def test_show_data_writes_the_grid(root, tmp_path):
+    from PIL import Image
+
+    from dad3dlib.viz import PANEL, show_data
+
+    out = show_data(root, tmp_path / "grid.png", n=3, crop_size=64, columns=2, cache_dir=tmp_path / "cache")
+    w, h = Image.open(out).size
+    assert (w, h) == (2 * (2 * PANEL + 4), 2 * (PANEL + 4))

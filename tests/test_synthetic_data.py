@@ -1,0 +1,144 @@
+"""The synthetic DAD-3DHeads generator: layout, schema, exactness of the annotations, determinism."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dad3dlib import synthetic_data as sd
+from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
+from dad3dlib.render import project, silhouette
+
+# no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette
+TINY = {"splits": {"train": 5, "val": 2, "test": 2}, "image_sizes": [[160, 160], [176, 144]],
+        "sampling": {"occluder_prob": 0.5, "torso_prob": 0.0}}
+ATTRIBUTES = {"quality": {"hq", "lq"}, "gender": {"undefined"}, "expression": {"true", "false"},
+              "age": {"undefined"}, "occlusions": {"true", "false"}, "pose": {"front", "sided", "atypical"},
+              "standard light": {"true", "false"}}
+
+
+@pytest.fixture(scope="module")
+def assets():
+    return load_flame_assets()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, assets):
+    out = tmp_path_factory.mktemp("tiny")
+    sd.make_data(out, TINY, seed=3, workers=1)
+    return out
+
+
+def test_layout_and_schema(tiny, assets):
+    ds = tiny / "DAD-3DHeadsDataset"
+    n_vert = len(assets.model.v_template)
+    for split, n in TINY["splits"].items():
+        entries = json.loads((ds / split / f"{split}.json").read_text())
+        assert len(entries) == n
+        for e in entries:
+            assert set(e) == {"item_id", "annotation_path", "img_path", "bbox", "attributes"}
+            assert e["img_path"] == f"DAD-3DHeadsDataset/{split}/images/{e['item_id']}.png"
+            assert e["annotation_path"] == f"DAD-3DHeadsDataset/{split}/annotations/{e['item_id']}.json"
+            assert {k: v in ATTRIBUTES[k] for k, v in e["attributes"].items()} == {k: True for k in ATTRIBUTES}
+            w, h = Image.open(tiny / e["img_path"]).size
+            assert [w, h] in TINY["image_sizes"]
+            x, y, bw, bh = e["bbox"]
+            assert 0 <= x and 0 <= y and x + bw <= w and y + bh <= h and bw > 0.2 * h and bh > 0.2 * h
+            ann = json.loads((tiny / e["annotation_path"]).read_text())
+            assert set(ann) == {"vertices", "model_view_matrix", "projection_matrix"}
+            assert np.array(ann["vertices"]).shape == (n_vert, 3)
+            assert np.array(ann["model_view_matrix"]).shape == (4, 4) == np.array(ann["projection_matrix"]).shape
+    assert not list(ds.rglob("*.tmp"))
+    assert json.loads((tiny / "make_data.json").read_text())["seed"] == 3
+
+
+def test_projection_lands_on_the_rendered_head(tiny, assets):
+    """BRIEF §6's formula applied to the written annotation reproduces the rendered silhouette, and
+    the landmarks agree with the GL pipeline's own projection."""
+    gen = sd.Generator(None, TINY, seed=3)
+    topo = assets.topology
+    for item in gen.chunk("train", 0, TINY["splits"]["train"]):
+        ann = json.loads((tiny / item.entry["annotation_path"]).read_text())
+        v, mv, P = (np.array(ann[k]) for k in ("vertices", "model_view_matrix", "projection_matrix"))
+        disk = np.asarray(Image.open(tiny / item.entry["img_path"]).convert("RGB"))
+        np.testing.assert_array_equal(disk, item.image)  # deterministic per seed
+        h, w = disk.shape[:2]
+        sil = silhouette(project(v, mv, P, h), assets.model.faces, h, w)
+        assert (sil & item.mask).sum() / (sil | item.mask).sum() >= 0.98
+        lmk = landmarks_from_vertices(torch.from_numpy(v[None]), torch.from_numpy(topo.faces),
+                                      torch.from_numpy(topo.lmk_face_idx), torch.from_numpy(topo.lmk_bary))[0].numpy()
+        gl = gen.renderer((w, h)).project_gl(lmk, mv, P)
+        assert np.abs(project(lmk, mv, P, h) - gl).max() < 0.5
+        # the bbox is the projected head subset's
+        head = project(v[topo.subsets["head"]], mv, P, h)
+        x, y, bw, bh = item.entry["bbox"]
+        assert abs(x - max(head[:, 0].min(), 0)) <= 1 and abs(y + bh - min(head[:, 1].max(), h)) <= 1
+
+
+def test_seed_changes_output_and_workers_and_split_size_do_not(tmp_path, tiny, monkeypatch):
+    small = {**TINY, "splits": {"train": 2}}
+    monkeypatch.setattr(sd, "CHUNK", 1)  # two jobs: both worker processes get one
+    sd.make_data(tmp_path / "a", small, seed=3, workers=2)
+    assert json.loads((tmp_path / "a/make_data.json").read_text())["workers"] == 2
+    sd.make_data(tmp_path / "b", small, seed=4, workers=1)
+    for name in ("train_000000.png", "train_000001.png"):
+        ref = (tiny / "DAD-3DHeadsDataset/train/images" / name).read_bytes()
+        assert (tmp_path / "a/DAD-3DHeadsDataset/train/images" / name).read_bytes() == ref
+        assert (tmp_path / "b/DAD-3DHeadsDataset/train/images" / name).read_bytes() != ref
+
+
+def test_interrupted_run_leaves_no_split_file(tmp_path, monkeypatch):
+    small = {**TINY, "splits": {"train": 3}}
+    sd.make_data(tmp_path, small, workers=1)
+    split_file = tmp_path / "DAD-3DHeadsDataset/train/train.json"
+    assert split_file.exists()
+    calls = []
+
+    def failing_write(root, split, item):
+        calls.append(item.item_id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(root, split, item)
+
+    real_write = sd.write_item
+    monkeypatch.setattr(sd, "write_item", failing_write)
+    with pytest.raises(KeyboardInterrupt):
+        sd.make_data(tmp_path, small, seed=1, workers=1)
+    assert not split_file.exists()
+
+
+def test_pose_sampling_concentrated_towards_frontal():
+    rng = np.random.default_rng(0)
+    scenes = [sd.sample_scene(rng, sd.SAMPLING, [[64, 64]]) for _ in range(2000)]
+    yaw, pitch, roll = np.abs(np.array([s.angles for s in scenes])).T
+    assert yaw.max() <= 90 and pitch.max() <= 45 and roll.max() <= 35
+    assert yaw.max() > 80 and pitch.max() > 40 and roll.max() > 30
+    assert np.median(yaw) < 25 and np.median(pitch) < 12
+    attrs = [sd.pose_attribute(*s.angles) for s in scenes]
+    assert 0.4 < attrs.count("front") / len(attrs) < 0.9 and attrs.count("atypical") > 0
+
+
+def test_rotation_and_pose_attribute():
+    R = sd.rotation_matrix(40.0, -10.0, 5.0)
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(R) == pytest.approx(1.0)
+    # positive yaw turns the face (+z) towards +x (the image's right)
+    assert sd.rotation_matrix(30.0, 0.0, 0.0)[0, 2] == pytest.approx(np.sin(np.radians(30.0)))
+    assert sd.pose_attribute(10, 5, 3) == "front"
+    assert sd.pose_attribute(50, 5, 3) == "sided"
+    assert sd.pose_attribute(10, 40, 3) == "atypical"
+
+
+@pytest.mark.parametrize("name", sorted(sd.BACKGROUNDS))
+def test_backgrounds_are_textured(name):
+    rng = np.random.default_rng(1)
+    img = sd.BACKGROUNDS[name](rng, 96, 128)
+    assert img.shape == (96, 128, 3)
+    # not flat: the image varies at more than one place (row and column spread)
+    assert np.ptp(img.mean(axis=(1, 2))) + np.ptp(img.mean(axis=(0, 2))) > 5
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        sd.make_data(tmp_path, "huge")
