@@ -21,6 +21,8 @@ METRICS = {
     "z5_accuracy": ("Z₅ accuracy (reference pairing)", False),
     "z5_accuracy_local": ("Z₅ accuracy (5 nearest, paper)", False),
 }
+CURVES = ("train/loss_step", "train/l3d_step", "train/l1_step", "train/lproj_step", "train/awing_step",
+          "val/loss", "val/nme", "val/angle_error")
 ATTRIBUTES = ("pose", "occlusions", "quality", "expression", "standard light")
 
 
@@ -163,13 +165,15 @@ def plot_metrics(runs: pd.DataFrame):
 
 
 def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None):
-    """Training curves of all runs on shared axes, one panel per logged metric."""
+    """Training curves of all runs on shared axes, one panel per metric (default: the weighted loss
+    terms per step and the validation metrics)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     if curves.empty:
         return None
-    metrics = metrics or sorted(curves.metric.unique())
+    logged = set(curves.metric)
+    metrics = metrics or [m for m in CURVES if m in logged] or sorted(logged)
     cols = 3
     rows = -(-len(metrics) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
@@ -404,7 +408,9 @@ def error_colors(err: np.ndarray, vmax: float) -> np.ndarray:
     """Per-vertex error [V] -> colours [V,3] from matplotlib's 'inferno' map on [0, vmax]."""
     import matplotlib
 
-    return matplotlib.colormaps["inferno"](np.clip(err / max(vmax, 1e-9), 0, 1))[:, :3]
+    colors = matplotlib.colormaps["inferno"](np.clip(np.nan_to_num(err) / max(vmax, 1e-9), 0, 1))[:, :3]
+    colors[np.isnan(err)] = 0.8  # outside the evaluated region
+    return colors
 
 
 def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
@@ -422,7 +428,7 @@ def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
     params, layer, _ = _run_context(next(iter(runs.values())))
     v = layer.v_template.numpy()
     faces = layer.faces.numpy()
-    vmax = float(np.percentile(np.concatenate(list(errs.values())), 98))
+    vmax = float(np.nanpercentile(np.concatenate(list(errs.values())), 98))
     fig, axes = plt.subplots(2, len(errs), figsize=(2.6 * len(errs), 5.4), squeeze=False)
     for c, (name, e) in enumerate(errs.items()):
         for r, yaw in enumerate((0.0, 70.0)):

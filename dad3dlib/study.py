@@ -183,12 +183,16 @@ def devices_for(jobs: int) -> list[str]:
 
 def ensure_data(params: dict) -> Path:
     """The data root of a run: generated when the preset names a synthetic data preset
-    (``study.make_data``; ``make_data.json`` is written last, so a partial one is redone), an
-    error when a real data set is missing."""
+    (``study.make_data``; redone when ``make_data.json``, written last, is missing or older than
+    the FLAME model), an error when a real data set is missing."""
     root = Path(params["data"]["root"])
     synthetic = (params.get("study") or {}).get("make_data")
     if synthetic:
-        if not (root / "make_data.json").exists():
+        from .flame import MODEL_FILE, default_flame_dir
+
+        record = root / "make_data.json"
+        model = Path(params["data"].get("flame_path") or default_flame_dir()) / MODEL_FILE
+        if not record.exists() or model.stat().st_mtime > record.stat().st_mtime:  # missing, partial or stale
             from .synthetic_data import make_data
 
             make_data(root, synthetic, params["data"].get("flame_path"), params["study"].get("data_seed", 0))
