@@ -131,8 +131,9 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_params(run.params, run_dir / "params.yaml")
     (run_dir / "error.json").unlink(missing_ok=True)
-    prov = provenance(run)
     start = time.time()
+    prov = {**provenance(run), "status": "running", "started_at": start, "device": device}
+    write_json(run_dir / "provenance.json", prov)
     status, error = "finished", None
     try:
         pm.execute_notebook(
@@ -150,12 +151,25 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None)
                  "traceback": [_ANSI.sub("", line) for line in
                                (getattr(e, "traceback", None) or traceback.format_exc().splitlines())]}
         write_json(run_dir / "error.json", error)
-    prov.update(status=status, wall_time_s=round(time.time() - start, 1), device=device)
+    prov.update(status=status, wall_time_s=round(time.time() - start, 1))
     write_json(run_dir / "provenance.json", prov)
     return {"run": run.name, "status": status, "error": error and error["error"]}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def complete_provenance(run_dir: Path) -> None:
+    """A run that finished while its runner was killed: mark it finished, wall time up to its metrics."""
+    path = run_dir / "provenance.json"
+    try:
+        prov = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if prov.get("status") != "finished" and (run_dir / "metrics.json").exists():
+        end = (run_dir / "metrics.json").stat().st_mtime
+        prov.update(status="finished", wall_time_s=round(end - prov.get("started_at", end), 1))
+        write_json(path, prov)
 
 
 def _failed_cell(nb_path: Path) -> int | None:
@@ -237,6 +251,9 @@ def run_study(preset: str, out: Path, seeds: int = 1, jobs: int = 1, ablations: 
                         "fingerprint": r.fingerprint} for r in runs]}
     write_json(out / "study.json", record)
     todo = [r for r in runs if not is_finished(out / "runs" / r.name, r)]
+    for r in runs:
+        if r not in todo:
+            complete_provenance(out / "runs" / r.name)
     devices = devices_for(jobs)
     cpu_threads = max(1, (os.cpu_count() or 1) // jobs)
     results = []
