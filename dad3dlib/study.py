@@ -243,6 +243,7 @@ def run_study(preset: str, out: Path, seeds: int = 1, jobs: int = 1, ablations: 
     from tqdm.auto import tqdm
 
     ablations = ablations or default_ablations()
+    out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
     runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(runs[0].params)
