@@ -1,0 +1,224 @@
+"""Training throughput of DAD-3DNet on synthetic batches (``make bench-train``).
+
+    python benchmarks/bench_train.py [--config cpu paper] [--steps N] [--batch N] [--device cpu|cuda]
+                                     [--flame DIR] [--out FILE]
+
+For each configuration: training images/s of a full step (network forward, FLAME canonical +
+reprojection, the four losses, backward, Adam), and per batch the time of the FLAME layer
+(forward + backward) and of the losses (forward + backward). ``cpu`` takes the model/data sections
+of ``params/presets/cpu.yaml`` when present; ``paper`` is the reference configuration (resnet50,
+BiFPN 256, 256x256, batch 64). On a GPU the step runs in bf16 autocast (FLAME and losses in fp32)
+and GPU utilisation is sampled with nvidia-smi. The FLAME layer is a random model of FLAME's sizes
+(5023 vertices, 9976 faces; timing depends only on sizes) unless ``--flame`` names a FLAME-format
+directory. Imports neither pytorch3d, papermill nor moderngl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dad3dlib import OUTPUTS_DIR, REPO_ROOT  # noqa: E402
+from dad3dlib.flame import (FlameAssets, FlameLayer, FlameModel, FlameTopology,  # noqa: E402
+                            load_flame_assets)
+from dad3dlib.losses import DADLoss  # noqa: E402
+from dad3dlib.model import create_model  # noqa: E402
+
+FLAME_V, FLAME_F = 5023, 9976
+PAPER = {"model": {"encoder": "resnet50", "bifpn_filters": 256}, "data": {"crop_size": 256, "batch_size": 64}}
+CPU_FALLBACK = {"model": {"encoder": "resnet18", "bifpn_filters": 64}, "data": {"crop_size": 128, "batch_size": 32}}
+LAMBDAS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
+
+
+def flame_sized_assets(seed: int = 0) -> FlameAssets:
+    """A random model with FLAME's array sizes (not a head; for timing only)."""
+    rng = np.random.default_rng(seed)
+    faces = rng.integers(0, FLAME_V, (FLAME_F, 3))
+    rows = lambda a: (a / a.sum(-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    model = FlameModel(rng.uniform(-0.1, 0.1, (FLAME_V, 3)).astype(np.float32), faces,
+                       (rng.standard_normal((FLAME_V, 3, 400)) * 1e-3).astype(np.float32),
+                       (rng.standard_normal((FLAME_V, 3, 36)) * 1e-3).astype(np.float32),
+                       rows(rng.uniform(0, 1, (5, FLAME_V))), rows(rng.uniform(0, 1, (FLAME_V, 5))),
+                       np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]))
+    subsets = {"face": np.arange(2094), "face_w_ears": np.arange(3669), "head": np.arange(FLAME_V - 3457, FLAME_V)}
+    topo = FlameTopology(faces, rng.integers(0, FLAME_F, 51), rows(rng.uniform(0, 1, (51, 3))),
+                         rng.integers(0, FLAME_F, (79, 17)), rows(rng.uniform(0, 1, (79, 17, 3))), subsets)
+    return FlameAssets(topo, model, Path("random"))
+
+
+def configs(names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        if name == "paper":
+            out[name] = PAPER
+            continue
+        preset = REPO_ROOT / "params" / "presets" / f"{name}.yaml"
+        if preset.is_file():
+            import yaml
+
+            p = yaml.safe_load(preset.read_text())
+            out[name] = {"model": p["model"], "data": p["data"], "source": str(preset.relative_to(REPO_ROOT))}
+        elif name == "cpu":
+            out[name] = {**CPU_FALLBACK, "source": "built-in (no params/presets/cpu.yaml)"}
+        else:
+            raise SystemExit(f"unknown config '{name}' (no {preset})")
+    return out
+
+
+def synthetic_batch(B: int, S: int, V: int, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    batch = {"image": torch.randn(B, 3, S, S, generator=g), "landmarks_2d": torch.rand(B, 68, 2, generator=g) * S,
+             "visibility": torch.ones(B, 68), "heatmaps": torch.rand(B, 68, S // 4, S // 4, generator=g),
+             "vertices_crop": torch.rand(B, V, 2, generator=g) * S,
+             "vertices_model": torch.randn(B, V, 3, generator=g) * 0.1}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+class GpuSampler:
+    """nvidia-smi utilisation.gpu samples (percent) in a background thread."""
+
+    def __init__(self, period: float = 0.2):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(period,), daemon=True)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.is_set():
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.split()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            time.sleep(period)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def _timed(fn, device, repeats: int) -> float:
+    """Mean seconds per call of fn()."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / repeats
+
+
+def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, batch: int | None,
+                 warmup: int) -> dict:
+    B, S = batch or cfg["data"]["batch_size"], cfg["data"]["crop_size"]
+    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pose_prior_samples", "pretrained_path")}
+    model = create_model(model_cfg).to(device).train()
+    loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    data = synthetic_batch(B, S, flame.num_vertices, device)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def step():
+        with amp:
+            out = model(data["image"])
+        params = out["params_3dmm"].float()
+        canonical = flame.canonical(params)
+        pred = {**out, "vertices_canonical": canonical, "vertices_reprojected": flame.reproject(params, S, canonical)}
+        total, _ = loss_fn(pred, data)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+
+    params0 = torch.zeros(B, 413, device=device)
+    params0[:, 403:413] = torch.tensor([1.0, 0, 0, 0, -1, 0, 0, 0, 0, 7.0])
+
+    def flame_fwd_bwd():
+        p = params0.clone().requires_grad_()
+        c = flame.canonical(p)
+        (c.sum() + flame.reproject(p, S, c).sum()).backward()
+
+    with torch.no_grad():
+        c = flame.canonical(params0)
+        fixed = {"vertices_canonical": c, "vertices_reprojected": flame.reproject(params0, S, c),
+                 "landmarks_2d": torch.rand(B, 68, 2, device=device), "heatmaps": torch.randn(B, 68, S // 4, S // 4,
+                                                                                               device=device)}
+
+    def loss_fwd_bwd():
+        pred = {k: v.clone().requires_grad_() for k, v in fixed.items()}
+        loss_fn(pred, data)[0].backward()
+
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sampler = GpuSampler() if device.type == "cuda" else None
+    if sampler:
+        sampler.__enter__()
+    try:
+        sec_step = _timed(step, device, steps)
+    finally:
+        if sampler:
+            sampler.__exit__()
+    row = {"config": name, "source": cfg.get("source", "built-in"), "encoder": cfg["model"]["encoder"],
+           "bifpn_filters": cfg["model"].get("bifpn_filters", 256), "crop_size": S, "batch_size": B,
+           "batch_size_preset": cfg["data"]["batch_size"], "steps": steps, "device": str(device),
+           "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+           "images_per_s": round(B / sec_step, 2), "ms_per_step": round(1000 * sec_step, 1),
+           "flame_ms_per_batch": round(1000 * _timed(flame_fwd_bwd, device, max(3, steps // 2)), 2),
+           "loss_ms_per_batch": round(1000 * _timed(loss_fwd_bwd, device, max(3, steps // 2)), 2)}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["gpu_util_mean_pct"] = round(float(np.mean(sampler.samples)), 1) if sampler.samples else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", nargs="+", default=["cpu", "paper"], help="cpu (preset), paper, or other preset names")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on GPU, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 5 on GPU, 1 on CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="override every config's batch size")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--flame", default=None, help="FLAME-format directory (default: random, FLAME-sized)")
+    ap.add_argument("--out", default=None, help="JSON results (default outputs/bench/bench_train_<device>.json)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    steps, warmup = args.steps or (20 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 1)
+    torch.manual_seed(0)
+    flame = FlameLayer(load_flame_assets(args.flame) if args.flame else flame_sized_assets()).to(device)
+    rows = [bench_config(n, c, flame, device, steps, args.batch, warmup) for n, c in configs(args.config).items()]
+    info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(device) if gpu else None,
+            "flame": args.flame or f"random FLAME-sized ({FLAME_V} vertices)"}
+    for r in rows:
+        print(json.dumps(r))
+    out = Path(args.out) if args.out else OUTPUTS_DIR / "bench" / f"bench_train_{device.type}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"info": info, "results": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,373 @@
+"""Training DAD-3DNet with Lightning from a params dict (``python -m dad3dlib train``).
+
+    python -m dad3dlib train --params FILE [--out DIR]
+
+Params (plain nested data; every key but ``data.root`` has a default, see ``DEFAULTS``)::
+
+    seed: 1
+    model:   {name: dad3dnet, encoder: resnet50, bifpn_filters: 256, bifpn_repeats: 1, hidden: 512,
+              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64}
+    loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
+    data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
+              skip_bad: false}
+    optim:   {lr: 1.0e-4, weight_decay: 0, plateau_patience: 10, plateau_factor: 0.5, min_lr: 1.0e-7}
+    trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
+              devices: auto, num_nodes: 1, strategy: auto, val_check_interval: null,
+              check_val_every_n_epoch: 1, limit_val_batches: null, log_every_n_steps: 10,
+              checkpoint_every_n_steps: null, gradient_clip_val: null, num_threads: null,
+              progress_bar: true, early_stopping_patience: null}
+
+``model.pose_prior_samples`` > 0 fits the pose head's initial scale/translation to that many training
+samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
+a head at the right size and place. ``data.root``: absolute, relative to the working directory, or
+else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
+``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
+Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
+``precision: auto`` is bf16-mixed on GPU and 32-true on CPU; FLAME and the losses always run in fp32.
+
+Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
+``checkpoints/last.ckpt``, ``logs/version_N/metrics.csv`` (every weighted loss term and the learning
+rate per step, validation NME / angle error / loss terms per validation; one version per
+(re)start, :func:`read_metrics` joins them), ``params.yaml``. Running again on the same DIR
+resumes from ``last.ckpt``.
+
+Several GPUs / nodes (DDP through Lightning's standard launchers): set ``trainer.devices`` (GPUs
+per node), ``trainer.num_nodes`` and ``trainer.strategy: ddp``. One node: run the command as usual,
+Lightning starts one process per GPU. Several nodes: run the same command on every node with
+``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and ``WORLD_SIZE``) set, or under SLURM
+(``srun``, detected automatically), or with ``torchrun --nnodes N --nproc-per-node G -m dad3dlib
+train ...``. ``data.batch_size`` is per process.
+
+Nothing here imports pytorch3d, papermill or moderngl.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch import Tensor, nn
+
+from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
+from .losses import DADLoss
+from .metrics import angle_error_deg, nme_reprojection
+from .model import create_model
+
+DEFAULTS: dict = {
+    "seed": 1,
+    "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
+              "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
+              "pose_prior_samples": 64},
+    "loss": {"lambdas": {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}, "heatmap_loss": "awing"},
+    "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
+             "augment": True, "skip_bad": False},
+    "optim": {"lr": 1e-4, "weight_decay": 0.0, "plateau_patience": 10, "plateau_factor": 0.5, "min_lr": 1e-7},
+    "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
+                "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
+                "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
+                "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
+                "num_threads": None, "progress_bar": True, "early_stopping_patience": None},
+}
+MONITOR = "val/nme"
+MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
+
+
+def with_defaults(params: dict) -> dict:
+    """A copy of ``params`` with every missing key from :data:`DEFAULTS`; unknown keys of the
+    sections this module reads (model is checked by create_model) raise ValueError."""
+    out = copy.deepcopy(params)
+    for section, defaults in DEFAULTS.items():
+        if not isinstance(defaults, dict):
+            out.setdefault(section, defaults)
+            continue
+        given = out.setdefault(section, {}) or {}
+        unknown = set(given) - set(defaults) if section != "model" else set()
+        if unknown:
+            raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+        out[section] = {**copy.deepcopy(defaults), **given}
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry helpers
+# --------------------------------------------------------------------------------------------
+def crop_to_image(points: Tensor, affine: Tensor) -> Tensor:
+    """Invert the crop map ``crop = A @ [x, y, 1]``. points [B,L,2] crop px, affine [B,2,3] -> [B,L,2]"""
+    M, t = affine[:, :, :2], affine[:, :, 2]
+    return torch.linalg.solve(M, (points - t[:, None]).transpose(1, 2)).transpose(1, 2)
+
+
+def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop: Tensor,
+                         crop_size: float) -> tuple[Tensor, Tensor]:
+    """Least-squares scale s and translation (tx, ty) with (s·R·(v + z-offset))_xy + t = crop coords
+    in [-1,1], the model's weak perspective (BRIEF §2) applied to GT.
+
+    vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2] px -> s [B], t [B,2]
+    """
+    src = ((vertices_model + vertices_model.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ rotation.transpose(1, 2))[..., :2]
+    dst = vertices_crop / crop_size * 2 - 1
+    src_c, dst_c = src - src.mean(1, keepdim=True), dst - dst.mean(1, keepdim=True)
+    s = (src_c * dst_c).sum((1, 2)) / (src_c ** 2).sum((1, 2))
+    return s, dst.mean(1) - s[:, None] * src.mean(1)
+
+
+# --------------------------------------------------------------------------------------------
+# LightningModule
+# --------------------------------------------------------------------------------------------
+def _non_persistent(module: nn.Module) -> nn.Module:
+    """Keep a module's buffers out of state dicts (FLAME is data, not weights: checkpoints stay
+    small and never carry a licensed model)."""
+    for m in module.modules():
+        m._non_persistent_buffers_set.update(m._buffers)
+    return module
+
+
+def data_root(data: dict) -> Path:
+    """``data.root`` as given when absolute or existing, else under outputs/ (where the study's
+    presets keep generated data)."""
+    from . import OUTPUTS_DIR
+
+    if not data.get("root"):
+        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
+    root = Path(data["root"]).expanduser()
+    return root if root.is_absolute() or root.exists() else OUTPUTS_DIR / root
+
+
+def flame_dir(data: dict) -> Path | None:
+    """FLAME assets for a data section: ``flame_path``, else the data set's make_data.json record,
+    else None (the synthetic head)."""
+    if data.get("flame_path"):
+        return Path(data["flame_path"])
+    record = data_root(data) / "make_data.json" if data.get("root") else None
+    if record is None or not record.is_file():
+        return None
+    path = Path(json.loads(record.read_text())["flame_assets"])
+    model = path / "generic_model.pkl"
+    if model.is_file() and model.stat().st_mtime > record.stat().st_mtime:
+        warnings.warn(f"{model} is newer than the data set made with it ({record}): if the model changed, "
+                      "its annotations no longer match; regenerate the data")
+    return path
+
+
+class DADModule(L.LightningModule):
+    """DAD-3DNet + FlameLayer + DADLoss. ``params`` as :data:`DEFAULTS` (already completed)."""
+
+    def __init__(self, params: dict, flame: FlameAssets | None = None):
+        super().__init__()
+        self.save_hyperparameters({"params": params})
+        model_cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS}
+        self.model = create_model(model_cfg)
+        self.flame = _non_persistent(FlameLayer(flame or load_flame_assets(flame_dir(params["data"]))))
+        self.loss = DADLoss(params["loss"]["lambdas"], {n: self.flame.subset(n) for n in SUBSETS},
+                            params["loss"].get("heatmap_loss", "awing"))
+
+    def forward(self, image: Tensor) -> dict[str, Tensor]:
+        return self.model(image)
+
+    def _predict(self, batch: dict, needs: set[str]) -> dict[str, Tensor]:
+        """Network outputs plus the FLAME views in ``needs`` (fp32, outside autocast)."""
+        out = self.model(batch["image"])
+        with torch.autocast(self.device.type, enabled=False):
+            params = out["params_3dmm"].float()
+            pred = {**out, "params_3dmm": params}
+            if needs & {"vertices_canonical", "vertices_reprojected"}:
+                pred["vertices_canonical"] = self.flame.canonical(params)
+            if "vertices_reprojected" in needs:
+                pred["vertices_reprojected"] = self.flame.reproject(params, batch["image"].shape[-1],
+                                                                    pred["vertices_canonical"])
+        return pred
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        pred = self._predict(batch, self.loss.needs)
+        total, terms = self.loss(pred, batch)
+        B = batch["image"].shape[0]
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=B, sync_dist=True)
+        for k, v in terms.items():
+            self.log(f"train/{k}", v, on_step=True, on_epoch=True, batch_size=B, sync_dist=True)
+        return total
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        pred = self._predict(batch, self.loss.needs | {"vertices_reprojected"})
+        total, terms = self.loss(pred, batch)
+        metrics = batch_metrics(pred, batch, self.flame)
+        B = batch["image"].shape[0]
+        self.log("val/loss", total, batch_size=B, sync_dist=True)
+        for k, v in terms.items():
+            self.log(f"val/{k}", v, batch_size=B, sync_dist=True)
+        for k, v in metrics.items():
+            self.log(f"val/{k}", v.mean(), batch_size=B, sync_dist=True, prog_bar=k in ("nme", "angle_error"))
+
+    def configure_optimizers(self):
+        o = self.hparams["params"]["optim"]
+        opt = torch.optim.Adam(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o["plateau_factor"],
+                                                           patience=o["plateau_patience"], min_lr=o["min_lr"])
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": MONITOR, "interval": "epoch", "strict": False}}
+
+
+def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
+    """Per-sample reprojection NME (×100, image space) and angle error (degrees): [B] each."""
+    lmk_crop = flame.landmarks68(pred["vertices_reprojected"])[..., :2]
+    lmk_img = crop_to_image(lmk_crop, batch["crop_affine"])
+    R = rot6d_to_matrix(split_3dmm(pred["params_3dmm"])["rot6d"])
+    return {"nme": nme_reprojection(lmk_img, batch["landmarks_2d_image"], batch["bbox"]),
+            "angle_error": angle_error_deg(R, batch["rotation"])}
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, torch.utils.data.Dataset]:
+    """{"train", "val"} datasets of the data section (dad3dlib.data)."""
+    from .data import DAD3DHeadsDataset
+
+    d = params["data"]
+    root = data_root(d)
+    flame = flame or load_flame_assets(flame_dir(d))
+    return {split: DAD3DHeadsDataset(root, split, d["crop_size"], flame, train=split == "train",
+                                     augment=d["augment"], skip_bad=d["skip_bad"])
+            for split in ("train", "val")}
+
+
+def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
+    d = params["data"]
+    common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"],
+              "persistent_workers": d["num_workers"] > 0, "pin_memory": torch.cuda.is_available()}
+    return {"train": torch.utils.data.DataLoader(datasets["train"], shuffle=True, drop_last=True, **common),
+            "val": torch.utils.data.DataLoader(datasets["val"], shuffle=False, **common)}
+
+
+@torch.no_grad()
+def fit_pose_prior(model: nn.Module, dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
+    """Set the pose head's bias to the median weak-perspective scale and translation of the first
+    ``n`` samples (rotation stays frontal). Returns {"scale", "tx", "ty"}."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    stack = lambda k: torch.stack([torch.as_tensor(it[k]) for it in items]).float()  # noqa: E731
+    s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)
+    scale, trans = s.median(), t.median(0).values
+    rot6d = model.pose_head[-1].bias[:6].clone()
+    model.set_pose_prior(rot6d, trans, float(scale))
+    return {"scale": float(scale), "tx": float(trans[0]), "ty": float(trans[1])}
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------
+def _max_time(value) -> datetime.timedelta | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return datetime.timedelta(seconds=float(value))
+
+
+def _on_gpu(t: dict) -> bool:
+    return t["accelerator"] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
+def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
+    """Lightning Trainer of the trainer section; returns it and the best-checkpoint callback."""
+    t = params["trainer"]
+    gpu = _on_gpu(t)
+    precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
+    ckpt_dir = out_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
+                           enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
+                           every_n_train_steps=t["checkpoint_every_n_steps"])
+    cbs = [best, last, LearningRateMonitor("step"), *callbacks]
+    if t["progress_bar"]:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every_n_steps"])))
+    if t["early_stopping_patience"]:
+        cbs.append(EarlyStopping(MONITOR, patience=t["early_stopping_patience"], mode="min", check_finite=False))
+    trainer = L.Trainer(
+        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
+        precision=precision, max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
+        val_check_interval=t["val_check_interval"], check_val_every_n_epoch=t["check_val_every_n_epoch"],
+        limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
+        gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,
+        logger=CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]), default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
+        enable_model_summary=False, num_sanity_val_steps=0)
+    return trainer, best
+
+
+def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callbacks=()) -> Path:
+    """Train (or resume, when ``out_dir/checkpoints/last.ckpt`` exists) and return the best
+    checkpoint (lowest validation NME; ``last.ckpt`` when no validation ran).
+
+    ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks).
+    """
+    from .config import save_params
+
+    params = with_defaults(params)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_params(params, out_dir / "params.yaml")
+    if params["trainer"]["num_threads"]:
+        torch.set_num_threads(int(params["trainer"]["num_threads"]))
+    L.seed_everything(params["seed"], workers=True, verbose=False)
+    flame = load_flame_assets(flame_dir(params["data"]))
+    datasets = datasets or make_datasets(params, flame)
+    module = DADModule(params, flame)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if not last.exists() and params["model"]["pose_prior_samples"]:
+        prior = fit_pose_prior(module.model, datasets["train"], params["model"]["pose_prior_samples"],
+                               params["data"]["crop_size"])
+        print(f"pose prior from data: {prior}")
+    loaders = make_loaders(datasets, params)
+    trainer, best = build_trainer(params, out_dir, callbacks)
+    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last if last.exists() else None)
+    return Path(best.best_model_path) if best.best_model_path else last
+
+
+def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a training checkpoint (eval mode) and its params; FLAME is not needed."""
+    ckpt = Path(ckpt)
+    try:
+        data = torch.load(ckpt, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    params = data["hyper_parameters"]["params"]
+    cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS} | {"pretrained_path": None}
+    model = create_model(cfg)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
+    return model.eval(), params
+
+
+def read_metrics(out_dir: str | Path):
+    """All CSV logs of a run as one pandas DataFrame; rows a later (resumed) version re-did are dropped."""
+    import pandas as pd
+
+    versions = sorted((Path(out_dir) / "logs").glob("version_*/metrics.csv"),
+                      key=lambda p: int(p.parent.name.split("_")[1]))
+    frames = [pd.read_csv(p) for p in versions]
+    kept = []
+    for i, df in enumerate(frames):
+        later = [f["step"].min() for f in frames[i + 1:] if len(f)]
+        kept.append(df[df["step"] < min(later)] if later else df)
+    return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import OUTPUTS_DIR
+    from .config import load_params
+
+    ap = argparse.ArgumentParser(prog="python -m dad3dlib train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", required=True, help="params YAML (a complete run's params)")
+    ap.add_argument("--out", default=None, help="run directory (default: outputs/runs/<params name>)")
+    args = ap.parse_args(argv)
+    out = Path(args.out) if args.out else OUTPUTS_DIR / "runs" / Path(args.params).stem
+    best = train(load_params(args.params), out)
+    print(f"best checkpoint: {best}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,254 @@
+"""The four DAD-3DNet losses against hand-computed values, zero at equality, and gradient routing."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dad3dlib.flame import FlameAssets, FlameLayer, FlameModel, FlameTopology, split_3dmm
+from dad3dlib.losses import (DADLoss, adaptive_wing_loss, landmark_loss, normalize_unit_cube,
+                             reprojection_loss, shape_loss, soft_iou_loss)
+
+
+def tiny_flame_assets(n_vertices: int = 30, n_faces: int = 20, seed: int = 0) -> FlameAssets:
+    """A random FLAME-structured model small enough for fast tests (not a head)."""
+    rng = np.random.default_rng(seed)
+    V = n_vertices
+    faces = np.stack([rng.choice(V, 3, replace=False) for _ in range(n_faces)]).astype(np.int64)
+    norm_rows = lambda a: (a / a.sum(-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    model = FlameModel(
+        v_template=rng.uniform(-0.1, 0.1, (V, 3)).astype(np.float32), faces=faces,
+        shapedirs=(rng.standard_normal((V, 3, 400)) * 1e-3).astype(np.float32),
+        posedirs=(rng.standard_normal((V, 3, 36)) * 1e-3).astype(np.float32),
+        J_regressor=norm_rows(rng.uniform(0.1, 1, (5, V))), weights=norm_rows(rng.uniform(0.1, 1, (V, 5))),
+        kintree_table=np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64))
+    topo = FlameTopology(
+        faces=faces, static_face_idx=rng.integers(0, n_faces, 51), static_bary=norm_rows(rng.uniform(0.1, 1, (51, 3))),
+        dynamic_face_idx=rng.integers(0, n_faces, (1, 17)),
+        dynamic_bary=norm_rows(rng.uniform(0.1, 1, (1, 17, 3))),
+        subsets={"face": np.arange(10), "face_w_ears": np.arange(20), "head": np.arange(5, V)})
+    return FlameAssets(topology=topo, model=model, path=None)
+
+
+ALL_ONE = {"face": torch.tensor([0, 1]), "face_w_ears": torch.tensor([0, 1]), "head": torch.tensor([0, 1])}
+WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-computed values
+# --------------------------------------------------------------------------------------------
+def test_normalize_unit_cube_hand_computed():
+    pts = torch.tensor([[[0.0, 0, 0], [2, 4, 6]]])
+    expect = torch.tensor([[[-1 / 3, -2 / 3, -1.0], [1 / 3, 2 / 3, 1.0]]])
+    torch.testing.assert_close(normalize_unit_cube(pts), expect)
+
+
+def test_shape_loss_hand_computed():
+    pred = torch.tensor([[[0.0, 0, 0], [2, 4, 6]]])
+    target = torch.tensor([[[0.0, 0, 0], [2, 4, 3]]])
+    # normalized: pred (±1/3, ±2/3, ±1), target (±1/2, ±1, ±3/4) -> squared errors 1/36, 1/9, 1/16
+    mse = (1 / 36 + 1 / 9 + 1 / 16) / 3
+    expect = (0.5 + 0.75 + 1.0) * mse
+    assert shape_loss(pred, target, ALL_ONE).item() == pytest.approx(expect, rel=1e-6)
+
+
+def test_shape_loss_invariant_to_scale_and_translation():
+    target = torch.randn(2, 30, 3)
+    pred = target * 3.0 + torch.tensor([0.1, -2.0, 5.0])
+    subsets = {"face": torch.arange(10), "face_w_ears": torch.arange(20), "head": torch.arange(5, 30)}
+    assert shape_loss(pred, target, subsets).item() == pytest.approx(0.0, abs=1e-10)
+    assert shape_loss(pred.flip(1), target, subsets).item() > 1e-3
+
+
+def test_reprojection_loss_hand_computed():
+    pred = torch.tensor([[[10.5, 23.0, 7.0], [5.0, 5.0, 1.0]]])   # z is ignored
+    target = torch.tensor([[[10.0, 20.0], [5.0, 5.0]]])
+    subsets = {"face": torch.tensor([0]), "face_w_ears": torch.tensor([0, 1])}
+    # vertex 0: smooth-L1 of 0.5 -> 0.125 (quadratic), of 3 -> 2.5 (linear); vertex 1: 0
+    face = (0.125 + 2.5) / 2
+    face_w_ears = (0.125 + 2.5) / 4
+    assert reprojection_loss(pred, target, subsets).item() == pytest.approx(0.5 * face + 0.5 * face_w_ears)
+
+
+def test_landmark_loss_hand_computed_and_visibility_masked():
+    pred = torch.tensor([[[0.1, 0.2], [0.5, 0.5]]])
+    target = torch.tensor([[[10.0, 40.0], [0.0, 0.0]]])           # crop pixels, S = 100
+    vis = torch.tensor([[1.0, 0.0]])
+    # landmark 0: errors (0, 0.2) -> 0.5*0.04 = 0.02; landmark 1 is invisible
+    assert landmark_loss(pred, target, vis, 100).item() == pytest.approx(0.02 / 4)
+    assert landmark_loss(pred, target, torch.ones(1, 2), 100).item() == pytest.approx((0.02 + 0.25) / 4)
+
+
+def _awing_hand(diff: float, y: float) -> float:
+    alpha, omega, eps, theta = 2.1, 14.0, 1.0, 0.5
+    if diff < theta:
+        return omega * math.log(1 + (diff / eps) ** (alpha - y))
+    a = omega / (1 + (theta / eps) ** (alpha - y)) * (alpha - y) * (theta / eps) ** (alpha - y - 1) / eps
+    c = theta * a - omega * math.log(1 + (theta / eps) ** (alpha - y))
+    return a * diff - c
+
+
+def test_adaptive_wing_hand_computed_with_loss_map():
+    target = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 5)
+    pred = torch.tensor([0.8, 0.3, 0.0, 0.6, 0.3]).view(1, 1, 1, 5)
+    # 3x3 dilation of the foreground (pixel 0) covers pixels 0 and 1: weight 10 + 1 there, 1 elsewhere
+    expect = (11 * _awing_hand(0.2, 1.0) + 11 * _awing_hand(0.3, 0.0) + 0.0
+              + _awing_hand(0.6, 0.0) + _awing_hand(0.3, 0.0)) / 5
+    assert adaptive_wing_loss(pred, target).item() == pytest.approx(expect, rel=1e-5)
+    # 14*ln(1 + 0.3^2.1), worked by hand
+    assert _awing_hand(0.3, 0.0) == pytest.approx(1.0750, abs=1e-3)
+
+
+def test_adaptive_wing_is_continuous_at_theta():
+    target = torch.full((1, 1, 1, 2), 0.3)
+    pred = target + torch.tensor([0.5 - 1e-6, 0.5 + 1e-6]).view(1, 1, 1, 2)
+    a, b = torch.stack([adaptive_wing_loss(pred[..., i:i + 1], target[..., i:i + 1]) for i in range(2)])
+    assert a.item() == pytest.approx(b.item(), abs=1e-3)  # slope ~ 11 * 12, step 2e-6
+
+
+def test_soft_iou_hand_computed():
+    pred = torch.tensor([[0.5, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    target = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).view(1, 1, 2, 2)
+    # intersection 1.5, union 1 + 1 = 2
+    assert soft_iou_loss(pred, target).item() == pytest.approx(0.25, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Zero at equality
+# --------------------------------------------------------------------------------------------
+def test_each_loss_is_zero_when_prediction_equals_target():
+    torch.manual_seed(0)
+    v = torch.randn(2, 30, 3)
+    subsets = {"face": torch.arange(10), "face_w_ears": torch.arange(20), "head": torch.arange(5, 30)}
+    assert shape_loss(v, v, subsets).item() == 0.0
+    assert reprojection_loss(v, v[..., :2], subsets).item() == 0.0
+    lmk = torch.rand(2, 68, 2) * 64
+    assert landmark_loss(lmk / 64, lmk, torch.ones(2, 68), 64).item() == pytest.approx(0.0, abs=1e-12)
+    hm = torch.rand(2, 68, 8, 8)
+    assert adaptive_wing_loss(hm, hm).item() == 0.0
+    binary = (hm > 0.5).float()
+    assert soft_iou_loss(binary, binary).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# DADLoss: weights, skipped terms, gradient routing through FLAME
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad, message", [
+    ({"l3d": -1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0}, "l3d=-1.0"),
+    ({"l3d": 0, "l1": 0, "lproj": 0, "awing": 0}, "all loss weights are 0"),
+    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0}, "missing \\['awing'\\]"),
+    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0, "l5": 1.0}, "unknown \\['l5'\\]"),
+    ({"l3d": float("nan"), "l1": 1.0, "lproj": 1.0, "awing": 1.0}, "finite"),
+])
+def test_dadloss_refuses_bad_weights(bad, message):
+    with pytest.raises(ValueError, match=message):
+        DADLoss(bad, ALL_ONE)
+
+
+def test_dadloss_refuses_unknown_heatmap_loss():
+    with pytest.raises(ValueError, match="unknown heatmap loss 'l2'"):
+        DADLoss(WEIGHTS, ALL_ONE, heatmap_loss="l2")
+
+
+@pytest.fixture(scope="module")
+def flame():
+    return FlameLayer(tiny_flame_assets())
+
+
+def _batch(flame: FlameLayer, S: int = 32, seed: int = 1) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    B = 2
+    gt = torch.cat([torch.randn(B, 403, generator=g) * 0.5,
+                    torch.tensor([1.0, 0, 0, 0, -1, 0, 0.05, -0.02, 0, 6.0]).expand(B, 10)], dim=1)
+    return {"image": torch.zeros(B, 3, S, S), "vertices_model": flame.canonical(gt) - torch.tensor([0, 0, 0.05]),
+            "vertices_crop": flame.reproject(gt, S)[..., :2],
+            "landmarks_2d": torch.rand(B, 68, 2, generator=g) * S, "visibility": torch.ones(B, 68),
+            "heatmaps": torch.rand(B, 68, S // 4, S // 4, generator=g)}
+
+
+def _pred(flame: FlameLayer, S: int = 32) -> tuple[dict, torch.Tensor]:
+    params = torch.cat([torch.randn(2, 403) * 0.5, torch.tensor([0.9, 0.1, 0, 0.1, -1, 0, 0, 0, 0, 5.0]).expand(2, 10)],
+                       dim=1).requires_grad_()
+    canonical = flame.canonical(params)
+    pred = {"vertices_canonical": canonical, "vertices_reprojected": flame.reproject(params, S, canonical),
+            "landmarks_2d": torch.rand(2, 68, 2).requires_grad_(),
+            "heatmaps": torch.randn(2, 68, S // 4, S // 4).requires_grad_()}
+    return pred, params
+
+
+def test_dadloss_sums_weighted_terms_and_skips_zero_weights(flame):
+    torch.manual_seed(0)
+    batch, (pred, _) = _batch(flame), _pred(flame)
+    subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
+    total, terms = DADLoss(WEIGHTS, subsets)(pred, batch)
+    assert set(terms) == {"l3d", "l1", "lproj", "awing"}
+    torch.testing.assert_close(terms["l3d"], 50 * shape_loss(pred["vertices_canonical"], batch["vertices_model"], subsets))
+    torch.testing.assert_close(terms["lproj"],
+                               0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets))
+    torch.testing.assert_close(total, sum(terms.values()))
+    # inactive terms are never computed: their inputs may be absent
+    loss = DADLoss({"l3d": 0, "l1": 1.0, "lproj": 0, "awing": 0}, subsets)
+    assert loss.needs == {"landmarks_2d"}
+    _, terms = loss({"landmarks_2d": pred["landmarks_2d"]}, batch)
+    assert set(terms) == {"l1"}
+
+
+def test_gt_as_prediction_gives_zero_3d_and_projection_terms(flame):
+    batch = _batch(flame)
+    pred = {"vertices_canonical": batch["vertices_model"] + torch.tensor([0, 0, 0.05]),
+            "vertices_reprojected": batch["vertices_crop"]}
+    subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
+    total, _ = DADLoss({"l3d": 1.0, "l1": 0, "lproj": 1.0, "awing": 0}, subsets)(pred, batch)
+    assert total.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def _grads(flame, weights):
+    torch.manual_seed(0)
+    batch, (pred, params) = _batch(flame), _pred(flame)
+    subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
+    total, _ = DADLoss(weights, subsets)(pred, batch)
+    total.backward()
+    return params.grad, pred["landmarks_2d"].grad, pred["heatmaps"].grad
+
+
+def test_no_l3d_gradient_on_shape_when_lambda1_is_zero(flame):
+    only_proj, _, _ = _grads(flame, {"l3d": 0, "l1": 1.0, "lproj": 0.05, "awing": 1.0})
+    both, _, _ = _grads(flame, {"l3d": 50.0, "l1": 1.0, "lproj": 0.05, "awing": 1.0})
+    torch.manual_seed(0)
+    batch, (pred, params) = _batch(flame), _pred(flame)
+    subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
+    (0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets)).backward()
+    shape_expr = slice(0, 400)
+    torch.testing.assert_close(only_proj[:, shape_expr], params.grad[:, shape_expr])  # L_proj's gradient only
+    assert not torch.allclose(both[:, shape_expr], only_proj[:, shape_expr])
+    none, _, _ = _grads(flame, {"l3d": 0, "l1": 1.0, "lproj": 0, "awing": 1.0})
+    assert none is None
+
+
+def test_no_gradient_on_pose_when_lambda3_is_zero(flame):
+    pose = slice(403, 413)
+    g, _, _ = _grads(flame, {"l3d": 50.0, "l1": 1.0, "lproj": 0, "awing": 1.0})
+    assert torch.count_nonzero(g[:, pose]) == 0
+    assert torch.count_nonzero(g[:, :400]) > 0
+    g, _, _ = _grads(flame, {"l3d": 50.0, "l1": 1.0, "lproj": 0.05, "awing": 1.0})
+    assert torch.count_nonzero(g[:, pose]) > 0
+    assert set(split_3dmm(g)) >= {"rot6d", "translation", "scale"}
+
+
+def test_no_gradient_on_landmark_or_heatmap_outputs_without_2d_terms(flame):
+    _, lmk, hm = _grads(flame, {"l3d": 50.0, "l1": 0, "lproj": 0.05, "awing": 0})
+    assert lmk is None and hm is None
+    _, lmk, hm = _grads(flame, WEIGHTS)
+    assert torch.count_nonzero(lmk) > 0 and torch.count_nonzero(hm) > 0
+
+
+@pytest.mark.parametrize("name", ["awing", "soft_iou"])
+def test_heatmap_loss_option_reaches_heatmaps(flame, name):
+    torch.manual_seed(0)
+    batch, (pred, _) = _batch(flame), _pred(flame)
+    subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
+    total, terms = DADLoss({"l3d": 0, "l1": 0, "lproj": 0, "awing": 1.0}, subsets, heatmap_loss=name)(pred, batch)
+    total.backward()
+    assert set(terms) == {"awing"} and torch.count_nonzero(pred["heatmaps"].grad) > 0

@@ -1,0 +1,194 @@
+"""Training: geometry helpers, a smoke run that lowers the loss, resume after a kill, gradient routing."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from dad3dlib.config import run_params
+from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
+                            with_defaults)
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_losses import tiny_flame_assets  # noqa: E402
+
+S = 64
+
+
+class RandomHeads(Dataset):
+    """Samples with every batch key, made from random FLAME parameters of a given FLAME layer; the
+    image is noise with the landmarks drawn in, so that there is something to learn."""
+
+    def __init__(self, flame: FlameLayer, n: int = 32, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        yaw = (torch.rand(n, generator=g) - 0.5) * 1.0
+        c, s = torch.cos(yaw), torch.sin(yaw)
+        z, o = torch.zeros(n), torch.ones(n)
+        R = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, -o, z], -1), torch.stack([s, z, -c], -1)], 1)
+        params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
+                            (torch.rand(n, 2, generator=g) - 0.5) * 0.2, z[:, None],
+                            5 + torch.rand(n, 1, generator=g)], 1)
+        self.params = params
+        with torch.no_grad():
+            verts = flame.reproject(params, S)
+            lmk = flame.landmarks68(verts)[..., :2]
+            model = flame.canonical(params) - torch.tensor([0, 0, 0.05])
+        image = torch.randn(n, 3, S, S, generator=g) * 0.3
+        cells = lmk.long().clamp(0, S - 1)
+        for i in range(n):
+            image[i, :, cells[i, :, 1], cells[i, :, 0]] = 2.0
+        grid = torch.arange(S // 4) + 0.5
+        d2 = (grid[None, None, :, None] - lmk[..., 1, None, None] / 4) ** 2 + \
+             (grid[None, None, None, :] - lmk[..., 0, None, None] / 4) ** 2
+        self.samples = {
+            "image": image, "landmarks_2d": lmk, "visibility": ((lmk > 0) & (lmk < S)).all(-1).float(),
+            "heatmaps": torch.exp(-d2 / (2 * (11 / 6) ** 2)), "vertices_crop": verts[..., :2],
+            "vertices_model": model, "rotation": R, "crop_affine": torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(n, 2, 3),
+            "bbox": torch.tensor([0.0, 0, S, S]).expand(n, 4), "landmarks_2d_image": lmk, "index": torch.arange(n)}
+
+    def __len__(self) -> int:
+        return len(self.samples["index"])
+
+    def __getitem__(self, i: int) -> dict:
+        return {k: v[i] for k, v in self.samples.items()}
+
+
+def tiny_params(flame_path: Path, **trainer) -> dict:
+    """The smoke preset's params on the random data (tiny FLAME, 64 px), one thread."""
+    p = run_params("smoke", "baseline", seed=3)
+    p["data"].update(root=None, crop_size=S, flame_path=str(flame_path))
+    p["model"]["pose_prior_samples"] = 16
+    p["trainer"].update(max_epochs=100, log_every_n_steps=1, progress_bar=False, num_threads=1, **trainer)
+    return p
+
+
+@pytest.fixture(scope="module")
+def flame_dir(tmp_path_factory) -> Path:
+    assets = tiny_flame_assets(n_vertices=60, n_faces=50)
+    return save_flame_assets(assets.model, assets.topology, tmp_path_factory.mktemp("flame"))
+
+
+@pytest.fixture(scope="module")
+def datasets(flame_dir):
+    flame = FlameLayer(load_flame_assets(flame_dir))
+    return {"train": RandomHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+def test_crop_to_image_inverts_the_crop_affine():
+    A = torch.tensor([[[2.0, 0, -10], [0, 2.0, 5]]])
+    pts = torch.tensor([[[3.0, 4.0], [10.0, -2.0]]])
+    crop = pts @ A[:, :, :2].transpose(1, 2) + A[:, None, :, 2]
+    torch.testing.assert_close(crop_to_image(crop, A), pts)
+
+
+def test_fit_weak_perspective_recovers_scale_and_translation(datasets):
+    data, gt = datasets["train"].samples, datasets["train"].params
+    s, t = fit_weak_perspective(data["vertices_model"], data["rotation"], data["vertices_crop"], S)
+    torch.testing.assert_close(s, gt[:, -1] + 1)          # scale stored as s - 1
+    torch.testing.assert_close(t, gt[:, 409:411], atol=1e-5, rtol=0)
+
+
+def test_params_defaults_and_unknown_keys():
+    p = with_defaults({"data": {"root": "x"}})
+    assert p["trainer"]["precision"] == "auto" and p["model"]["encoder"] == "resnet50" and p["data"]["root"] == "x"
+    with pytest.raises(ValueError, match="unknown trainer key"):
+        with_defaults({"trainer": {"max_epoch": 3}})
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient routing through the whole network
+# --------------------------------------------------------------------------------------------
+def test_no_gradient_reaches_landmark_head_without_2d_terms(flame_dir, datasets):
+    params = with_defaults(tiny_params(flame_dir))
+    params["loss"]["lambdas"] = {"l3d": 50.0, "l1": 0.0, "lproj": 0.05, "awing": 0.0}
+    module = DADModule(params)
+    batch = {k: v[:4] for k, v in datasets["train"].samples.items()}
+    module.training_step(batch, 0).backward()
+    assert all(p.grad is None for p in module.model.landmark_head.parameters())
+    assert module.model.pose_head[-1].weight.grad.abs().sum() > 0
+    params["loss"]["lambdas"] = {"l3d": 50.0, "l1": 0.0, "lproj": 0.0, "awing": 0.0}
+    module = DADModule(params)
+    module.training_step(batch, 0).backward()
+    pose_grad = module.model.pose_head[-1].weight.grad
+    assert pose_grad is None or pose_grad.abs().sum() == 0  # L_3D alone never moves the pose
+
+
+# --------------------------------------------------------------------------------------------
+# Training runs
+# --------------------------------------------------------------------------------------------
+def test_smoke_training_lowers_the_loss(tmp_path, flame_dir, datasets):
+    best = train(tiny_params(flame_dir, max_steps=24, check_val_every_n_epoch=2), tmp_path, datasets)
+    assert best.name == "best.ckpt" and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    log = read_metrics(tmp_path)
+    loss = log["train/loss_step"].dropna().to_numpy()
+    assert len(loss) == 24
+    assert loss[-4:].mean() < 0.7 * loss[:4].mean()
+    for term in ("l3d", "l1", "lproj", "awing"):
+        assert log[f"train/{term}_step"].notna().sum() == 24
+    assert log["val/nme"].notna().sum() >= 1 and log["val/angle_error"].notna().sum() >= 1
+    model, params = load_model(best)
+    assert params["model"]["encoder"] == "resnet18" and params["preset"] == "smoke"
+    with torch.no_grad():
+        out = model(datasets["val"].samples["image"][:2])
+    assert out["params_3dmm"].shape == (2, 413) and out["heatmaps"].shape == (2, 68, S // 4, S // 4)
+    ckpt = torch.load(best, weights_only=True)
+    assert not any(k.startswith("flame.") for k in ckpt["state_dict"])  # FLAME is not saved
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import lightning as L
+from dad3dlib.config import run_params
+from dad3dlib.flame import FlameLayer, load_flame_assets
+from dad3dlib.train import train
+from test_train import RandomHeads, tiny_params
+
+class Kill(L.Callback):
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+flame = FlameLayer(load_flame_assets({flame!r}))
+data = {{"train": RandomHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}}
+train(tiny_params({flame!r}, max_steps=6, checkpoint_every_n_steps=2), {out!r}, data, callbacks=[Kill()])
+"""
+
+
+class StartStep(L.Callback):
+    """Records the global step at which fit starts (after any checkpoint restore)."""
+
+    start = None
+
+    def on_train_start(self, trainer, module):
+        self.start = trainer.global_step
+
+
+def test_killed_run_resumes_at_the_saved_step(tmp_path, flame_dir, datasets):
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), flame=str(flame_dir), out=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 2
+    start = StartStep()
+    train(tiny_params(flame_dir, max_steps=6, checkpoint_every_n_steps=2), tmp_path, datasets, callbacks=[start])
+    assert start.start == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    steps = read_metrics(tmp_path)["train/loss_step"].dropna()
+    assert len(steps) == 6  # steps 0-1 from the killed run, 2-5 from the resumed one
+    assert math.isfinite(float(steps.iloc[-1]))
+    assert np.isfinite(steps.to_numpy()).all()
