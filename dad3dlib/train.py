@@ -279,8 +279,10 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
     ckpt_dir = out_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                            enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0,
-                           every_n_train_steps=t["checkpoint_every_n_steps"])
+    # "last.ckpt" = the top-1 checkpoint by step: written after every validation (and every
+    # checkpoint_every_n_steps steps), unlike save_last, which only follows saved top-k files.
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
+                           every_n_train_steps=t["checkpoint_every_n_steps"], enable_version_counter=False)
     cbs = [best, last, LearningRateMonitor("step"), *callbacks]
     if t["progress_bar"]:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every_n_steps"])))

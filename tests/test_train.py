@@ -159,12 +159,12 @@ from test_train import RandomHeads, tiny_params
 
 class Kill(L.Callback):
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 3:
+        if trainer.global_step == 5:  # after the epoch-end checkpoint at step 4 (4 steps per epoch)
             os.kill(os.getpid(), signal.SIGKILL)
 
 flame = FlameLayer(load_flame_assets({flame!r}))
 data = {{"train": RandomHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}}
-train(tiny_params({flame!r}, max_steps=6, checkpoint_every_n_steps=2), {out!r}, data, callbacks=[Kill()])
+train(tiny_params({flame!r}, max_steps=8), {out!r}, data, callbacks=[Kill()])
 """
 
 
@@ -183,12 +183,12 @@ def test_killed_run_resumes_at_the_saved_step(tmp_path, flame_dir, datasets):
                           timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 2
+    assert torch.load(last, weights_only=True)["global_step"] == 4
     start = StartStep()
-    train(tiny_params(flame_dir, max_steps=6, checkpoint_every_n_steps=2), tmp_path, datasets, callbacks=[start])
-    assert start.start == 2
-    assert torch.load(last, weights_only=True)["global_step"] == 6
+    train(tiny_params(flame_dir, max_steps=8), tmp_path, datasets, callbacks=[start])
+    assert start.start == 4
+    assert torch.load(last, weights_only=True)["global_step"] == 8
     steps = read_metrics(tmp_path)["train/loss_step"].dropna()
-    assert len(steps) == 6  # steps 0-1 from the killed run, 2-5 from the resumed one
+    assert len(steps) == 8  # steps 0-3 from the killed run, 4-7 from the resumed one
     assert math.isfinite(float(steps.iloc[-1]))
     assert np.isfinite(steps.to_numpy()).all()
