@@ -127,7 +127,7 @@ def load_params(path: str | Path) -> dict:
 
 def training_fingerprint(params: dict) -> str:
     """A short hash of everything that changes what a run trains (not its name)."""
-    keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "study")}
+    keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study")}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

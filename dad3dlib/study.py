@@ -123,11 +123,39 @@ def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     return path
 
 
+def recorded_fingerprint(run_dir: Path) -> str | None:
+    """The training fingerprint a run directory was started with (provenance.json, else metrics.json)."""
+    for name in ("provenance.json", "metrics.json"):
+        try:
+            return json.loads((run_dir / name).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
+
+
+def retire_stale(run_dir: Path, run: Run) -> Path | None:
+    """Move a run directory that was trained with other params (the preset or ablation changed
+    since) to ``<run>.stale-<old fingerprint>[-k]`` so that the run starts afresh instead of
+    resuming an incompatible checkpoint; nothing is deleted. Returns the new path, if moved."""
+    old = recorded_fingerprint(run_dir)
+    if old is None or old == run.fingerprint:
+        return None
+    target, k = run_dir.with_name(f"{run.name}.stale-{old}"), 1
+    while target.exists():
+        k += 1
+        target = run_dir.with_name(f"{run.name}.stale-{old}-{k}")
+    run_dir.rename(target)
+    print(f"{run_dir}: trained with other params (fingerprint {old}, now {run.fingerprint}); "
+          f"moved to {target.name}, starting afresh", file=sys.stderr)
+    return target
+
+
 def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None) -> dict:
     """Execute the ablation notebook for one run; never raises (failures are recorded)."""
     import papermill as pm
 
     run_dir = study_dir / "runs" / run.name
+    retire_stale(run_dir, run)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_params(run.params, run_dir / "params.yaml")
     (run_dir / "error.json").unlink(missing_ok=True)
@@ -184,6 +212,14 @@ def _failed_cell(nb_path: Path) -> int | None:
     return None
 
 
+def study_jobs(params: dict, jobs: int | None = None) -> int:
+    """Concurrent runs: ``jobs`` when given, else the preset's ``study.jobs``, else 1."""
+    value = jobs if jobs is not None else (params.get("study") or {}).get("jobs") or 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ParamsError(f"jobs must be a positive integer, got {value!r} (--jobs or the preset's study.jobs)")
+    return value
+
+
 def devices_for(jobs: int) -> list[str]:
     """One device string per concurrent job: a GPU each when there are GPUs, else the CPU."""
     try:
@@ -237,16 +273,21 @@ def aggregate(study_dir: Path) -> Path:
     return report
 
 
-def run_study(preset: str, out: Path, seeds: int = 1, jobs: int = 1, ablations: list[str] | None = None,
+def run_study(preset: str, out: Path, seeds: int = 1, jobs: int | None = None, ablations: list[str] | None = None,
               overrides: dict | None = None) -> dict:
-    """Plan, execute (skipping finished runs), aggregate. Returns the study record."""
+    """Plan, execute (skipping finished runs), aggregate. Returns the study record.
+
+    ``jobs``: concurrent runs; None takes the preset's ``study.jobs`` (default 1). On a CPU the
+    cores are shared out between the jobs (``trainer.num_threads`` = cores // jobs)."""
     from tqdm.auto import tqdm
 
+    started = time.time()
     ablations = ablations or default_ablations()
     out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
     runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(runs[0].params)
+    jobs = study_jobs(runs[0].params, jobs)
     record = {"preset": preset, "ablations": ablations, "seeds": seeds,
               "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
                         "fingerprint": r.fingerprint} for r in runs]}
@@ -273,7 +314,9 @@ def run_study(preset: str, out: Path, seeds: int = 1, jobs: int = 1, ablations: 
         print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",
               file=sys.stderr)
     report = aggregate(out)
-    record.update(failed=[r["run"] for r in failed], report=str(report))
+    record.update(failed=[r["run"] for r in failed], report=str(report), jobs=jobs,
+                  skipped=[r.name for r in runs if r not in todo],
+                  wall_time_s=round(time.time() - started, 1))  # this invocation: data, runs, report
     write_json(out / "study.json", record)
     return record
 
@@ -288,7 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="cpu", help=f"one of {available('presets')} or a YAML path")
     ap.add_argument("--out", type=Path, required=True, help="study directory")
     ap.add_argument("--seeds", type=int, default=1, help="seeds 1..K per ablation")
-    ap.add_argument("--jobs", type=int, default=1, help="concurrent runs (one per GPU when there are GPUs)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="concurrent runs (one per GPU when there are GPUs; on a CPU the cores are shared "
+                         "out); default: the preset's study.jobs, else 1")
     ap.add_argument("--ablations", help=f"comma-separated subset of {available('ablations')}")
     ap.add_argument("--data", help="data root (the directory holding DAD-3DHeadsDataset/); default: the preset's")
     ap.add_argument("--flame-assets", help="FLAME-format directory; default: the synthetic head")
@@ -301,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = deep_merge(overrides, {"data": {"flame_path": str(Path(args.flame_assets).resolve())}})
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
     try:
-        record = run_study(args.preset, args.out, args.seeds, max(1, args.jobs), ablations, overrides)
+        record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides)
     except (ParamsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ Params (plain nested data; every key but ``data.root`` has a default, see ``DEFA
     loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
     data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
               skip_bad: false}
-    optim:   {lr: 1.0e-4, weight_decay: 0, plateau_patience: 10, plateau_factor: 0.5, min_lr: 1.0e-7}
+    optim:   {lr: 1.0e-4, weight_decay: 0, schedule: plateau, plateau_patience: 10, plateau_factor: 0.5,
+              min_lr: 1.0e-7, warmup_fraction: 0.1}
     trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
               devices: auto, num_nodes: 1, strategy: auto, val_check_interval: null,
               check_val_every_n_epoch: 1, limit_val_batches: null, log_every_n_steps: 10,
@@ -23,6 +24,9 @@ a head at the right size and place. ``data.root``: absolute, relative to the wor
 else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
+``optim.schedule``: ``plateau`` (the reference: ReduceLROnPlateau on validation NME, per epoch) or
+``onecycle`` (warm-up over ``warmup_fraction`` of the run to ``lr``, then cosine decay to ~0 at the
+last step; for fixed step budgets such as the cpu preset).
 ``precision: auto`` is bf16-mixed on GPU and 32-true on CPU; FLAME and the losses always run in fp32.
 
 Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
@@ -68,7 +72,8 @@ DEFAULTS: dict = {
     "loss": {"lambdas": {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
              "augment": True, "skip_bad": False},
-    "optim": {"lr": 1e-4, "weight_decay": 0.0, "plateau_patience": 10, "plateau_factor": 0.5, "min_lr": 1e-7},
+    "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
+              "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
     "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
                 "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
                 "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
@@ -92,6 +97,8 @@ def with_defaults(params: dict) -> dict:
         if unknown:
             raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
         out[section] = {**copy.deepcopy(defaults), **given}
+    if out["optim"]["schedule"] not in SCHEDULES:
+        raise ValueError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(SCHEDULES)})")
     return out
 
 
@@ -207,10 +214,23 @@ class DADModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.hparams["params"]["optim"]
         opt = torch.optim.Adam(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o["plateau_factor"],
-                                                           patience=o["plateau_patience"], min_lr=o["min_lr"])
-        return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": sched, "monitor": MONITOR, "interval": "epoch", "strict": False}}
+        return {"optimizer": opt, "lr_scheduler": SCHEDULES[o["schedule"]](opt, o, self.trainer)}
+
+
+def _plateau(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o["plateau_factor"],
+                                                       patience=o["plateau_patience"], min_lr=o["min_lr"])
+    return {"scheduler": sched, "monitor": MONITOR, "interval": "epoch", "strict": False}
+
+
+def _onecycle(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
+    total = int(trainer.estimated_stepping_batches)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(total, 1),
+                                                pct_start=o["warmup_fraction"], anneal_strategy="cos")
+    return {"scheduler": sched, "interval": "step"}
+
+
+SCHEDULES = {"plateau": _plateau, "onecycle": _onecycle}
 
 
 def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:

@@ -66,3 +66,29 @@ def test_study_cli_reports_bad_input(tmp_path, capsys):
     assert "unknown ablation 'bogus'" in capsys.readouterr().err
     assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_concurrent_jobs_come_from_the_flag_else_the_preset():
+    cpu, smoke = config.run_params("cpu"), config.run_params("smoke")
+    assert study.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
+    assert study.study_jobs(smoke) == 1 and study.study_jobs(cpu, 3) == 3
+    with pytest.raises(ParamsError, match="jobs must be a positive integer, got 0"):
+        study.study_jobs(cpu, 0)
+    with pytest.raises(ParamsError, match="got 'two'"):
+        study.study_jobs({"study": {"jobs": "two"}})
+
+
+def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
+    run = study.plan_runs("smoke", ["baseline"], seeds=[1])[0]
+    run_dir = tmp_path / "runs" / run.name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("an older model")
+    study.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
+    moved = study.retire_stale(run_dir, run)
+    assert moved == tmp_path / "runs" / f"{run.name}.stale-0123abcd"
+    assert not run_dir.exists() and (moved / "checkpoints" / "last.ckpt").read_text() == "an older model"
+    run_dir.mkdir()
+    study.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
+    assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
+    study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
+    assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"

@@ -148,6 +148,25 @@ def test_smoke_training_lowers_the_loss(tmp_path, flame_dir, datasets):
     assert not any(k.startswith("flame.") for k in ckpt["state_dict"])  # FLAME is not saved
 
 
+def test_onecycle_schedule_warms_up_then_decays_to_zero(tmp_path, flame_dir, datasets):
+    params = tiny_params(flame_dir, max_steps=12)
+    params["optim"].update(schedule="onecycle", lr=1e-3, warmup_fraction=0.25)
+    train(params, tmp_path, datasets)
+    lr = read_metrics(tmp_path)["lr-Adam"].dropna().to_numpy()
+    assert len(lr) == 12
+    peak = int(lr.argmax())
+    assert 2 <= peak <= 4 and lr[peak] == pytest.approx(1e-3, rel=0.05)  # warm-up: 25 % of 12 steps
+    assert lr[0] < 0.1 * lr[peak] and lr[-1] < 0.02 * lr[peak]
+    assert np.all(np.diff(lr[peak:]) <= 0)
+
+
+def test_unknown_schedule_is_refused(flame_dir):
+    params = tiny_params(flame_dir)
+    params["optim"]["schedule"] = "cosine_restarts"
+    with pytest.raises(ValueError, match="unknown optim.schedule 'cosine_restarts'"):
+        with_defaults(params)
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
