@@ -126,8 +126,12 @@ def load_params(path: str | Path) -> dict:
 
 
 def training_fingerprint(params: dict) -> str:
-    """A short hash of everything that changes what a run trains (not its name)."""
+    """A short hash of everything that changes what a run trains (not its name). Data under
+    outputs/ counts by its path relative to outputs/, so a moved checkout keeps its finished runs."""
     keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study")}
+    root = (keep.get("data") or {}).get("root")
+    if root and Path(root).is_absolute() and Path(root).is_relative_to(OUTPUTS_DIR):
+        keep["data"] = {**keep["data"], "root": str(Path(root).relative_to(OUTPUTS_DIR))}
     return hashlib.sha1(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

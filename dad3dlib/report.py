@@ -107,6 +107,24 @@ def paired_deltas(per_sample: pd.DataFrame, baseline: str = "baseline") -> pd.Da
     return pd.DataFrame(rows)
 
 
+def format_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired_deltas` as one row per ablation and one labelled column per metric, each cell
+    'Δ (p=…)': the signed mean difference and its p-value ('identical' when every difference is 0)."""
+    if deltas.empty:
+        return pd.DataFrame()
+
+    def cell(r) -> str:
+        if not np.isfinite(r.p_value):
+            return "identical" if r.delta == 0 else f"{r.delta:+.3g}"
+        return f"{r.delta:+.{3 if r.metric.startswith('z5') else 2}f} (p={r.p_value:.1g})"
+
+    table = deltas.assign(cell=[cell(r) for r in deltas.itertuples()]).pivot(
+        index="ablation", columns="metric", values="cell")
+    table = table.reindex(index=list(dict.fromkeys(deltas.ablation)),
+                          columns=[k for k in METRICS if k in table.columns])
+    return table.rename(columns={k: label for k, (label, _) in METRICS.items()}).rename_axis(columns=None)
+
+
 def write_summary(study_dir: str | Path) -> Path:
     """``summary.csv``: per ablation, the six metrics (mean ± CI over seeds), deltas vs baseline and p-values."""
     study_dir = Path(study_dir)

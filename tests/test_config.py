@@ -92,3 +92,16 @@ def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
     assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
     study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
     assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
+
+
+def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, tmp_path):
+    params = config.run_params("smoke")
+    before = config.training_fingerprint(params)
+    assert config.training_fingerprint(config.deep_merge(params, {"description": "reworded"})) == before
+    moved = tmp_path / "elsewhere" / "outputs"
+    monkeypatch.setattr(config, "OUTPUTS_DIR", moved)
+    params_moved = config.run_params("smoke")
+    assert params_moved["data"]["root"] == str(moved / "data" / "smoke")
+    assert config.training_fingerprint(params_moved) == before
+    other = config.deep_merge(params_moved, {"data": {"root": str(tmp_path / "real_data")}})
+    assert config.training_fingerprint(other) != before
