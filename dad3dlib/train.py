@@ -319,6 +319,28 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
     return trainer, best
 
 
+RESUME_MUST_MATCH = ("model", "loss", "optim")  # sections a resumed run cannot change
+
+
+def check_resumable(out_dir: Path, params: dict) -> None:
+    """Refuse to resume ``out_dir`` with params whose network, losses or optimiser differ from the
+    ones it was started with (its ``params.yaml``): the checkpoint would not fit, or would silently
+    continue another experiment. Trainer settings (devices, threads, more epochs) may change."""
+    from .config import ParamsError, load_params
+
+    try:
+        before = with_defaults(load_params(out_dir / "params.yaml"))
+    except (ParamsError, ValueError):
+        return  # no readable record of the first start: nothing to compare with
+    changed = [f"{section}.{k}" for section in RESUME_MUST_MATCH
+               for k in sorted(set(before[section]) | set(params[section]))
+               if before[section].get(k) != params[section].get(k)]
+    if changed:
+        raise ValueError(f"{out_dir}: holds a run started with other params ({', '.join(changed)} differ from "
+                         f"{out_dir / 'params.yaml'}); it cannot be resumed with these. Use another output "
+                         "directory, or delete this one to start afresh")
+
+
 def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callbacks=()) -> Path:
     """Train (or resume, when ``out_dir/checkpoints/last.ckpt`` exists) and return the best
     checkpoint (lowest validation NME; ``last.ckpt`` when no validation ran).
@@ -330,6 +352,9 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     params = with_defaults(params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    last = out_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        check_resumable(out_dir, params)
     save_params(params, out_dir / "params.yaml")
     if params["trainer"]["num_threads"]:
         torch.set_num_threads(int(params["trainer"]["num_threads"]))
@@ -337,7 +362,6 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     flame = load_flame_assets(flame_dir(params["data"]))
     datasets = datasets or make_datasets(params, flame)
     module = DADModule(params, flame)
-    last = out_dir / "checkpoints" / "last.ckpt"
     if not last.exists() and params["model"]["pose_prior_samples"]:
         prior = fit_pose_prior(module.model, datasets["train"], params["model"]["pose_prior_samples"],
                                params["data"]["crop_size"])

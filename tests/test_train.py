@@ -211,3 +211,17 @@ def test_killed_run_resumes_at_the_saved_step(tmp_path, flame_dir, datasets):
     assert len(steps) == 8  # steps 0-3 from the killed run, 4-7 from the resumed one
     assert math.isfinite(float(steps.iloc[-1]))
     assert np.isfinite(steps.to_numpy()).all()
+
+
+def test_resuming_with_another_network_or_loss_is_refused(tmp_path, flame_dir, datasets):
+    train(tiny_params(flame_dir, max_steps=2), tmp_path, datasets)
+    other = tiny_params(flame_dir, max_steps=4)
+    other["model"]["hidden"] = 32
+    other["loss"]["lambdas"]["lproj"] = 0.5
+    with pytest.raises(ValueError, match=r"model.hidden, loss.lambdas differ"):
+        train(other, tmp_path, datasets)
+    more = tiny_params(flame_dir, max_steps=4)  # more steps, other threads: still a resume
+    more["trainer"]["num_threads"] = 2
+    train(more, tmp_path, datasets)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
