@@ -214,7 +214,7 @@ def _failed_cell(nb_path: Path) -> int | None:
 
 def study_jobs(params: dict, jobs: int | None = None) -> int:
     """Concurrent runs: ``jobs`` when given, else the preset's ``study.jobs``, else 1."""
-    value = jobs if jobs is not None else (params.get("study") or {}).get("jobs") or 1
+    value = jobs if jobs is not None else (params.get("study") or {}).get("jobs", 1)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ParamsError(f"jobs must be a positive integer, got {value!r} (--jobs or the preset's study.jobs)")
     return value

@@ -50,6 +50,7 @@ import argparse
 import copy
 import datetime
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -224,8 +225,10 @@ def _plateau(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
 
 
 def _onecycle(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
-    total = int(trainer.estimated_stepping_batches)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(total, 1),
+    total = trainer.estimated_stepping_batches
+    if not math.isfinite(total):
+        raise ValueError("params: optim.schedule 'onecycle' needs a bounded run (trainer.max_steps or max_epochs)")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(int(total), 1),
                                                 pct_start=o["warmup_fraction"], anneal_strategy="cos")
     return {"scheduler": sched, "interval": "step"}
 

@@ -76,6 +76,8 @@ def test_concurrent_jobs_come_from_the_flag_else_the_preset():
         study.study_jobs(cpu, 0)
     with pytest.raises(ParamsError, match="got 'two'"):
         study.study_jobs({"study": {"jobs": "two"}})
+    with pytest.raises(ParamsError, match="got 0"):
+        study.study_jobs({"study": {"jobs": 0}})
 
 
 def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
