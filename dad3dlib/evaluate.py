@@ -29,8 +29,10 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .benchmark import write_json_atomic
-from .flame import ALIGN7, FlameLayer, landmarks_from_vertices, load_flame_assets, rot6d_to_matrix, split_3dmm
-from .train import crop_to_image, data_root, flame_dir, load_model, with_defaults
+from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
+                    load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
+from .model import FRONTAL_ROT6D
+from .train import crop_to_image, data_root, fit_weak_perspective, flame_dir, load_model, with_defaults
 
 Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
@@ -55,9 +57,16 @@ def predict_batch(model: nn.Module, layer: FlameLayer, image: Tensor, crop_affin
     pixels, x right, y down, depth in pixels growing away from the camera), landmarks_2d_image
     [B,68,2], rotation [B,3,3]
     """
-    params = model(image)["params_3dmm"].float()
-    canonical = layer.canonical(params)
-    crop = layer.reproject(params, image.shape[-1], canonical)
+    return mesh_views(layer, model(image)["params_3dmm"].float(), image.shape[-1], crop_affine)
+
+
+def mesh_views(layer: FlameLayer, params: Tensor, crop_size: int, crop_affine: Tensor,
+               canonical: Tensor | None = None) -> dict[str, Tensor]:
+    """What a 3DMM vector predicts, as :func:`predict_batch` returns it; ``canonical`` [B,V,3]
+    replaces the mesh of the vector's shape/expression/jaw (the reference predictors place a
+    ground-truth mesh with it).  params [B,413], crop_affine [B,2,3] -> predict_batch's dict"""
+    canonical = layer.canonical(params) if canonical is None else canonical
+    crop = layer.reproject(params, crop_size, canonical)
     xy = crop_to_image(crop[..., :2], crop_affine)
     on_image = torch.cat([xy, crop[..., 2:] / crop_affine[:, 0, 0, None, None]], dim=-1)
     return {"params_3dmm": params, "vertices_canonical": canonical, "vertices_image": on_image,
@@ -132,27 +141,36 @@ def aggregate(df, distances: np.ndarray) -> dict:
 
 def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 16, device: str = "cpu",
              refine_iters: int = 0, num_workers: int = 0) -> tuple:
-    """Score a model (or a checkpoint path) on a dataset with annotations.
+    """Score a model (or a checkpoint path) on a dataset with annotations: :func:`evaluate_predictor`
+    with the network's predictions."""
+    dev = resolve_device(device)
+    model = _as_model(model_or_ckpt).to(dev).eval()
+    layer = flame_layer.to(dev).eval()
+    return evaluate_predictor(lambda b: predict_batch(model, layer, b["image"].to(dev), b["crop_affine"].to(dev)),
+                              dataset, layer, batch_size, refine_iters, num_workers)
 
-    dataset: a DAD3DHeadsDataset (or anything with its batch keys and ``items``) -> (per-sample
-    DataFrame: item_id, one column per attribute, METRIC_COLUMNS; the aggregate dict, see
-    :func:`aggregate`; arrays for predictions.npz: item_id, params_3dmm, crop_affine,
-    landmarks_2d_image, crop_size, vertex_error_mm [V] (face-region mean, NaN elsewhere)).
+
+def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 16, refine_iters: int = 0,
+                       num_workers: int = 0, desc: str = "evaluate") -> tuple:
+    """Score any predictor on a dataset with annotations.
+
+    predictor: batch -> predict_batch's dict; dataset: a DAD3DHeadsDataset (or anything with its
+    batch keys and ``items``) -> (per-sample DataFrame: item_id, one column per attribute,
+    METRIC_COLUMNS; the aggregate dict, see :func:`aggregate`; arrays for predictions.npz:
+    item_id, params_3dmm, crop_affine, landmarks_2d_image, crop_size, vertex_error_mm [V]
+    (face-region mean, NaN elsewhere)).
     """
     import pandas as pd
     from tqdm import tqdm
 
-    dev = resolve_device(device)
-    model = _as_model(model_or_ckpt).to(dev).eval()
-    layer = flame_layer.to(dev).eval()
     topo = Topology(layer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
-    for batch in tqdm(loader, desc="evaluate", unit="batch", disable=len(loader) < 2):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=len(loader) < 2):
         crop_size = batch["image"].shape[-1]
-        pred = predict_batch(model, layer, batch["image"].to(dev), batch["crop_affine"].to(dev))
-        pred = {k: v.cpu() for k, v in pred.items()}
+        with torch.no_grad():
+            pred = {k: v.cpu() for k, v in predictor(batch).items()}
         values, d = sample_metrics(pred, batch, topo, refine_iters)
         for j, i in enumerate(batch["index"].tolist()):
             item = dataset.items[i]
@@ -172,6 +190,72 @@ def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 
     arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
               "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
     return df, aggregate(df, distances), arrays
+
+
+# --------------------------------------------------------------------------------------------
+# Reference predictors: what trivial or perfect predictions score with the same metrics
+# --------------------------------------------------------------------------------------------
+REFERENCES = {  # name: (ground-truth mesh?, ground-truth pose?, one sentence for the report)
+    "constant": (False, False, "the mean head (zero shape, expression and jaw), frontal, at the training "
+                 "split's median scale and position: what a network that ignores the image scores"),
+    "shape_blind": (False, True, "the mean head under the ground-truth rotation and the best weak-perspective "
+                    "scale and translation of the ground truth: perfect pose, no knowledge of shape"),
+    "pose_blind": (True, False, "the ground-truth mesh (shape, expression, jaw) at the constant predictor's "
+                   "pose: perfect shape, no knowledge of pose"),
+    "camera_floor": (True, True, "the ground-truth mesh under the ground-truth rotation and its best "
+                     "weak-perspective scale and translation: what a perfect network scores under "
+                     "DAD-3DNet's camera model"),
+}
+
+
+def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer, prior: dict) -> dict[str, Tensor]:
+    """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
+
+    batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], crop_affine [B,2,3],
+    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`train.pose_prior`)
+    -> predict_batch's dict
+    """
+    gt_mesh, gt_pose = REFERENCES[name][:2]
+    verts = batch["vertices_model"].float()
+    B, S = len(verts), batch["image"].shape[-1]
+    if gt_pose:
+        R = batch["rotation"].float()
+        scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), S)
+        rot6d = matrix_to_rot6d(R)
+    else:
+        rot6d = torch.tensor(FRONTAL_ROT6D).expand(B, 6)
+        scale, trans = torch.full((B,), float(prior["scale"])), torch.tensor([prior["tx"], prior["ty"]]).expand(B, 2)
+    zeros = verts.new_zeros
+    params = pack_3dmm(zeros(B, N_SHAPE), zeros(B, N_EXPR), zeros(B, N_JAW), rot6d,
+                       torch.cat([trans, zeros(B, 1)], -1), (scale - 1)[:, None])
+    canonical = verts + verts.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET]) if gt_mesh else None
+    return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
+
+
+def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", names=tuple(REFERENCES)) -> dict:
+    """Evaluate the reference predictors on ``split`` of a run's data, the pose prior fitted as
+    training fits it (``model.pose_prior_samples`` training samples). Writes
+    ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
+    description, the prior and the data it was measured on); returns {name: aggregate}."""
+    from .train import make_datasets, pose_prior
+
+    params = with_defaults(params)
+    d = params["data"]
+    dataset, assets = _split_dataset(params, split)
+    prior = pose_prior(make_datasets(params, assets)["train"], params["model"]["pose_prior_samples"] or 64,
+                       d["crop_size"])
+    layer = FlameLayer(assets).eval()
+    out, results = Path(out_dir), {}
+    for name in names:
+        df, agg, _ = evaluate_predictor(lambda b, n=name: reference_prediction(n, b, layer, prior), dataset, layer,
+                                        d["batch_size"], desc=f"reference {name}")
+        _atomic_bytes(out / name / "per_sample.csv", df.to_csv(index=False).encode())
+        write_json_atomic(out / name / "metrics.json", {**agg, "reference": name})
+        results[name] = agg
+    write_json_atomic(out / "references.json",
+                      {"descriptions": {n: REFERENCES[n][2] for n in names}, "split": split, "prior": prior,
+                       "data_root": str(data_root(d)), "crop_size": d["crop_size"]})
+    return results
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:

@@ -2,7 +2,11 @@
 
     L = λ1·L_3D + λ2·L_1 + λ3·L_proj + λ4·L_heatmap   (weights keys: l3d, l1, lproj, awing)
 
-A term whose weight is 0 is not computed at all. ``awing`` is λ4 for whichever heatmap loss is
+A term whose weight is 0 is not computed at all. Terms measured in pixels (L_proj here, the
+heatmap targets' Gaussian in data.py) use the units of the reference recipe's 256-px crop
+(:data:`REFERENCE_CROP`), so that a run at any crop size weighs its terms as a 256-px run does:
+at 64 px a geometric error of one crop pixel counts as 4 reference pixels. L_1 (crop fractions) and
+L_3D (unit cube) do not depend on the crop size. ``awing`` is λ4 for whichever heatmap loss is
 chosen (Adaptive Wing by default, soft-IoU as an option).
 
 Shapes: B batch, V vertices, K = 68 landmarks, S crop side, H×W heatmap size (S/4).
@@ -18,6 +22,7 @@ from torch import Tensor, nn
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
 TERMS = ("l3d", "l1", "lproj", "awing")
+REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj and the heatmap geometry
 DEFAULT_WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
 
 
@@ -50,15 +55,20 @@ def shape_loss(pred: Tensor, target: Tensor, subsets: dict[str, Tensor],
 # L_proj
 # --------------------------------------------------------------------------------------------
 def reprojection_loss(pred: Tensor, target: Tensor, subsets: dict[str, Tensor],
-                      subset_weights: dict[str, float] = LPROJ_SUBSET_WEIGHTS) -> Tensor:
-    """L_proj: sum over subsets of weight · smooth-L1 (mean) between crop-pixel positions.
+                      subset_weights: dict[str, float] = LPROJ_SUBSET_WEIGHTS,
+                      crop_size: float = REFERENCE_CROP) -> Tensor:
+    """L_proj: sum over subsets of weight · smooth-L1 (mean) between vertex positions measured in
+    pixels of a :data:`REFERENCE_CROP` crop (crop pixels × REFERENCE_CROP / ``crop_size``; a
+    256-px crop is unchanged).
 
-    pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels -> scalar
+    pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels,
+    crop_size S of both -> scalar
     """
+    k = REFERENCE_CROP / crop_size
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
         idx = subsets[name]
-        total = total + w * F.smooth_l1_loss(pred[:, idx, :2], target[:, idx, :2])
+        total = total + w * F.smooth_l1_loss(pred[:, idx, :2] * k, target[:, idx, :2] * k)
     return total
 
 
@@ -166,7 +176,7 @@ class DADLoss(nn.Module):
     _TERMS = {
         "l3d": lambda self, p, b: shape_loss(p["vertices_canonical"].float(), b["vertices_model"], self.subsets),
         "lproj": lambda self, p, b: reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"],
-                                                      self.subsets),
+                                                      self.subsets, crop_size=b["image"].shape[-1]),
         "l1": lambda self, p, b: landmark_loss(p["landmarks_2d"].float(), b["landmarks_2d"], b["visibility"],
                                                b["image"].shape[-1]),
         "awing": lambda self, p, b: self.heatmap_loss(torch.sigmoid(p["heatmaps"].float()), b["heatmaps"]),

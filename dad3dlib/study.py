@@ -116,9 +116,17 @@ def on_device(params: dict, device: str = "auto", num_threads: int | None = None
 
 
 def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
-    """A run's ``metrics.json`` (atomic), stamped with the fingerprint of the params it came from."""
+    """A run's ``metrics.json`` (atomic), stamped with the fingerprint of the params it came from,
+    the precision it trained in and the checkpoint it was evaluated on (step, why; from the run's
+    training.json)."""
+    from .train import TRAINING_RECORD
+
     path = Path(run_dir) / "metrics.json"
-    write_json(path, {**metrics, "ablation": params["ablation"], "seed": params["seed"],
+    try:
+        training = json.loads((Path(run_dir) / TRAINING_RECORD).read_text())
+    except (OSError, ValueError):
+        training = {}
+    write_json(path, {**metrics, **training, "ablation": params["ablation"], "seed": params["seed"],
                       "fingerprint": training_fingerprint(params)})
     return path
 
@@ -252,6 +260,28 @@ def ensure_data(params: dict) -> Path:
     return root
 
 
+REFERENCES_DIR = "references"
+
+
+def ensure_references(params: dict, study_dir: Path) -> Path:
+    """The reference predictors (evaluate.REFERENCES) scored on the study's test split, in
+    ``study_dir/references/``; skipped when already measured on the same data, crop and prior."""
+    from .evaluate import evaluate_references
+
+    out = study_dir / REFERENCES_DIR
+    key = {"data": training_fingerprint({"data": params["data"]}), "pose_prior_samples":
+           (params.get("model") or {}).get("pose_prior_samples")}
+    try:
+        if json.loads((out / "references.json").read_text()).get("key") == key:
+            return out
+    except (OSError, ValueError):
+        pass
+    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out)
+    record = json.loads((out / "references.json").read_text())
+    write_json(out / "references.json", {**record, "key": key})
+    return out
+
+
 def aggregate(study_dir: Path) -> Path:
     """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
     import nbformat
@@ -304,11 +334,16 @@ def run_study(preset: str, out: Path, seeds: int = 1, jobs: int | None = None, a
         futures = {pool.submit(execute_run, r, out, devices[i % jobs],
                                cpu_threads if devices[i % jobs] == "cpu" else None): r
                    for i, r in enumerate(todo)}
+        references = pool.submit(ensure_references, runs[0].params, out)  # beside the last run
         for f in as_completed(futures):
             res = f.result()
             results.append(res)
             bar.set_postfix_str(f"{res['run']}: {res['status']}")
             bar.update()
+        try:
+            references.result()
+        except Exception as e:  # the runs stand without them; the report says they are missing
+            print(f"reference predictors failed: {type(e).__name__}: {e}", file=sys.stderr)
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",

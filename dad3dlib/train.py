@@ -179,9 +179,12 @@ class DADModule(L.LightningModule):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
 
+    def on_fit_start(self) -> None:
+        self.model.to(memory_format=torch.channels_last)  # faster convolutions, bf16 above all
+
     def _predict(self, batch: dict, needs: set[str]) -> dict[str, Tensor]:
         """Network outputs plus the FLAME views in ``needs`` (fp32, outside autocast)."""
-        out = self.model(batch["image"])
+        out = self.model(batch["image"].contiguous(memory_format=torch.channels_last))
         with torch.autocast(self.device.type, enabled=False):
             params = out["params_3dmm"].float()
             pred = {**out, "params_3dmm": params}
@@ -269,16 +272,24 @@ def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.Dat
 
 
 @torch.no_grad()
-def fit_pose_prior(model: nn.Module, dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
-    """Set the pose head's bias to the median weak-perspective scale and translation of the first
-    ``n`` samples (rotation stays frontal). Returns {"scale", "tx", "ty"}."""
+def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
+    """The median weak-perspective scale and translation of the first ``n`` samples of a dataset
+    (their ground truth fitted by :func:`fit_weak_perspective`): {"scale", "tx", "ty"}."""
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     stack = lambda k: torch.stack([torch.as_tensor(it[k]) for it in items]).float()  # noqa: E731
     s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)
     scale, trans = s.median(), t.median(0).values
-    rot6d = model.pose_head[-1].bias[:6].clone()
-    model.set_pose_prior(rot6d, trans, float(scale))
     return {"scale": float(scale), "tx": float(trans[0]), "ty": float(trans[1])}
+
+
+@torch.no_grad()
+def fit_pose_prior(model: nn.Module, dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
+    """Set the pose head's bias to :func:`pose_prior` of the first ``n`` samples (rotation stays
+    frontal). Returns the prior."""
+    prior = pose_prior(dataset, n, crop_size)
+    rot6d = model.pose_head[-1].bias[:6].clone()
+    model.set_pose_prior(rot6d, torch.tensor([prior["tx"], prior["ty"]]), prior["scale"])
+    return prior
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,11 +305,28 @@ def _on_gpu(t: dict) -> bool:
     return t["accelerator"] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (e.g. AVX512-BF16, AMX); elsewhere autocast
+    emulates it and is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(t: dict) -> str:
+    """``trainer.precision``; ``auto``: bf16-mixed on a GPU and on a CPU with native bfloat16, else
+    32-true. The network runs in the chosen precision; FLAME and the losses always in fp32."""
+    if t["precision"] != "auto":
+        return str(t["precision"])
+    return "bf16-mixed" if _on_gpu(t) or cpu_has_native_bf16() else "32-true"
+
+
 def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning Trainer of the trainer section; returns it and the best-checkpoint callback."""
     t = params["trainer"]
     gpu = _on_gpu(t)
-    precision = t["precision"] if t["precision"] != "auto" else ("bf16-mixed" if gpu else "32-true")
+    precision = resolve_precision(t)
     ckpt_dir = out_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                            enable_version_counter=False)
@@ -345,8 +373,9 @@ def check_resumable(out_dir: Path, params: dict) -> None:
 
 
 def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callbacks=()) -> Path:
-    """Train (or resume, when ``out_dir/checkpoints/last.ckpt`` exists) and return the best
-    checkpoint (lowest validation NME; ``last.ckpt`` when no validation ran).
+    """Train (or resume, when ``out_dir/checkpoints/last.ckpt`` exists) and return the checkpoint
+    to evaluate (:func:`evaluation_checkpoint`: the last step for one-cycle, the lowest validation
+    NME for plateau), recorded with the precision used in ``out_dir/training.json``.
 
     ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks).
     """
@@ -372,7 +401,37 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     loaders = make_loaders(datasets, params)
     trainer, best = build_trainer(params, out_dir, callbacks)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last if last.exists() else None)
-    return Path(best.best_model_path) if best.best_model_path else last
+    chosen, why = evaluation_checkpoint(params, out_dir)
+    record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
+              "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why}}
+    from .benchmark import write_json_atomic
+
+    write_json_atomic(out_dir / TRAINING_RECORD, record)
+    return chosen
+
+
+TRAINING_RECORD = "training.json"  # precision used, the checkpoint to evaluate (step, why)
+CHECKPOINT_POLICY = {  # schedule -> (checkpoint file, why)
+    "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
+    "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),
+}
+
+
+def evaluation_checkpoint(params: dict, out_dir: Path) -> tuple[Path, str]:
+    """The checkpoint a run is evaluated on, by its schedule (:data:`CHECKPOINT_POLICY`), and why;
+    ``last.ckpt`` when the policy's file does not exist (no validation ran)."""
+    name, why = CHECKPOINT_POLICY[params["optim"]["schedule"]]
+    path = out_dir / "checkpoints" / name
+    if not path.exists():
+        path, why = out_dir / "checkpoints" / "last.ckpt", f"{why}; no {name} was written, so the last step"
+    return path, why
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
 
 
 def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:

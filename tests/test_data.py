@@ -114,16 +114,28 @@ def test_warp_crop_pixel_convention():
 
 
 def test_heatmaps_follow_the_reference_coder():
-    pts = np.array([[41.0, 22.7], [10.0, 10.0], [200.0, 5.0]])
+    pts = np.array([[82.0, 45.4], [20.0, 20.0], [400.0, 10.0]])
     vis = np.array([1.0, 0.0, 1.0])
-    hm = gaussian_heatmaps(pts, vis, 128)
-    assert hm.shape == (3, 32, 32) and hm.dtype == np.float32
-    assert np.unravel_index(hm[0].argmax(), hm[0].shape) == (5, 10) and hm[0].max() == pytest.approx(1.0)
+    hm = gaussian_heatmaps(pts, vis, 256)  # the reference crop: radius 5 cells, sigma 11/6
+    assert hm.shape == (3, 64, 64) and hm.dtype == np.float32
+    assert np.unravel_index(hm[0].argmax(), hm[0].shape) == (11, 20) and hm[0].max() == pytest.approx(1.0)
     sigma = 11 / 6
-    assert hm[0, 5, 11] == pytest.approx(math.exp(-1 / (2 * sigma**2)), rel=1e-5)
-    assert hm[0, 5, 15] > 0 and hm[0, 5, 16] == 0 and hm[0, 11, 10] == 0  # radius 5 window
+    assert hm[0, 11, 21] == pytest.approx(math.exp(-1 / (2 * sigma**2)), rel=1e-5)
+    assert hm[0, 11, 25] > 0 and hm[0, 11, 26] == 0 and hm[0, 17, 20] == 0  # radius 5 window
     assert hm[1].max() == 0 and hm[2].max() == 0  # invisible; outside the map
-    torch.testing.assert_close(gaussian_heatmaps(torch.tensor(pts), torch.tensor(vis), 128), torch.from_numpy(hm))
+    torch.testing.assert_close(gaussian_heatmaps(torch.tensor(pts), torch.tensor(vis), 256), torch.from_numpy(hm))
+
+
+def test_heatmap_geometry_is_in_reference_crop_units():
+    """At 64 px a landmark covers the fraction of the map it covers at 256 px: radius 1.25 cells,
+    sigma 11/24 cells (not the 256-px radius of 5 cells on a 16x16 map)."""
+    hm = gaussian_heatmaps(np.array([[30.0, 30.0]]), np.ones(1), 64)[0]  # cell (7, 7) of 16x16
+    sigma = 11 / 24
+    assert hm[7, 7] == pytest.approx(1.0)
+    assert hm[7, 8] == pytest.approx(math.exp(-1 / (2 * sigma**2)), rel=1e-5)
+    assert (hm > 0).sum() == 9 and hm[7, 9] == 0  # |d| <= 1.25 cells: a 3x3 window
+    big = gaussian_heatmaps(np.array([[120.0, 120.0]]), np.ones(1), 256)[0]
+    assert (big > 0).mean() == pytest.approx(121 / 4096) and (hm > 0).mean() < 0.04
 
 
 def test_visibility_is_zero_outside_the_crop(root, assets):

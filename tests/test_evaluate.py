@@ -46,6 +46,7 @@ class HeadsFromParams(Dataset):
         with torch.no_grad():
             self.vertices = layer.vertices(p["shape"], p["expression"], p["jaw"])
             crop = layer.reproject(params, S)
+        self.crop = crop[..., :2]
         self.R = rot6d_to_matrix(p["rot6d"])
         self.A = torch.tensor([[2.0, 0, -20], [0, 2.0, -20]]).expand(len(params), 2, 3)
         self.image_vertices = torch.cat([(crop[..., :2] + 20) / 2, crop[..., 2:] / 2], -1)
@@ -61,6 +62,7 @@ class HeadsFromParams(Dataset):
         image = torch.zeros(3, S, S)
         image[0, 0, 0] = i
         return {"image": image, "crop_affine": self.A[i], "vertices_model": self.vertices[i], "rotation": self.R[i],
+                "vertices_crop": self.crop[i],
                 "landmarks_2d_image": self.lmk[i], "bbox": torch.cat([lo, hi - lo]), "index": torch.tensor(i)}
 
 
@@ -117,6 +119,30 @@ def test_shape_error_in_millimetres(setup):
     assert 0.2 < agg["mean_mm"] < 20 and df["median_mm"].min() > 0.05
     assert agg["mean_mm"] == pytest.approx(df["mean_mm"].mean(), rel=1e-6)  # same point count per sample
     assert np.nanmean(arrays["vertex_error_mm"]) == pytest.approx(agg["mean_mm"], rel=1e-6)
+
+
+def test_reference_predictors_known_answers(setup):
+    """On data whose camera is exactly weak-perspective, the camera floor (GT mesh, GT pose) is
+    perfect; the shape-blind predictor has the constant's mesh error and no pose error; the
+    pose-blind one has no mesh error and the constant's pose error (frontal vs GT rotation)."""
+    from dad3dlib.metrics import angle_error_deg
+    from dad3dlib.model import FRONTAL_ROT6D
+
+    layer, params, data = setup
+    prior = {"scale": 4.5, "tx": 0.02, "ty": -0.01}
+    res = {n: E.evaluate_predictor(lambda b, n=n: E.reference_prediction(n, b, layer, prior), data, layer, 5)[0]
+           for n in E.REFERENCES}
+    floor, const, sblind, pblind = (res[n] for n in ("camera_floor", "constant", "shape_blind", "pose_blind"))
+    for m in ("nme_reprojection", "angle_error_deg", "median_mm", "mean_mm"):
+        assert floor[m].abs().max() < 1e-3, m
+    assert floor["z5_accuracy"].min() == 1.0
+    frontal = rot6d_to_matrix(torch.tensor(FRONTAL_ROT6D)).expand(5, 3, 3)
+    np.testing.assert_allclose(const["angle_error_deg"], angle_error_deg(frontal, data.R).numpy(), atol=1e-3)
+    np.testing.assert_allclose(pblind["angle_error_deg"], const["angle_error_deg"], atol=1e-6)
+    assert sblind["angle_error_deg"].max() < 1e-3 and pblind["mean_mm"].max() < 1e-3
+    np.testing.assert_allclose(sblind["mean_mm"], const["mean_mm"], rtol=1e-5)
+    assert const["mean_mm"].min() > 0.1 and (const["nme_reprojection"] > 1).all()
+    assert (sblind["nme_reprojection"] > 0.1).all() and (pblind["nme_reprojection"] > 1).all()
 
 
 def test_save_evaluation_writes_atomically(setup, tmp_path):

@@ -72,6 +72,20 @@ def test_reprojection_loss_hand_computed():
     assert reprojection_loss(pred, target, subsets).item() == pytest.approx(0.5 * face + 0.5 * face_w_ears)
 
 
+def test_reprojection_loss_is_in_reference_crop_pixels():
+    """A 64-px run measures L_proj in 256-px units: the same geometric error as at 256 px gives the
+    same loss; at 256 px (the default) nothing changes."""
+    torch.manual_seed(0)
+    subsets = {"face": torch.arange(5), "face_w_ears": torch.arange(10)}
+    target = torch.rand(2, 10, 2) * 64
+    pred = target + torch.randn(2, 10, 2) * 0.6  # both zones of smooth-L1 once scaled
+    at64 = reprojection_loss(pred, target, subsets, crop_size=64)
+    at256 = reprojection_loss(pred * 4, target * 4, subsets, crop_size=256)
+    assert at64.item() == pytest.approx(at256.item(), rel=1e-6)
+    assert reprojection_loss(pred * 4, target * 4, subsets).item() == at256.item()
+    assert at64.item() > 3 * reprojection_loss(pred, target, subsets).item()  # not the crop-pixel loss
+
+
 def test_landmark_loss_hand_computed_and_visibility_masked():
     pred = torch.tensor([[[0.1, 0.2], [0.5, 0.5]]])
     target = torch.tensor([[[10.0, 40.0], [0.0, 0.0]]])           # crop pixels, S = 100
@@ -186,7 +200,8 @@ def test_dadloss_sums_weighted_terms_and_skips_zero_weights(flame):
     assert set(terms) == {"l3d", "l1", "lproj", "awing"}
     torch.testing.assert_close(terms["l3d"], 50 * shape_loss(pred["vertices_canonical"], batch["vertices_model"], subsets))
     torch.testing.assert_close(terms["lproj"],
-                               0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets))
+                               0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets,
+                                                        crop_size=32))
     torch.testing.assert_close(total, sum(terms.values()))
     # inactive terms are never computed: their inputs may be absent
     loss = DADLoss({"l3d": 0, "l1": 1.0, "lproj": 0, "awing": 0}, subsets)
@@ -219,7 +234,7 @@ def test_no_l3d_gradient_on_shape_when_lambda1_is_zero(flame):
     torch.manual_seed(0)
     batch, (pred, params) = _batch(flame), _pred(flame)
     subsets = {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}
-    (0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets)).backward()
+    (0.05 * reprojection_loss(pred["vertices_reprojected"], batch["vertices_crop"], subsets, crop_size=32)).backward()
     shape_expr = slice(0, 400)
     torch.testing.assert_close(only_proj[:, shape_expr], params.grad[:, shape_expr])  # L_proj's gradient only
     assert not torch.allclose(both[:, shape_expr], only_proj[:, shape_expr])
