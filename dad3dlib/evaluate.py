@@ -29,8 +29,9 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .benchmark import write_json_atomic
+from .data import data_root, flame_dir
 from .flame import ALIGN7, FlameLayer, landmarks_from_vertices, load_flame_assets, rot6d_to_matrix, split_3dmm
-from .train import crop_to_image, data_root, flame_dir, load_model, with_defaults
+from .train import crop_to_image, load_model, with_defaults
 
 Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n

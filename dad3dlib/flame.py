@@ -245,12 +245,12 @@ def _load_faces_pt(path: Path) -> np.ndarray:
     return np.asarray(faces, dtype=np.int64)
 
 
-def default_flame_dir() -> Path:
-    """The project's synthetic head (FLAME formats), generated on first use."""
+def default_flame_dir(make: bool = True) -> Path:
+    """The project's synthetic head (FLAME formats), generated on first use (``make``)."""
     from . import OUTPUTS_DIR
 
     out = OUTPUTS_DIR / "flame_synthetic"
-    if not (out / MODEL_FILE).exists():
+    if make and not (out / MODEL_FILE).exists():
         from .synthetic_head import make_head
 
         make_head(out, seed=0)
