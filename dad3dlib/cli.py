@@ -11,7 +11,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
     "make-head": ("dad3dlib.synthetic_head", "write the synthetic FLAME-format head model"),
-    "show-head": ("dad3dlib.viz", "render the synthetic head and random variations to a PNG"),
+    "show-head": ("dad3dlib.viz", "render a head model (the synthetic one by default) and variations to a PNG"),
     "make-data": ("dad3dlib.synthetic_data", "render a synthetic DAD-3DHeads-format data set"),
     "show-data": ("dad3dlib.viz", "a grid of data samples with overlays and loader crops"),
     "train": ("dad3dlib.train", "train DAD-3DNet from a params file"),

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
-from .flame import FlameAssets, FlameTopology
+from .flame import MODEL_FILE, FlameAssets, FlameTopology
 from .losses import REFERENCE_CROP
 from .render import project
 
@@ -173,6 +174,39 @@ def dataset_dir(root: str | Path) -> Path:
     return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
 
 
+def data_root(data: dict) -> Path:
+    """``data.root`` as given when absolute or existing, else under outputs/ (where the study's
+    presets keep generated data)."""
+    from . import OUTPUTS_DIR
+
+    if not data.get("root"):
+        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
+    root = Path(data["root"]).expanduser()
+    return root if root.is_absolute() or root.exists() else OUTPUTS_DIR / root
+
+
+def flame_dir(data: dict) -> Path | None:
+    """The FLAME directory of a data section ({root, flame_path}): ``flame_path``, else the one
+    recorded in the data set's ``make_data.json`` (data made by ``make-data``), else None (the
+    project's synthetic head). Every reader of a data set takes its FLAME directory from here."""
+    if data.get("flame_path"):
+        return Path(data["flame_path"])
+    if not data.get("root"):
+        return None
+    record = dataset_dir(data_root(data)).parent / "make_data.json"
+    if not record.is_file():
+        return None
+    try:
+        path = Path(json.loads(record.read_text())["flame_assets"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{record}: no readable FLAME directory in it ({type(e).__name__}: {e})") from e
+    model = path / MODEL_FILE
+    if model.is_file() and model.stat().st_mtime > record.stat().st_mtime:
+        warnings.warn(f"{model} is newer than the data set made with it ({record}): if the model changed, "
+                      "its annotations no longer match; regenerate the data")
+    return path
+
+
 def read_split(path: Path) -> list[dict]:
     """The split file: a JSON list of objects with at least ``item_id`` and ``bbox``."""
     if not path.is_file():
@@ -207,8 +241,9 @@ def _resolve(ds: Path, split: str, rel: str | None, default: str) -> Path:
     return ds / split / default
 
 
-def read_annotation(path: Path, n_vertices: int) -> dict[str, np.ndarray]:
-    """vertices [V,3] float32, model_view_matrix / projection_matrix [4,4] float64, validated."""
+def read_annotation(path: Path, n_vertices: int | None) -> dict[str, np.ndarray]:
+    """vertices [V,3] float32, model_view_matrix / projection_matrix [4,4] float64, validated
+    (n_vertices None: any V)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: annotation not found")
     try:
@@ -230,6 +265,8 @@ def read_annotation(path: Path, n_vertices: int) -> dict[str, np.ndarray]:
             arr = np.asarray(raw[key], dtype=np.float64)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from e
+        if n_vertices is None and key == "vertices" and arr.ndim == 2:
+            shape = (len(arr), 3)
         if arr.shape != shape:
             what = "vertex count" if key == "vertices" and arr.ndim == 2 and arr.shape[1] == 3 else "shape"
             raise ValueError(f"{path}: '{key}' has {what} {arr.shape}, expected {shape}")
@@ -311,9 +348,24 @@ def _cache_key(split_file: Path, files, topology: FlameTopology, annotations: bo
     return h.hexdigest()
 
 
+def _check_vertex_count(ds: Path, annotation: Path, n_vertices: int, flame: Path | None) -> None:
+    """One line naming the data and the FLAME directory (``flame``; None: a topology given directly)
+    when the data's meshes (read from one annotation) have another vertex count than the FLAME model,
+    i.e. the data were made with another FLAME model. A broken annotation is left to the item checks."""
+    try:
+        n = len(read_annotation(annotation, None)["vertices"])
+    except (ValueError, FileNotFoundError):
+        return
+    if n != n_vertices:
+        raise ValueError(f"{ds}: the data's meshes have {n} vertices but the FLAME model "
+                         f"{f'in {flame}' if flame else 'given'} has {n_vertices}: use the FLAME directory the "
+                         "data were made with (--flame-assets, data.flame_path)")
+
+
 def build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
-                cache_dir: Path | None) -> SplitIndex:
-    """Validate a split and load (or build) its cache. cache_dir None: no cache, arrays in memory."""
+                cache_dir: Path | None, flame_dir: Path | None = None) -> SplitIndex:
+    """Validate a split and load (or build) its cache. cache_dir None: no cache, arrays in memory.
+    flame_dir: where ``topology`` comes from, for the messages."""
     split_file = ds / split / f"{split}.json"
     entries = read_split(split_file)
     files = _files(ds, split, entries, annotations)
@@ -323,6 +375,8 @@ def build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool
         cached = _load_cache(cache_dir / key, ds, split, entries, files, skip_bad)
         if cached is not None:
             return cached
+    if annotations and files:
+        _check_vertex_count(ds, files[0][1], n_vert, flame_dir)
 
     kept, skipped, sizes, arrays = [], [], [], {k: [] for k in ("vertices", "model_view", "projection", "landmarks")}
     from tqdm import tqdm
@@ -427,13 +481,17 @@ class DAD3DHeadsDataset(Dataset):
         self.annotations = (self.ds / split / "annotations").is_dir() if annotations is None else annotations
         self.cached = cache
         self.n_vertices = int(self.topology.faces.max()) + 1
+        flame_path = flame.path if isinstance(flame, FlameAssets) else None
         if cache:
             cache_path = Path(cache_dir) if cache_dir is not None else _cache_root() / hashlib.sha1(
                 str((self.ds / split).resolve()).encode()).hexdigest()[:16]
-            self.index = build_index(self.ds, split, self.topology, self.annotations, skip_bad, cache_path)
+            self.index = build_index(self.ds, split, self.topology, self.annotations, skip_bad, cache_path,
+                                     flame_path)
         else:
             entries = read_split(self.ds / split / f"{split}.json")
             files = _files(self.ds, split, entries, self.annotations)
+            if self.annotations and files:
+                _check_vertex_count(self.ds, files[0][1], self.n_vertices, flame_path)
             self.index = SplitIndex(entries, [f[0] for f in files], np.zeros((0, 2), np.int64),
                                     None, None, None, None, skipped=[])
             self._annotation_files = [f[1] for f in files]

@@ -29,10 +29,11 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .benchmark import write_json_atomic
+from .data import data_root, flame_dir
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
                     load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
 from .model import FRONTAL_ROT6D
-from .train import crop_to_image, data_root, fit_weak_perspective, flame_dir, load_model, with_defaults
+from .train import crop_to_image, fit_weak_perspective, load_model, with_defaults
 
 Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n

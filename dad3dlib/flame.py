@@ -8,6 +8,10 @@ Shapes: B batch, V vertices (5023 on FLAME), F faces, L landmarks.
 """
 from __future__ import annotations
 
+import builtins
+import codecs
+import collections
+import copyreg
 import io
 import pickle
 from dataclasses import dataclass
@@ -45,33 +49,38 @@ class _ChumpyStub:
         self.__dict__.update(state if isinstance(state, dict) else {"state": state})
 
 
-def _sparse_class(name: str):
-    import scipy.sparse
-
-    return getattr(scipy.sparse, name)
-
-
-_ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor"),
-    ("builtins", "object"), ("__builtin__", "object"), ("collections", "OrderedDict"),
-    ("_codecs", "encode"),  # how protocol-2 pickles store bytes
+# Every global a FLAME-asset pickle may name, as exact (module, name) pairs, and the object each
+# stands for. Nothing named in a pickle is imported or looked up by attribute: numpy 1 / numpy 2
+# module paths and Python 2 / 3 builtins map to objects of modules imported here.
+_ALLOWED: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    **{(m, n): getattr(np._core.multiarray, n)  # arrays (protocols 0-4), numpy scalars
+       for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")},
+    **{(m, "_frombuffer"): np._core.numeric._frombuffer  # arrays, protocol 5
+       for m in ("numpy.core.numeric", "numpy._core.numeric")},
+    **{(m, "_reconstructor"): copyreg._reconstructor for m in ("copyreg", "copy_reg")},
+    **{(m, n): getattr(builtins, n)  # set: the state of a chumpy Ch (_dirty_vars)
+       for m in ("builtins", "__builtin__") for n in ("object", "set")},
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): codecs.encode,  # how protocol-2 pickles store bytes
+    ("chumpy.ch", "Ch"): _ChumpyStub,
 }
-_SPARSE = {"csc_matrix", "csr_matrix", "coo_matrix"}
+# scipy sparse matrices (scipy.sparse.csc in the published files, scipy.sparse._csc today) -> class name
+_SPARSE = {(f"scipy.sparse{sep}{k}", f"{k}_matrix"): f"{k}_matrix"
+           for k in ("csc", "csr", "coo") for sep in (".", "._")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    """Resolves only the exact pairs of ``_ALLOWED`` and ``_SPARSE``; anything else (a dotted
+    name, any other module) is refused before anything is imported."""
+
     def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
-            return super().find_class(module, name)
-        if module.startswith("numpy") and name.startswith("dtype"):  # numpy.dtypes.Float64DType
-            return super().find_class(module, name)
-        if module.startswith("scipy.sparse") and name in _SPARSE:
-            return _sparse_class(name)
-        if module.split(".")[0] == "chumpy":
-            return _ChumpyStub
+            return _ALLOWED[module, name]
+        if (module, name) in _SPARSE:
+            import scipy.sparse
+
+            return getattr(scipy.sparse, _SPARSE[module, name])
         raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed")
 
 
@@ -236,12 +245,12 @@ def _load_faces_pt(path: Path) -> np.ndarray:
     return np.asarray(faces, dtype=np.int64)
 
 
-def default_flame_dir() -> Path:
-    """The project's synthetic head (FLAME formats), generated on first use."""
+def default_flame_dir(make: bool = True) -> Path:
+    """The project's synthetic head (FLAME formats), generated on first use (``make``)."""
     from . import OUTPUTS_DIR
 
     out = OUTPUTS_DIR / "flame_synthetic"
-    if not (out / MODEL_FILE).exists():
+    if make and not (out / MODEL_FILE).exists():
         from .synthetic_head import make_head
 
         make_head(out, seed=0)

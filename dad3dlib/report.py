@@ -285,7 +285,7 @@ def _run_dirs(study_dir: Path) -> dict[str, Path]:
 def _run_context(run_dir: Path):
     """(params, FlameLayer, predictions dict) of a finished run."""
     from .config import load_params
-    from .train import flame_dir
+    from .data import flame_dir
 
     params = load_params(run_dir / "params.yaml")
     layer = _layer(flame_dir(params["data"]))
@@ -334,14 +334,13 @@ _DATASETS: dict = {}
 
 
 def _dataset(root: str, split: str, crop_size: int, data: dict):
-    from .data import DAD3DHeadsDataset
+    from .data import DAD3DHeadsDataset, flame_dir
     from .flame import load_flame_assets
-    from .train import flame_dir
 
     key = (root, split)
     if key not in _DATASETS:
-        topo = load_flame_assets(flame_dir(data), require_model=False).topology
-        _DATASETS[key] = DAD3DHeadsDataset(root, split, crop_size, topo, skip_bad=data.get("skip_bad", False))
+        assets = load_flame_assets(flame_dir(data), require_model=False)
+        _DATASETS[key] = DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=data.get("skip_bad", False))
     return _DATASETS[key]
 
 

@@ -49,9 +49,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -60,6 +58,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 
+from .data import DAD3DHeadsDataset, data_root, flame_dir
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
@@ -135,33 +134,6 @@ def _non_persistent(module: nn.Module) -> nn.Module:
     for m in module.modules():
         m._non_persistent_buffers_set.update(m._buffers)
     return module
-
-
-def data_root(data: dict) -> Path:
-    """``data.root`` as given when absolute or existing, else under outputs/ (where the study's
-    presets keep generated data)."""
-    from . import OUTPUTS_DIR
-
-    if not data.get("root"):
-        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
-    root = Path(data["root"]).expanduser()
-    return root if root.is_absolute() or root.exists() else OUTPUTS_DIR / root
-
-
-def flame_dir(data: dict) -> Path | None:
-    """FLAME assets for a data section: ``flame_path``, else the data set's make_data.json record,
-    else None (the synthetic head)."""
-    if data.get("flame_path"):
-        return Path(data["flame_path"])
-    record = data_root(data) / "make_data.json" if data.get("root") else None
-    if record is None or not record.is_file():
-        return None
-    path = Path(json.loads(record.read_text())["flame_assets"])
-    model = path / "generic_model.pkl"
-    if model.is_file() and model.stat().st_mtime > record.stat().st_mtime:
-        warnings.warn(f"{model} is newer than the data set made with it ({record}): if the model changed, "
-                      "its annotations no longer match; regenerate the data")
-    return path
 
 
 class DADModule(L.LightningModule):
@@ -253,8 +225,6 @@ def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tenso
 # --------------------------------------------------------------------------------------------
 def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, torch.utils.data.Dataset]:
     """{"train", "val"} datasets of the data section (dad3dlib.data)."""
-    from .data import DAD3DHeadsDataset
-
     d = params["data"]
     root = data_root(d)
     flame = flame or load_flame_assets(flame_dir(d))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -68,6 +69,15 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+def head_title(assets) -> str:
+    """What a head model is: the project's synthetic head, or the FLAME-format model of a directory."""
+    from .flame import default_flame_dir
+
+    if assets.path is not None and Path(assets.path).resolve() == default_flame_dir(make=False).resolve():
+        return "synthetic FLAME-compatible head"
+    return f"FLAME-format head model: {assets.path}"
+
+
 def show_head(assets, out_png: str | Path, seed: int = 0, tile: int = 160, columns: int = 6) -> Path:
     """The mean head from the front, at 3/4 and in profile, then rows of random identities
     (β ~ N(0,1)), random expressions (ψ ~ N(0,1)) of one identity, and jaw openings from 0 to
@@ -107,7 +117,7 @@ def show_head(assets, out_png: str | Path, seed: int = 0, tile: int = 160, colum
         "jaw opening 0 to 0.4 rad (pitch)": mesh(
             np.repeat(shapes[1:2], n, 0), zeros(N_EXPR), np.stack([np.linspace(0, 0.4, n), np.zeros(n), np.zeros(n)], 1)),
     }
-    parts = [title_bar("synthetic FLAME-compatible head", tile * n), np.concatenate(top, 1)]
+    parts = [title_bar(head_title(assets), tile * n), np.concatenate(top, 1)]
     for title, verts in rows.items():
         tiles = []
         for i, v in enumerate(verts):
@@ -129,7 +139,11 @@ def main_show_head(argv: list[str] | None = None) -> int:
                     help="FLAME-format directory (default: the project's synthetic head)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    out = show_head(load_flame_assets(args.flame_assets), args.out, args.seed)
+    try:
+        out = show_head(load_flame_assets(args.flame_assets), args.out, args.seed)
+    except ValueError as e:  # FlameFormatError: one line naming the file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 
@@ -185,14 +199,15 @@ def show_data(data: str | Path, out: str | Path, split: str = "train", n: int = 
               flame_assets: str | Path | None = None, seed: int = 0, columns: int = 4,
               cache_dir: str | Path | None = None) -> Path:
     """Write a grid of ``n`` samples: [image + projected mesh + GT landmarks + bbox | loader crop
-    (training augmentation) + crop landmarks + heatmap maxima] per sample. cache_dir: the loader's
+    (training augmentation) + crop landmarks + heatmap maxima] per sample. flame_assets None: the
+    FLAME directory the data were made with (else the synthetic head); cache_dir: the loader's
     cache (None: its default)."""
     import torch
 
-    from .data import DAD3DHeadsDataset, apply_affine, denormalize_image, read_image
+    from .data import DAD3DHeadsDataset, apply_affine, denormalize_image, flame_dir, read_image
     from .flame import load_flame_assets
 
-    assets = load_flame_assets(flame_assets, require_model=False)
+    assets = load_flame_assets(flame_dir({"root": data, "flame_path": flame_assets}), require_model=False)
     ds = DAD3DHeadsDataset(data, split, crop_size, assets, train=True, augment=True, cache_dir=cache_dir)
     edges = _edges(assets.topology.faces)
     rng = np.random.default_rng(seed)
@@ -232,9 +247,14 @@ def main_show_data(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="train")
     ap.add_argument("-n", type=int, default=12, help="number of samples")
     ap.add_argument("--crop-size", type=int, default=128)
-    ap.add_argument("--flame-assets", default=None, help="FLAME-format directory (default: the synthetic head)")
+    ap.add_argument("--flame-assets", default=None,
+                    help="FLAME-format directory (default: the one the data were made with, else the synthetic head)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    out = show_data(args.data, args.out, args.split, args.n, args.crop_size, args.flame_assets, args.seed)
+    try:
+        out = show_data(args.data, args.out, args.split, args.n, args.crop_size, args.flame_assets, args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0

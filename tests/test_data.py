@@ -292,3 +292,73 @@ def test_show_data_writes_the_grid(root, tmp_path):
     out = show_data(root, tmp_path / "grid.png", n=3, crop_size=64, columns=2, cache_dir=tmp_path / "cache")
     w, h = Image.open(out).size
     assert (w, h) == (2 * (2 * PANEL + 4), 2 * (PANEL + 4))
+
+
+# --------------------------------------------------------------------------------------------
+# Data made with another FLAME directory
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def other_flame(tmp_path_factory):
+    """(data made with --flame-assets DIR, DIR): a tiny FLAME model of 60 vertices."""
+    from test_losses import tiny_flame_assets
+
+    from dad3dlib.flame import save_flame_assets
+
+    tmp = tmp_path_factory.mktemp("other_flame")
+    assets = tiny_flame_assets(n_vertices=60, n_faces=50)
+    flame = save_flame_assets(assets.model, assets.topology, tmp / "flame")
+    make_data(tmp / "d", {"splits": {"train": 3, "val": 1}, "image_sizes": [[96, 96]]}, flame_assets=flame, seed=1,
+              workers=1)
+    return tmp / "d", flame
+
+
+def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, tmp_path, monkeypatch):
+    from dad3dlib import report, viz
+    from dad3dlib.evaluate import _split_dataset
+    from dad3dlib.train import make_datasets, with_defaults
+
+    root, flame = other_flame
+    monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
+    assert viz.main_show_data(["--data", str(root), "--out", str(tmp_path / "g.png"), "-n", "2"]) == 0
+    assert data.flame_dir({"root": str(root)}) == flame == data.flame_dir({"root": str(root / data.DATASET_DIR)})
+    assert data.flame_dir({"root": str(root), "flame_path": "/else"}) == type(flame)("/else")
+    params = with_defaults({"data": {"root": str(root), "crop_size": 64}})
+    for ds in [_split_dataset(params, "train")[0], make_datasets(params)["train"],
+               report._dataset(str(root), "train", 64, params["data"])]:
+        assert ds.n_vertices == 60 and len(ds) == 3
+
+
+def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
+    shutil.copytree(other_flame[0], tmp_path / "d")
+    (tmp_path / "d/make_data.json").write_text("{")
+    with pytest.raises(ValueError, match=r"d/make_data\.json: no readable FLAME directory"):
+        data.flame_dir({"root": str(tmp_path / "d")})
+
+
+def test_flame_vertex_count_mismatch_is_one_line(other_flame, tmp_path, capsys, monkeypatch):
+    from test_losses import tiny_flame_assets
+
+    from dad3dlib.flame import save_flame_assets
+    from dad3dlib.viz import main_show_data
+
+    root, _ = other_flame
+    small = tiny_flame_assets(n_vertices=45, n_faces=40)
+    wrong = save_flame_assets(small.model, small.topology, tmp_path / "wrong")
+    monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
+    assert main_show_data(["--data", str(root), "--out", str(tmp_path / "g.png"), "--flame-assets", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err == (f"error: {root / data.DATASET_DIR}: the data's meshes have 60 vertices but the FLAME model in "
+                   f"{wrong} has 45: use the FLAME directory the data were made with (--flame-assets, "
+                   "data.flame_path)")
+    for kw in ({"skip_bad": True}, {"cache": False}):  # a data-set problem, not one bad item
+        with pytest.raises(ValueError, match="the data's meshes have 60 vertices but the FLAME model given has 45"):
+            DAD3DHeadsDataset(root, "train", S, small.topology, cache_dir=tmp_path / "c", **kw)
+
+
+def test_show_head_title_names_the_model(other_flame):
+    from dad3dlib.viz import head_title
+
+    _, flame = other_flame
+    assert head_title(load_flame_assets(flame)) == f"FLAME-format head model: {flame}"
+    assert "synthetic" in head_title(load_flame_assets())

@@ -1,7 +1,13 @@
 """FLAME file formats, the 3DMM vector and the layer (against an independent numpy LBS)."""
+import collections
+import io
 import pickle
+import re
+import shlex
+import struct
 import sys
 import types
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -55,36 +61,64 @@ def test_round_trip(tiny_dir):
         np.testing.assert_array_equal(a.topology.subsets[name], topo.subsets[name])
 
 
-def _fake_chumpy_pickle(path: Path, model: FlameModel):
-    """Write generic_model.pkl the way the published file is: chumpy Ch objects holding arrays."""
-    ch_mod = types.ModuleType("chumpy.ch")
+def _published_flame_pickle(path: Path, model: FlameModel) -> bytes:
+    """Write generic_model.pkl as the published FLAME 2020 file is: a protocol-2 dict with its keys,
+    ``shapedirs`` a chumpy ``Ch`` pickled with chumpy's own state (its __dict__ less _parents and
+    _cache: x, the set _dirty_vars, ...), J_regressor(_prior) scipy CSC matrices, ``f`` uint32, the
+    kintree root 2**32-1, and the module names of the numpy 1 / scipy of the time."""
+    import scipy.sparse
 
-    class Ch:
+    class Ch:  # chumpy.ch.Ch, as far as pickling goes (chumpy defines __getstate__, no __reduce__)
         def __init__(self, x):
-            self.x = x
-    Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
-    ch_mod.Ch = Ch
+            self.__dict__.update(_dirty_vars={"x"}, _itr=None, _parents=weakref.WeakKeyDictionary(),
+                                 _cache={"r": None, "drs": weakref.WeakKeyDictionary()},
+                                 _depends_on_deps={}, _make_dense=False, _make_sparse=False,
+                                 x=np.asarray(x, np.float64))
+
+        def __getstate__(self):  # the weak dictionaries cannot be pickled
+            state = dict(self.__dict__)
+            del state["_parents"], state["_cache"]
+            return state
+
+    ch_mod = types.ModuleType("chumpy.ch")
+    Ch.__module__, Ch.__qualname__, ch_mod.Ch = "chumpy.ch", "Ch", Ch
+    V = len(model.v_template)
+    J_regressor = scipy.sparse.csc_matrix(model.J_regressor.astype(np.float64))
+    d = {"f": model.faces.astype(np.uint32), "J_regressor": J_regressor,
+         "kintree_table": np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64),
+         "J": J_regressor @ model.v_template.astype(np.float64), "weights": model.weights.astype(np.float64),
+         "posedirs": model.posedirs.astype(np.float64), "v_template": model.v_template.astype(np.float64),
+         "shapedirs": Ch(model.shapedirs), "bs_style": "lbs", "bs_type": "lrotmin",
+         "weights_prior": model.weights.astype(np.float64), "J_regressor_prior": J_regressor.copy(),
+         "vert_sym_idxs": np.arange(V)[::-1].copy()}
+    saved = {k: sys.modules.pop(k) for k in ("chumpy", "chumpy.ch") if k in sys.modules}
     sys.modules["chumpy"], sys.modules["chumpy.ch"] = types.ModuleType("chumpy"), ch_mod
     try:
-        import scipy.sparse
-        d = {"v_template": Ch(model.v_template.astype(np.float64)), "f": model.faces.astype(np.uint32),
-             "shapedirs": Ch(model.shapedirs), "posedirs": Ch(model.posedirs),
-             "J_regressor": scipy.sparse.csc_matrix(model.J_regressor), "weights": Ch(model.weights),
-             "kintree_table": np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64)}
-        path.write_bytes(pickle.dumps(d, protocol=2))
+        data = pickle.dumps(d, protocol=2)
     finally:
         del sys.modules["chumpy"], sys.modules["chumpy.ch"]
+        sys.modules.update(saved)
+    for new, old in ((b"cnumpy.core.multiarray\n", b"cnumpy._core.multiarray\n"),
+                     (b"cscipy.sparse.csc\n", b"cscipy.sparse._csc\n")):
+        assert old in data
+        data = data.replace(old, new)
+    path.write_bytes(data)
+    return data
 
 
-def test_chumpy_pickle_loads_without_chumpy(tiny_dir):
+def test_published_flame_pickle_loads_without_chumpy(tiny_dir):
     path, model, _ = tiny_dir
-    _fake_chumpy_pickle(path / flame.MODEL_FILE, model)
+    data = _published_flame_pickle(path / flame.MODEL_FILE, model)
+    assert b"cchumpy.ch\nCh\n" in data and b"c__builtin__\nset\n" in data and b"_dirty_vars" in data
     with pytest.raises(ImportError):
         import chumpy  # noqa: F401
     a = load_flame_assets(path)
     np.testing.assert_allclose(a.model.shapedirs, model.shapedirs)
     np.testing.assert_allclose(a.model.J_regressor, model.J_regressor, rtol=1e-6)
+    np.testing.assert_allclose(a.model.v_template, model.v_template)
+    np.testing.assert_array_equal(a.model.faces, model.faces)
     np.testing.assert_array_equal(a.model.parents, [-1, 0, 1, 1, 1])
+    assert FlameLayer(a).num_vertices == len(model.v_template)
 
 
 class _Exploit:
@@ -98,6 +132,123 @@ def test_code_executing_pickle_is_refused(tmp_path):
     bad.write_bytes(pickle.dumps({"v_template": _Exploit()}))
     with pytest.raises(FlameFormatError, match=r"generic_model\.pkl.*(posix|os)\.system.*not allowed"):
         flame.safe_load_pickle(bad)
+
+
+# Hand-assembled malicious pickles (raw opcodes): each writes the marker file when its global is
+# resolved (pickle walks a dotted name attribute by attribute from protocol 4 on).
+def _unicode(s: str) -> bytes:
+    b = s.encode()
+    return pickle.BINUNICODE + struct.pack("<I", len(b)) + b
+
+
+def _global(module: str, name: str, stack: bool = True) -> bytes:
+    if stack:  # STACK_GLOBAL (protocol 4)
+        return _unicode(module) + _unicode(name) + pickle.STACK_GLOBAL
+    return pickle.GLOBAL + f"{module}\n{name}\n".encode()
+
+
+def _call(fn: bytes, *args: bytes) -> bytes:
+    return fn + pickle.MARK + b"".join(args) + pickle.TUPLE + pickle.REDUCE
+
+
+def _program(proto: int, body: bytes) -> bytes:
+    return pickle.PROTO + bytes([proto]) + body + pickle.STOP
+
+
+def _escapes(marker: Path) -> dict[str, bytes]:
+    code = _unicode(f"open({str(marker)!r}, 'w').write('ran')")
+    shell = _unicode(f"touch {shlex.quote(str(marker))}")
+
+    def via_get(module, name, stack=True):  # <module>.<name> is dict.get of a __builtins__ -> eval
+        return _program(4, _call(_call(_global(module, name, stack), _unicode("eval")), code))
+
+    def call(module, name, arg, proto=2):
+        return _program(proto, _call(_global(module, name, proto >= 4), arg))
+
+    nested = _program(2, _call(_global("os", "system", False), shell))
+    return {
+        "numpy dotted, STACK_GLOBAL": via_get("numpy.lib.format", "dtype_to_descr.__builtins__.get"),
+        "numpy dotted, GLOBAL": via_get("numpy.lib.format", "dtype_to_descr.__builtins__.get", stack=False),
+        "numpy function dotted": via_get("numpy", "load.__builtins__.get"),
+        "allowed numpy name, dotted": via_get("numpy._core.numeric", "_frombuffer.__builtins__.get"),
+        "scipy.sparse dotted": via_get("scipy.sparse._csc", "csc_matrix.__init__.__builtins__.get"),
+        "chumpy dotted": via_get("chumpy.ch", "Ch.__new__.__builtins__.get"),
+        "copyreg dotted": via_get("copyreg", "_reconstructor.__builtins__.get"),
+        "builtins.eval": call("builtins", "eval", code, 4),
+        "__builtin__.eval": call("__builtin__", "eval", code),
+        "builtins.exec": call("builtins", "exec", code, 4),
+        "os.system": call("os", "system", shell),
+        "posix.system": call("posix", "system", shell),
+        "subprocess.getoutput": call("subprocess", "getoutput", shell),
+        "torch._utils._rebuild_tensor_v2": call("torch._utils", "_rebuild_tensor_v2", _unicode("x")),
+        "torch.storage._load_from_bytes": call(  # torch.load(weights_only=False) of a nested pickle
+            "torch.storage", "_load_from_bytes", pickle.BINBYTES + struct.pack("<I", len(nested)) + nested, 4),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_escapes(Path("m"))))
+def test_crafted_pickles_run_no_code(tmp_path, case):
+    marker = tmp_path / "marker"
+    bad = tmp_path / "generic_model.pkl"
+    bad.write_bytes(_escapes(marker)[case])
+    with pytest.raises(FlameFormatError, match=re.escape(str(bad)) + r": refused to unpickle: .*not allowed"):
+        flame.safe_load_pickle(bad)
+    assert not marker.exists()
+
+
+def test_crafted_pickles_are_refused_in_every_flame_file(tiny_dir):
+    path, _, _ = tiny_dir
+    marker = path / "marker"
+    exploit = _escapes(marker)["numpy dotted, STACK_GLOBAL"]
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|O", "fortran_order": False, "shape": ()})
+    for name, content in ((flame.MODEL_FILE, exploit), (flame.STATIC_FILE, exploit),
+                          (flame.DYNAMIC_FILE, header.getvalue() + exploit)):
+        kept = (path / name).read_bytes()
+        (path / name).write_bytes(content)
+        with pytest.raises(FlameFormatError, match=re.escape(str(path / name)) + ": refused to unpickle"):
+            load_flame_assets(path)
+        assert not marker.exists()
+        (path / name).write_bytes(kept)
+    load_flame_assets(path)
+
+
+def test_refused_modules_are_not_imported(tmp_path, monkeypatch):
+    """A module named in a pickle is never imported (importing can run code, e.g. a __main__)."""
+    marker = tmp_path / "marker"
+    (tmp_path / "numpy_import_probe.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    bad = tmp_path / "generic_model.pkl"
+    bad.write_bytes(_program(4, _global("numpy_import_probe", "dtype")))
+    try:
+        with pytest.raises(FlameFormatError, match=re.escape(str(bad)) + r".*numpy_import_probe\.dtype' is not allowed"):
+            flame.safe_load_pickle(bad)
+        assert not marker.exists() and "numpy_import_probe" not in sys.modules
+    finally:
+        sys.modules.pop("numpy_import_probe", None)
+
+
+@pytest.mark.parametrize("proto", [2, 4, 5])
+def test_arrays_and_matrices_numpy_and_scipy_pickle_load(tmp_path, proto):
+    import scipy.sparse
+
+    arrays = {t: np.arange(6, dtype=t).reshape(2, 3) for t in ("float32", "float64", "int64", "uint32")}
+    obj = {**arrays, "fortran": np.asfortranarray(arrays["float64"]), "scalar": np.float64(2.5),
+           "csc": scipy.sparse.csc_matrix(arrays["float64"]), "csr": scipy.sparse.csr_matrix(arrays["float32"]),
+           "ordered": collections.OrderedDict(a=1), "set": {"x"}, "bytes": b"ab"}
+    data = pickle.dumps(obj, protocol=proto)
+    if proto == 2:  # numpy 1 and the scipy of the published files named these modules so
+        data = data.replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+        data = data.replace(b"cscipy.sparse._csc\n", b"cscipy.sparse.csc\n")
+    (tmp_path / "a.pkl").write_bytes(data)
+    out = flame.safe_load_pickle(tmp_path / "a.pkl")
+    for t, a in arrays.items():
+        assert out[t].dtype == a.dtype
+        np.testing.assert_array_equal(out[t], a)
+    np.testing.assert_array_equal(out["fortran"], arrays["float64"])
+    np.testing.assert_array_equal(out["csc"].toarray(), arrays["float64"])
+    np.testing.assert_array_equal(out["csr"].toarray(), arrays["float32"])
+    assert out["scalar"] == 2.5 and out["ordered"] == {"a": 1} and out["set"] == {"x"} and out["bytes"] == b"ab"
 
 
 def test_corrupt_and_missing_files_name_the_file(tiny_dir):
