@@ -1,4 +1,4 @@
-"""Report tables from per-sample results (no study needed)."""
+"""Report tables from per-sample results and mesh renders in image space (no study needed)."""
 import numpy as np
 import pandas as pd
 import pytest
