@@ -45,6 +45,17 @@ def perspective_projection(focal_px: float, cx: float, cy: float, near: float, f
                      [0.0, 0.0, -1.0, 0.0]])
 
 
+def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np.ndarray:
+    """P [4,4] float64 of an orthographic camera in pixel units: ``x = cx + X``, ``y = cy + Y``
+    (bottom-up), with the depth terms of :func:`perspective_projection`: ``near`` and ``far`` are
+    distances along the view direction (``-Z``) mapped to OpenGL depth -1 and +1, so nearer wins.
+    """
+    return np.array([[1.0, 0.0, 0.0, cx],
+                     [0.0, 1.0, 0.0, cy],
+                     [0.0, 0.0, -2.0 / (far - near), -(far + near) / (far - near)],
+                     [0.0, 0.0, 0.0, 1.0]])
+
+
 def project(vertices, mv, p, height):
     """BRIEF §6: image pixels (x right, y down) of model-space points.
 
@@ -134,13 +145,14 @@ uniform vec3 light_dir;
 uniform vec3 light_color;
 uniform vec4 light_terms;        // ambient, diffuse, specular, shininess
 uniform float label;             // written to alpha: 1 for the mesh, 0.5 for scenery
+uniform vec4 eye;                // the viewer in homogeneous camera space (w = 0: orthographic)
 in vec3 v_pos;
 in vec3 v_normal;
 in vec3 v_color;
 out vec4 f_color;
 void main() {
     vec3 n = normalize(v_normal);
-    vec3 view = normalize(-v_pos);
+    vec3 view = normalize(eye.xyz - eye.w * v_pos);
     if (dot(n, view) < 0.0) n = -n;          // back faces seen through open parts
     vec3 l = normalize(light_dir);
     float lambert = max(dot(n, l), 0.0);
@@ -211,7 +223,8 @@ class Renderer:
         """Rasterize one mesh.
 
         vertices [V,3] model space, faces [F,3], colors [V,3] in [0,1], model_view [4,4],
-        projection [4,4] (P of the convention above), background [H,W,3] uint8 or None (black)
+        projection [4,4] (P of the convention above, perspective or orthographic),
+        background [H,W,3] uint8 or None (black)
         -> rgb [H,W,3] uint8 top-down, mask [H,W] bool (pixels where this mesh is visible).
         feather: with a background, blend the silhouette's inner edge over it with a Gaussian of
         this many pixels (cheap anti-aliasing without MSAA; the mask is unchanged).
@@ -222,6 +235,7 @@ class Renderer:
             raise ValueError("scenery meshes need a renderer without MSAA (samples=0)")
         prog, ctx = self.program, self.ctx
         prog["clip_from_camera"].write(_mat(pixel_to_ndc(self.width, self.height) @ projection))
+        prog["eye"].value = (0.0, 0.0, 1.0, 0.0) if projection[3, 2] == 0 else (0.0, 0.0, 0.0, 1.0)
         prog["light_dir"].value = tuple(float(x) for x in light.direction)
         prog["light_color"].value = tuple(float(x) for x in light.color)
         prog["light_terms"].value = (light.ambient, light.diffuse, light.specular, light.shininess)

@@ -233,15 +233,17 @@ MESH_GREY = (0.72, 0.74, 0.78)
 
 
 def image_space_projection(height: int, z: np.ndarray) -> np.ndarray:
-    """P for vertices given in image pixels (x right, y down, z away from the viewer) with MV = I.
+    """P for vertices given in image pixels (x right, y down, z away from the viewer) with ``IMAGE_MV``.
 
-    The renderer's camera space is OpenGL's (y up, looking down -z), so MV flips y and z:
-    use ``mv = diag(1,-1,-1,1)``. z [V] sets the depth range.
+    The renderer's camera space is OpenGL's (y up, looking down -z), so ``IMAGE_MV = diag(1,-1,-1,1)``
+    flips y and z: camera ``Z = -z`` and the distance along the view is z itself. The depth range is
+    z [V]'s own, widened by a margin so that neither the nearest nor the farthest point is clipped.
     """
-    near, far = -float(z.min()) - 1.0, -float(z.max()) + 1.0  # camera-space Z of the nearest/farthest point
-    lo, hi = min(near, far), max(near, far)
-    a = 2.0 / (hi - lo)
-    return np.array([[1.0, 0, 0, 0], [0, 1.0, 0, height], [0, 0, a, -1.0 - a * lo], [0, 0, 0, 1.0]])
+    from .render import orthographic_projection
+
+    lo, hi = float(z.min()), float(z.max())
+    margin = 0.05 * (hi - lo) + 1.0
+    return orthographic_projection(0.0, float(height), near=lo - margin, far=hi + margin)
 
 
 IMAGE_MV = np.diag([1.0, -1.0, -1.0, 1.0])

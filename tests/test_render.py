@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dad3dlib import render
-from dad3dlib.render import Light, Renderer, perspective_projection, project, silhouette
+from dad3dlib.render import (Light, Renderer, orthographic_projection, perspective_projection, project,
+                             silhouette)
 
 W, H = 160, 120
 
@@ -46,6 +47,20 @@ def test_perspective_projection_principal_point_and_focal():
     xy = project(pts, np.eye(4), P, H)
     np.testing.assert_allclose(xy[0], [30.0, H - 40.0])
     np.testing.assert_allclose(xy[1] - xy[0], [200.0 * 0.1 / 2.0, -200.0 * 0.05 / 2.0])  # y up -> rows up
+
+
+@pytest.mark.parametrize("make", [lambda n, f: perspective_projection(200.0, 30.0, 40.0, n, f),
+                                  lambda n, f: orthographic_projection(30.0, 40.0, n, f)])
+def test_projections_map_near_and_far_to_gl_depth_minus_one_and_one(make):
+    P = make(0.5, 8.0)
+    clip = P @ np.array([[0.0, 0.0, -0.5, 1.0], [0.0, 0.0, -8.0, 1.0]]).T   # distances 0.5 and 8 ahead
+    np.testing.assert_allclose(clip[2] / clip[3], [-1.0, 1.0])
+
+
+def test_orthographic_projection_offsets_in_pixels():
+    P = orthographic_projection(30.0, 40.0, 1.0, 9.0)
+    xy = project(np.array([[3.0, 4.0, -2.0], [3.0, 4.0, -7.0]]), np.eye(4), P, H)
+    np.testing.assert_allclose(xy, [[33.0, H - 44.0]] * 2)
 
 
 def test_project_numpy_torch_batched_agree(scene):
