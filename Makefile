@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 PRESET ?= cpu
 OUT ?= outputs/$(PRESET)
 JOBS ?=
-SEEDS ?= 1
+SEEDS ?=
 
 .PHONY: setup sysdeps test test-fast study smoke-study lab bench bench-data bench-train bench-eval clean-venv
 
@@ -34,7 +34,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 study: setup
-	$(PY) -m dad3dlib study --preset $(PRESET) --out $(OUT) --seeds $(SEEDS) $(if $(JOBS),--jobs $(JOBS))
+	$(PY) -m dad3dlib study --preset $(PRESET) --out $(OUT) $(if $(SEEDS),--seeds $(SEEDS)) $(if $(JOBS),--jobs $(JOBS))
 
 smoke-study:
 	$(MAKE) study PRESET=smoke

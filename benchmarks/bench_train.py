@@ -7,8 +7,9 @@ For each configuration: training images/s of a full step (network forward, FLAME
 reprojection, the four losses, backward, Adam), and per batch the time of the FLAME layer
 (forward + backward) and of the losses (forward + backward). ``cpu`` takes the model/data sections
 of ``params/presets/cpu.yaml`` when present; ``paper`` is the reference configuration (resnet50,
-BiFPN 256, 256x256, batch 64). On a GPU the step runs in bf16 autocast (FLAME and losses in fp32)
-and GPU utilisation is sampled with nvidia-smi. The FLAME layer is a random model of FLAME's sizes
+BiFPN 256, 256x256, batch 64). ``--precision auto`` is what training uses: the network in bf16
+autocast on a GPU and on a CPU with native bfloat16 (FLAME and losses in fp32), channels-last
+memory format; compare with ``--precision 32-true``. On a GPU utilisation is sampled with nvidia-smi. The FLAME layer is a random model of FLAME's sizes
 (5023 vertices, 9976 faces; timing depends only on sizes) unless ``--flame`` names a FLAME-format
 directory. Imports neither pytorch3d, papermill nor moderngl.
 """
@@ -32,7 +33,7 @@ from dad3dlib import OUTPUTS_DIR, REPO_ROOT  # noqa: E402
 from dad3dlib.flame import (FlameAssets, FlameLayer, FlameModel, FlameTopology,  # noqa: E402
                             load_flame_assets)
 from dad3dlib.losses import DADLoss  # noqa: E402
-from dad3dlib.model import create_model  # noqa: E402
+from dad3dlib.model import cpu_has_native_bf16, create_model  # noqa: E402
 
 FLAME_V, FLAME_F = 5023, 9976
 PAPER = {"model": {"encoder": "resnet50", "bifpn_filters": 256}, "data": {"crop_size": 256, "batch_size": 64}}
@@ -124,18 +125,19 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
 
 
 def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, batch: int | None,
-                 warmup: int) -> dict:
+                 warmup: int, bf16: bool) -> dict:
     B, S = batch or cfg["data"]["batch_size"], cfg["data"]["crop_size"]
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pose_prior_samples", "pretrained_path")}
-    model = create_model(model_cfg).to(device).train()
+    model = create_model(model_cfg).to(device).to(memory_format=torch.channels_last).train()
     loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     data = synthetic_batch(B, S, flame.num_vertices, device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    image = data["image"].contiguous(memory_format=torch.channels_last)
 
     def step():
         with amp:
-            out = model(data["image"])
+            out = model(image)
         params = out["params_3dmm"].float()
         canonical = flame.canonical(params)
         pred = {**out, "vertices_canonical": canonical, "vertices_reprojected": flame.reproject(params, S, canonical)}
@@ -177,7 +179,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
     row = {"config": name, "source": cfg.get("source", "built-in"), "encoder": cfg["model"]["encoder"],
            "bifpn_filters": cfg["model"].get("bifpn_filters", 256), "crop_size": S, "batch_size": B,
            "batch_size_preset": cfg["data"]["batch_size"], "steps": steps, "device": str(device),
-           "precision": "bf16-mixed" if device.type == "cuda" else "32-true",
+           "precision": "bf16-mixed" if bf16 else "32-true", "channels_last": True,
            "images_per_s": round(B / sec_step, 2), "ms_per_step": round(1000 * sec_step, 1),
            "cpu_core_s_per_step": round(cpu_step, 2),  # shows how much of the wall time was ours
            "flame_ms_per_batch": round(1000 * _timed(flame_fwd_bwd, device, max(3, steps // 2))[0], 2),
@@ -196,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="override every config's batch size")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--precision", default="auto", choices=["auto", "bf16-mixed", "32-true"],
+                    help="auto: bf16 on a GPU or a CPU with native bfloat16, as training does")
     ap.add_argument("--flame", default=None, help="FLAME-format directory (default: random, FLAME-sized)")
     ap.add_argument("--out", default=None, help="JSON results (default outputs/bench/bench_train_<device>.json)")
     args = ap.parse_args(argv)
@@ -206,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     steps, warmup = args.steps or (20 if gpu else 3), args.warmup if args.warmup is not None else (5 if gpu else 1)
     torch.manual_seed(0)
     flame = FlameLayer(load_flame_assets(args.flame) if args.flame else flame_sized_assets()).to(device)
-    rows = [bench_config(n, c, flame, device, steps, args.batch, warmup) for n, c in configs(args.config).items()]
+    bf16 = args.precision == "bf16-mixed" or (args.precision == "auto" and (gpu or cpu_has_native_bf16()))
+    rows = [bench_config(n, c, flame, device, steps, args.batch, warmup, bf16)
+            for n, c in configs(args.config).items()]
     info = {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(), "gpu": torch.cuda.get_device_name(device) if gpu else None,
+            "cpu_count": os.cpu_count(), "cpu_native_bf16": cpu_has_native_bf16(), "gpu": torch.cuda.get_device_name(device) if gpu else None,
             "flame": args.flame or f"random FLAME-sized ({FLAME_V} vertices)"}
     for r in rows:
         print(json.dumps(r))

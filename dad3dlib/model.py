@@ -278,6 +278,15 @@ class DAD3DNet(nn.Module):
 MODELS = {"dad3dnet": DAD3DNet}
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (e.g. AVX512-BF16, AMX); elsewhere autocast
+    emulates it and is slower than fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def create_model(cfg: dict) -> nn.Module:
     """A model from plain config data: ``{"name": "dad3dnet", "encoder": ..., "bifpn_filters": ...,
     "bifpn_repeats": ..., "hidden": ..., "dropout": ..., "init_scale": ..., "pretrained_path": ...}``

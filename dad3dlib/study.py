@@ -220,12 +220,18 @@ def _failed_cell(nb_path: Path) -> int | None:
     return None
 
 
+def study_setting(params: dict, key: str, given: int | None = None) -> int:
+    """A positive integer study setting (``jobs``, ``seeds``): ``given`` (the command line) when
+    set, else the preset's ``study.<key>``, else 1."""
+    value = given if given is not None else (params.get("study") or {}).get(key, 1)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ParamsError(f"{key} must be a positive integer, got {value!r} (--{key} or the preset's study.{key})")
+    return value
+
+
 def study_jobs(params: dict, jobs: int | None = None) -> int:
     """Concurrent runs: ``jobs`` when given, else the preset's ``study.jobs``, else 1."""
-    value = jobs if jobs is not None else (params.get("study") or {}).get("jobs", 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ParamsError(f"jobs must be a positive integer, got {value!r} (--jobs or the preset's study.jobs)")
-    return value
+    return study_setting(params, "jobs", jobs)
 
 
 def devices_for(jobs: int) -> list[str]:
@@ -303,10 +309,11 @@ def aggregate(study_dir: Path) -> Path:
     return report
 
 
-def run_study(preset: str, out: Path, seeds: int = 1, jobs: int | None = None, ablations: list[str] | None = None,
-              overrides: dict | None = None) -> dict:
+def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None = None,
+              ablations: list[str] | None = None, overrides: dict | None = None) -> dict:
     """Plan, execute (skipping finished runs), aggregate. Returns the study record.
 
+    ``seeds``: seeds 1..K per ablation; None takes the preset's ``study.seeds`` (default 1).
     ``jobs``: concurrent runs; None takes the preset's ``study.jobs`` (default 1). On a CPU the
     cores are shared out between the jobs (``trainer.num_threads`` = cores // jobs)."""
     from tqdm.auto import tqdm
@@ -314,6 +321,7 @@ def run_study(preset: str, out: Path, seeds: int = 1, jobs: int | None = None, a
     started = time.time()
     ablations = ablations or default_ablations()
     out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
+    seeds = study_setting(plan_runs(preset, ablations[:1], [1], overrides)[0].params, "seeds", seeds)
     runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
     out.mkdir(parents=True, exist_ok=True)
     ensure_data(runs[0].params)
@@ -365,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dad3dlib study", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu", help=f"one of {available('presets')} or a YAML path")
     ap.add_argument("--out", type=Path, required=True, help="study directory")
-    ap.add_argument("--seeds", type=int, default=1, help="seeds 1..K per ablation")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds 1..K per ablation; default: the preset's "
+                    "study.seeds, else 1")
     ap.add_argument("--jobs", type=int, default=None,
                     help="concurrent runs (one per GPU when there are GPUs; on a CPU the cores are shared "
                          "out); default: the preset's study.jobs, else 1")

@@ -62,7 +62,7 @@ from .data import DAD3DHeadsDataset, data_root, flame_dir
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
-from .model import create_model
+from .model import cpu_has_native_bf16, create_model
 
 DEFAULTS: dict = {
     "seed": 1,
@@ -273,15 +273,6 @@ def _max_time(value) -> datetime.timedelta | str | None:
 
 def _on_gpu(t: dict) -> bool:
     return t["accelerator"] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (e.g. AVX512-BF16, AMX); elsewhere autocast
-    emulates it and is slower than fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def resolve_precision(t: dict) -> str:
