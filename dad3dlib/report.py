@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from . import stats
+
 # name: (label, lower is better)
 METRICS = {
     "median_mm": ("Median (mm)", True),
@@ -61,79 +63,212 @@ def per_sample_table(study_dir: str | Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def _ci95(x: pd.Series) -> float:
-    from scipy import stats
+def reference_table(study_dir: str | Path) -> pd.DataFrame:
+    """One row per reference predictor (``references/<name>/metrics.json``, evaluated on the same
+    test split as the runs), in the order of ``references/references.json`` ({name: one-sentence
+    description}): kind 'reference', description and the metrics. Empty when there are none; a
+    file that cannot be read is named in a warning and skipped."""
+    ref_dir = Path(study_dir) / "references"
+    if not ref_dir.is_dir():
+        return pd.DataFrame()
+    descriptions = _read_json(ref_dir / "references.json") or {}
+    names = list(descriptions) + sorted(d.name for d in ref_dir.iterdir() if d.is_dir() and d.name not in descriptions)
+    rows = []
+    for name in names:
+        if not (ref_dir / name / "metrics.json").exists():
+            continue
+        metrics = _read_json(ref_dir / name / "metrics.json")
+        if metrics is not None:
+            rows.append({"ablation": name, "kind": "reference", "description": str(descriptions.get(name, "")),
+                         **{k: metrics.get(k, np.nan) for k in METRICS}})
+    return pd.DataFrame(rows).set_index("ablation") if rows else pd.DataFrame()
 
-    x = x.dropna()
-    return float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else np.nan
+
+def _read_json(path: Path):
+    """A JSON object from ``path``; None (and a warning naming the file) when it is not one."""
+    import warnings
+
+    if not path.exists():
+        return None
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        obj, problem = None, f"not readable JSON ({e})"
+    else:
+        problem = None if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+    if problem:
+        warnings.warn(f"{path}: {problem}; skipped", stacklevel=3)
+        return None
+    return obj
 
 
-def summary_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per ablation: mean over seeds and the 95 % CI half-width (NaN with one seed) of each metric."""
+def summary_table(runs: pd.DataFrame, references: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per ablation (kind 'run'): number of seeds, and per metric the mean over seeds and the seed
+    spread (``_sd``, ``_min``, ``_max``; SD NaN with one seed); then the reference predictors
+    (kind 'reference', with their description; see :func:`reference_table`)."""
     done = runs[runs.status == "finished"]
     order = list(dict.fromkeys(runs.ablation))
     g = done.groupby("ablation", sort=False)
-    out = pd.DataFrame({"seeds": g.size()})
+    out = pd.DataFrame({"kind": "run", "seeds": g.size()})
     for k in METRICS:
-        out[k] = g[k].mean()
-        out[k + "_ci95"] = g[k].agg(_ci95)
-    return out.reindex([a for a in order if a in out.index])
+        out[k], out[k + "_sd"], out[k + "_min"], out[k + "_max"] = g[k].mean(), g[k].std(), g[k].min(), g[k].max()
+    out["description"] = ""
+    out = out.reindex([a for a in order if a in out.index])
+    if references is not None and not references.empty:
+        out = pd.concat([out, references.reindex(columns=out.columns)])
+    return out.astype({"seeds": "Int64"}).rename_axis("ablation")
 
 
-def paired_deltas(per_sample: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
-    """Per ablation and per-sample metric: mean difference vs the baseline on the same test items
-    and seeds, and the Wilcoxon signed-rank p-value of the paired differences."""
-    from scipy import stats
+def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline", n_boot: int = stats.N_BOOT,
+                         seed: int = stats.RNG_SEED) -> pd.DataFrame:
+    """Per ablation and metric, the difference from the baseline with the seed as the unit (see
+    :mod:`dad3dlib.stats`): ``delta`` = mean over the shared seeds of the mean per-image difference
+    (ablation − baseline, same seed, same image), its hierarchical-bootstrap 95 % interval
+    (``lo``, ``hi``), the bootstrap ``p``, ``p_holm`` (Holm over every ablation × metric tested) and
+    ``verdict``: better / worse / not distinguishable; 'training noise unmeasured (1 seed)' (no
+    interval, no p) when only one seed is shared; 'same run as baseline' for an alias (not tested).
 
+    For median_mm and std_mm the per-image values are each image's median and SD, so delta is the
+    mean difference of those, not the difference of the pooled values in :func:`summary_table`.
+    """
     if per_sample.empty or baseline not in set(per_sample.ablation):
         return pd.DataFrame()
-    keys = ["item_id", "seed"]
-    base = per_sample[per_sample.ablation == baseline].set_index(keys)
+    metrics = [k for k in METRICS if k in per_sample]
+    base = per_sample[per_sample.ablation == baseline].set_index(["seed", "item_id"])
     rows = []
     for abl, df in per_sample.groupby("ablation", sort=False):
         if abl == baseline:
             continue
-        df = df.set_index(keys)
-        common = df.index.intersection(base.index)
-        for k in METRICS:
-            if k not in df or k not in base:
-                continue
-            d = (df.loc[common, k] - base.loc[common, k]).dropna()
-            p = np.nan
-            if len(d) > 0 and (d != 0).any():
-                p = float(stats.wilcoxon(d).pvalue)
-            rows.append({"ablation": abl, "metric": k, "delta": float(d.mean()) if len(d) else np.nan,
-                         "p_value": p, "n": len(d)})
-    return pd.DataFrame(rows)
+        df = df.set_index(["seed", "item_id"])
+        seeds = sorted(set(df.index.get_level_values(0)) & set(base.index.get_level_values(0)))
+        if not seeds:
+            continue
+        items = sorted(set(df.index.get_level_values(1)) | set(base.index.get_level_values(1)))
+        grid = pd.MultiIndex.from_product([seeds, items])
+        x = (df.reindex(grid)[metrics].to_numpy() - base.reindex(grid)[metrics].to_numpy())
+        x = x.reshape(len(seeds), len(items), len(metrics)).transpose(2, 0, 1)  # [M,S,N]
+        alias = (df.reindex(grid)["run"].to_numpy() == base.reindex(grid)["run"].to_numpy()).all()
+        lo = hi = p = np.full(len(metrics), np.nan)
+        if len(seeds) > 1:
+            boot = stats.hierarchical_bootstrap(x, n_boot, seed)
+            (lo, hi), p = stats.percentile_interval(boot), stats.bootstrap_p(boot)
+        rows += [{"ablation": abl, "metric": k, "seeds": len(seeds), "n_items": int(np.isfinite(x[j]).any(0).sum()),
+                  "alias": alias, "delta": d, "lo": l, "hi": h, "p": pv}
+                 for j, (k, d, l, h, pv) in enumerate(zip(metrics, stats.seed_mean(x), lo, hi, p))]
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    tested = (out.seeds > 1) & ~out.alias
+    out["p_holm"] = stats.holm(out.p.where(tested).to_numpy())
+    verdict = stats.verdicts(out.delta, out.p_holm, [METRICS[k][1] for k in out.metric])
+    out["verdict"] = np.where(out.alias, "same run as baseline", np.where(out.seeds > 1, verdict, stats.UNMEASURED))
+    return out
 
 
-def format_deltas(deltas: pd.DataFrame) -> pd.DataFrame:
-    """:func:`paired_deltas` as one row per ablation and one labelled column per metric, each cell
-    'Δ (p=…)': the signed mean difference and its p-value ('identical' when every difference is 0)."""
-    if deltas.empty:
+def format_differences(differences: pd.DataFrame) -> pd.DataFrame:
+    """:func:`baseline_differences` as one row per ablation and one labelled column per metric, each
+    cell 'Δ [lo, hi] verdict' (just 'Δ' and the verdict with one seed)."""
+    if differences.empty:
         return pd.DataFrame()
 
     def cell(r) -> str:
-        if not np.isfinite(r.p_value):
-            return "identical" if r.delta == 0 else f"{r.delta:+.3g}"
-        return f"{r.delta:+.{3 if r.metric.startswith('z5') else 2}f} (p={r.p_value:.1g})"
+        if r.alias:
+            return r.verdict
+        interval = f" [{_num(r.metric, r.lo, True)}, {_num(r.metric, r.hi, True)}]" if np.isfinite(r.lo) else ""
+        return f"{_num(r.metric, r.delta, True)}{interval} {r.verdict}"
 
-    table = deltas.assign(cell=[cell(r) for r in deltas.itertuples()]).pivot(
+    table = differences.assign(cell=[cell(r) for r in differences.itertuples()]).pivot(
         index="ablation", columns="metric", values="cell")
-    table = table.reindex(index=list(dict.fromkeys(deltas.ablation)),
+    table = table.reindex(index=list(dict.fromkeys(differences.ablation)),
                           columns=[k for k in METRICS if k in table.columns])
-    return table.rename(columns={k: label for k, (label, _) in METRICS.items()}).rename_axis(columns=None)
+    return table.rename(columns={k: label for k, (label, _) in METRICS.items()}).rename_axis(index=None, columns=None)
+
+
+def _num(metric: str, value: float, signed: bool = False) -> str:
+    """A metric's value as the tables print it (3 decimals for the Z₅ accuracies, else 2)."""
+    return f"{value:{'+' if signed else ''}.{3 if metric.startswith('z5') else 2}f}"
+
+
+FEW_SEEDS = 10  # below this the Findings say that the bootstrap interval is coarse (see dad3dlib.stats)
+REL_TOL = 0.02  # "equals a reference": within 2 % of the reference's value (or inside the seed interval)
+
+
+def equals_reference(seed_values: np.ndarray, reference: float, rel_tol: float = REL_TOL) -> bool:
+    """Whether an ablation's metric equals a reference predictor's: the reference's value lies inside
+    the seed-level 95 % interval of the ablation's mean (a bootstrap over its per-seed values [S];
+    none with one seed), or within ``rel_tol`` of the reference's value."""
+    v = np.asarray(seed_values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not len(v) or not np.isfinite(reference):
+        return False
+    if abs(v.mean() - reference) <= rel_tol * abs(reference):
+        return True
+    if len(v) < 2:
+        return False
+    lo, hi = stats.percentile_interval(stats.hierarchical_bootstrap(v[None, :, None]))
+    return bool(lo[0] <= reference <= hi[0])
+
+
+def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataFrame | None = None,
+             baseline: str = "baseline") -> str:
+    """The report's "Findings" (markdown): an opening sentence on what the verdicts can say, then one
+    sentence per ablation (aliases of the baseline left out) naming the metrics whose difference from
+    the baseline is distinguishable from training noise, with the effect and its 95 % interval, and
+    the reference predictors it equals on those metrics (:func:`equals_reference`). With one seed
+    every change is listed, as not yet distinguishable from training noise."""
+    if differences.empty:
+        return f"No finished `{baseline}` run to compare with yet."
+    seeds = int(differences.seeds.max())
+    tested = int(differences.p_holm.notna().sum())
+    if seeds < 2:
+        lines = ["Training noise is unmeasured: this study has one seed per ablation, so no difference "
+                 "below can be told from training noise; the changes are listed as measured, not as "
+                 "findings (run the study with `--seeds 3` or more)."]
+    else:
+        lines = [f"Differences from `{baseline}` beyond training noise: hierarchical bootstrap over {seeds} "
+                 f"seeds and the test images, 95 % intervals, Holm-corrected over {tested} comparisons."
+                 + (f" With {seeds} seeds an interval cannot reach beyond the per-seed differences and can be "
+                    "too narrow: read the verdicts as a screen, not a guarantee." if seeds < FEW_SEEDS else "")]
+    done = runs[runs.status == "finished"]
+    refs = references if references is not None else pd.DataFrame()
+    for abl, d in differences.groupby("ablation", sort=False):
+        if d.alias.all():
+            continue
+        one_seed = (d.seeds < 2).all()
+        shown = d[d.delta != 0] if one_seed else d[d.verdict.isin([stats.BETTER, stats.WORSE])]
+        if shown.empty:
+            lines.append(f"- **{abl}**: no metric distinguishable from training noise.")
+            continue
+        effects = []
+        for r in shown.itertuples():
+            interval = "" if one_seed else f" [{_num(r.metric, r.lo, True)}, {_num(r.metric, r.hi, True)}] {r.verdict}"
+            effects.append(f"{METRICS[r.metric][0]} {_num(r.metric, r.delta, True)}{interval}")
+        text = f"- **{abl}**: " + ", ".join(effects) + (
+            " (not yet distinguishable from training noise)" if one_seed else f" than `{baseline}`")
+        same = []
+        for r in shown.itertuples():
+            values = done.loc[done.ablation == abl, r.metric].to_numpy()
+            matches = [f"`{name}`'s ({_num(r.metric, ref[r.metric])})" for name, ref in refs.iterrows()
+                       if r.metric in ref and equals_reference(values, ref[r.metric])]
+            if matches:
+                same.append(f"its {METRICS[r.metric][0]} equals " + " and ".join(matches))
+        lines.append(text + ("; " + "; ".join(same) if same else "") + ".")
+    return lines[0] + "\n\n" + "\n".join(lines[1:])
 
 
 def write_summary(study_dir: str | Path) -> Path:
-    """``summary.csv``: per ablation, the six metrics (mean ± CI over seeds), deltas vs baseline and p-values."""
+    """``summary.csv``: :func:`summary_table` (runs and reference predictors, mean and seed spread of
+    each metric) joined with :func:`baseline_differences` (``<metric>_delta``, ``_lo``, ``_hi``,
+    ``_p``, ``_p_holm``, ``_verdict``)."""
     study_dir = Path(study_dir)
-    summary = summary_table(run_table(study_dir))
-    deltas = paired_deltas(per_sample_table(study_dir))
-    if not deltas.empty:
-        wide = deltas.pivot(index="ablation", columns="metric", values=["delta", "p_value"])
+    summary = summary_table(run_table(study_dir), reference_table(study_dir))
+    diffs = baseline_differences(per_sample_table(study_dir))
+    if not diffs.empty:
+        stats_cols = ["delta", "lo", "hi", "p", "p_holm", "verdict"]
+        wide = diffs.pivot(index="ablation", columns="metric", values=stats_cols)
         wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
-        summary = summary.join(wide)
+        summary = summary.join(wide[[f"{m}_{stat}" for m in METRICS for stat in stats_cols
+                                     if f"{m}_{stat}" in wide.columns]])
     path = study_dir / "summary.csv"
     tmp = path.with_name("summary.csv.tmp")
     summary.to_csv(tmp, index_label="ablation")
@@ -142,14 +277,16 @@ def write_summary(study_dir: str | Path) -> Path:
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
-    """The six metrics as 'mean ± ci' strings (just the mean with one seed), labelled."""
-    out = pd.DataFrame(index=summary.index)
+    """:func:`summary_table` for reading: kind, seeds, each metric as 'mean (min–max over seeds)'
+    (just the value with one seed and for reference predictors), the references' descriptions."""
+    out = pd.DataFrame({"kind": summary.kind,
+                        "seeds": summary.seeds.astype("string").fillna("")}, index=summary.index)
     for k, (label, _) in METRICS.items():
-        ci = summary[k + "_ci95"]
-        digits = 3 if k.startswith("z5") else 2
-        out[label] = [f"{m:.{digits}f}" + ("" if np.isnan(c) else f" ± {c:.{digits}f}")
-                      for m, c in zip(summary[k], ci)]
-    return out
+        out[label] = [_num(k, m) + (f" ({_num(k, lo)}–{_num(k, hi)})" if n > 1 else "")
+                      for m, lo, hi, n in zip(summary[k], summary[k + "_min"], summary[k + "_max"],
+                                              summary.seeds.fillna(0))]
+    out["description"] = summary.description.fillna("")
+    return out.rename_axis(None)
 
 
 def training_curves(study_dir: str | Path) -> pd.DataFrame:

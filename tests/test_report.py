@@ -1,39 +1,168 @@
-"""Report tables from per-sample results and mesh renders in image space (no study needed)."""
+"""Report tables and Findings from a fabricated study directory (no training), and mesh renders in image space."""
+import json
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from dad3dlib import report
+from dad3dlib import report, stats
+
+N = 60
+BASE = {"median_mm": 2.0, "mean_mm": 2.6, "std_mm": 2.4, "angle_error_deg": 11.6, "nme_reprojection": 4.3,
+        "z5_accuracy": 0.91, "z5_accuracy_local": 0.92}
+# ablation -> {metric: per-seed shift from the baseline's run of the same seed}
+EFFECTS = {
+    "no_lproj": {"angle_error_deg": [19.6, 20.3, 20.1]},           # +20°: the constant predictor's 31.6
+    "good": {"mean_mm": [-0.5, -0.45, -0.55], "z5_accuracy": [-0.05, -0.04, -0.06]},
+    "noisy": {"mean_mm": [0.8, -0.7, 0.2]},                        # training noise, no effect
+}
+REFERENCES = {"constant": ("The mean head at the train split's pose prior.", {"angle_error_deg": 31.6}),
+              "camera_floor": ("The ground-truth mesh under the best weak-perspective fit.",
+                               {"angle_error_deg": 0.0, "nme_reprojection": 1.0})}
 
 
-def per_sample(n: int = 40) -> pd.DataFrame:
+def write_study(root, seeds=(1, 2, 3), references=True):
+    """study.json, runs/<run>/{metrics.json, per_sample.csv} (l3d50_proj0.05 an alias of the
+    baseline), references/ with references.json, as the study and the reference evaluation write them."""
     rng = np.random.default_rng(0)
-    base = rng.uniform(1, 3, n)
-    rows = []
-    for abl, shift in (("baseline", 0.0), ("alias", 0.0), ("worse", 0.5)):
-        for i in range(n):
-            rows.append({"ablation": abl, "item_id": f"i{i}", "seed": 1, "mean_mm": base[i] + shift,
-                         "z5_accuracy": 0.9 - shift / 10})
-    return pd.DataFrame(rows)
+    items = [f"test_{i:06d}" for i in range(N)]
+    image = {k: v * rng.uniform(0.5, 1.5, N) for k, v in BASE.items()}  # per-image difficulty
+    runs = []
+    for s in seeds:
+        seed_noise = {k: v * rng.normal(0, 0.02) for k, v in BASE.items()}
+        base = {k: image[k] + seed_noise[k] + rng.normal(0, 0.01 * BASE[k], N) for k in BASE}
+        for abl in ("baseline", *EFFECTS):
+            values = {k: v + np.asarray(EFFECTS.get(abl, {}).get(k, [0] * len(seeds)))[s - 1]
+                      for k, v in base.items()}
+            _write_run(root / "runs" / f"{abl}_s{s}", items, values)
+            runs.append({"run": f"{abl}_s{s}", "ablation": abl, "seed": s,
+                         "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []})
+    (root / "study.json").write_text(json.dumps({"preset": "fake", "seeds": len(seeds), "runs": runs}))
+    if references:
+        for name, (_, shift) in REFERENCES.items():
+            _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE})
+        (root / "references" / "references.json").write_text(
+            json.dumps({name: text for name, (text, _) in REFERENCES.items()}))
+    return root
 
 
-def test_paired_deltas_and_their_table():
-    deltas = report.paired_deltas(per_sample())
-    worse = deltas[(deltas.ablation == "worse") & (deltas.metric == "mean_mm")].iloc[0]
-    assert abs(worse.delta - 0.5) < 1e-12
-    assert worse.p_value < 1e-6 and worse.n == 40
-    table = report.format_deltas(deltas)
-    assert list(table.index) == ["alias", "worse"]
-    assert list(table.columns) == ["Mean (mm)", "Z₅ accuracy (reference pairing)"]
-    assert table.loc["alias", "Mean (mm)"] == "identical"
-    assert table.loc["worse", "Mean (mm)"].startswith("+0.50 (p=")
-    assert table.loc["worse", "Z₅ accuracy (reference pairing)"].startswith("-0.050 (p=")
-    assert report.format_deltas(pd.DataFrame()).empty
+def _write_run(d, items, values):
+    d.mkdir(parents=True)
+    df = pd.DataFrame({"item_id": items, "pose": "front", **values})
+    df.to_csv(d / "per_sample.csv", index=False)
+    (d / "metrics.json").write_text(json.dumps({k: float(df[k].mean()) for k in values} | {"n_samples": len(df)}))
 
 
-# ------------------------------------------------------------------------------------------------
-# Mesh renders in image space (x right, y down, z away from the viewer): the near surface wins
-# ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = write_study(tmp_path_factory.mktemp("study"))
+    diffs = report.baseline_differences(report.per_sample_table(root))
+    return root, diffs.set_index(["ablation", "metric"])
+
+
+def test_known_effects_are_found_and_training_noise_is_not(study):
+    _, d = study
+    angle = d.loc[("no_lproj", "angle_error_deg")]
+    assert angle.verdict == "worse" and 19.6 < angle.lo < angle.delta < angle.hi < 20.3
+    assert abs(angle.delta - 20.0) < 1e-9 and angle.p_holm < 0.05 and angle.seeds == 3 and angle.n_items == N
+    assert d.loc[("good", "mean_mm")].verdict == "better"
+    assert d.loc[("good", "z5_accuracy")].verdict == "worse"  # higher is better
+    noisy = d.loc[("noisy", "mean_mm")]
+    assert noisy.verdict == "not distinguishable" and noisy.lo < 0 < noisy.hi
+    assert d.loc[("no_lproj", "mean_mm")].verdict == "not distinguishable"
+
+
+def test_alias_is_the_baseline_and_not_tested(study):
+    _, d = study
+    alias = d.loc["l3d50_proj0.05"]
+    assert (alias.verdict == "same run as baseline").all() and (alias.delta == 0).all()
+    assert alias.p_holm.isna().all()
+    tested = d.p_holm.notna().sum()
+    assert tested == 3 * len(report.METRICS)  # no_lproj, good, noisy; Holm over those only
+    np.testing.assert_allclose(d.p_holm.dropna(), stats.holm(d.p.where(d.p_holm.notna()).to_numpy())[d.p_holm.notna()])
+
+
+def test_summary_csv_has_spread_differences_and_reference_rows(study):
+    root, d = study
+    summary = pd.read_csv(report.write_summary(root), index_col="ablation")
+    assert list(summary.index) == ["baseline", "l3d50_proj0.05", "no_lproj", "good", "noisy", "constant",
+                                   "camera_floor"]
+    assert (summary.kind == ["run"] * 5 + ["reference"] * 2).all()
+    assert summary.loc["constant", "description"] == REFERENCES["constant"][0]
+    assert np.isclose(summary.loc["constant", "angle_error_deg"], 31.6) and np.isnan(summary.loc["constant", "seeds"])
+    runs = report.run_table(root)
+    seed_values = runs[runs.ablation == "noisy"].mean_mm
+    assert summary.loc["noisy", "seeds"] == 3
+    assert np.isclose(summary.loc["noisy", "mean_mm_sd"], seed_values.std())
+    assert np.isclose(summary.loc["noisy", "mean_mm_min"], seed_values.min())
+    assert np.isclose(summary.loc["noisy", "mean_mm_max"], seed_values.max())
+    for stat in ("delta", "lo", "hi", "p", "p_holm"):
+        assert np.isclose(summary.loc["no_lproj", f"angle_error_deg_{stat}"], d.loc[("no_lproj", "angle_error_deg"), stat])
+    assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "worse"
+    assert summary.loc[["constant", "camera_floor"], "angle_error_deg_verdict"].isna().all()
+    table = report.format_summary(report.summary_table(runs, report.reference_table(root)))
+    assert table.loc["constant", "kind"] == "reference" and table.loc["constant", "description"]
+    assert re.fullmatch(r"\d+\.\d\d \(\d+\.\d\d–\d+\.\d\d\)", table.loc["noisy", "Mean (mm)"])
+
+
+def test_findings_name_effects_references_and_not_aliases(study):
+    root, d = study
+    text = report.findings(report.run_table(root), d.reset_index(), report.reference_table(root))
+    lines = text.splitlines()
+    assert "3 seeds" in lines[0] and "Holm" in lines[0]
+    no_lproj = next(line for line in lines if "**no_lproj**" in line)
+    assert "Angle error (°) +20.00 [+" in no_lproj and "worse" in no_lproj
+    assert "equals `constant`'s (31.60)" in no_lproj and "camera_floor" not in no_lproj
+    assert "Mean (mm)" not in no_lproj  # not distinguishable: not a finding
+    good = next(line for line in lines if "**good**" in line)
+    assert "Mean (mm) -0.50 [" in good and "better" in good and "worse" in good
+    assert "- **noisy**: no metric distinguishable from training noise." in lines
+    assert "l3d50_proj0.05" not in text
+
+
+def test_one_seed_measures_no_training_noise(tmp_path):
+    root = write_study(tmp_path, seeds=(1,))
+    d = report.baseline_differences(report.per_sample_table(root))
+    tested = d[~d.alias]
+    assert (tested.verdict == "training noise unmeasured (1 seed)").all()
+    assert tested[["lo", "hi", "p", "p_holm"]].isna().all().all()
+    assert np.isclose(d.set_index(["ablation", "metric"]).loc[("no_lproj", "angle_error_deg"), "delta"], 19.6)
+    text = report.findings(report.run_table(root), d, report.reference_table(root))
+    assert text.startswith("Training noise is unmeasured")
+    assert "not yet distinguishable from training noise" in text and "p=" not in text and "[" not in text
+    assert "equals `constant`'s" in text and "l3d50_proj0.05" not in text
+    assert "Median (mm)" not in text  # unchanged metrics are not listed
+    cells = report.format_differences(d)
+    assert cells.loc["no_lproj", "Angle error (°)"] == "+19.60 training noise unmeasured (1 seed)"
+    assert cells.loc["l3d50_proj0.05", "Angle error (°)"] == "same run as baseline"
+    summary = pd.read_csv(report.write_summary(root), index_col="ablation")
+    assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "training noise unmeasured (1 seed)"
+    assert summary.loc["no_lproj", ["angle_error_deg_p", "angle_error_deg_p_holm"]].isna().all()
+
+
+def test_equals_reference():
+    assert report.equals_reference([31.0, 32.0, 31.4], 31.7)      # inside the seed interval
+    assert report.equals_reference([31.0], 31.5)                  # within 2 %
+    assert not report.equals_reference([31.0], 30.0)              # one seed: tolerance only
+    assert not report.equals_reference([20.0, 20.1, 19.9], 31.6)
+    assert not report.equals_reference([np.nan], 1.0)
+
+
+def test_reference_table_absent_and_bad_files(tmp_path):
+    assert report.reference_table(tmp_path).empty
+    root = write_study(tmp_path / "s", seeds=(1,))
+    (root / "references" / "references.json").write_text("{not json")
+    (root / "references" / "constant" / "metrics.json").write_text("[1, 2]")
+    with pytest.warns(UserWarning) as caught:
+        refs = report.reference_table(root)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(str(root / "references" / "references.json") + ": not readable JSON") for m in messages)
+    assert any(m.startswith(str(root / "references" / "constant" / "metrics.json") + ": expected a JSON object")
+               for m in messages)
+    assert list(refs.index) == ["camera_floor"] and refs.loc["camera_floor", "description"] == ""
+
+
 RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
 
 

@@ -77,11 +77,15 @@ def test_every_run_wrote_its_files(smoke_study):
 def test_summary_has_every_ablation_and_metric(smoke_study):
     out, _ = smoke_study
     summary = pd.read_csv(out / "summary.csv", index_col="ablation")
+    summary = summary[summary.kind == "run"]
     assert set(summary.index) == set(ABLATIONS)
     assert summary.loc[list(ABLATIONS), list(SIX)].notna().all().all()
     pd.testing.assert_series_equal(summary.loc["baseline", list(SIX)], summary.loc["l3d50_proj0.05", list(SIX)],
                                    check_names=False)
     assert summary.loc["baseline", "seeds"] == 1
+    tested = summary.drop(index=["baseline", "l3d50_proj0.05"])
+    assert (tested[[f"{k}_verdict" for k in SIX]] == "training noise unmeasured (1 seed)").all().all()
+    assert (summary.loc["l3d50_proj0.05", [f"{k}_verdict" for k in SIX]] == "same run as baseline").all()
 
 
 def test_report_html_is_self_contained(smoke_study):
@@ -93,6 +97,7 @@ def test_report_html_is_self_contained(smoke_study):
         assert name in html
     assert html.count("data:image/png;base64") >= 5
     assert "Traceback" not in html  # no cell of the aggregate notebook failed
+    assert "Findings" in html and "Training noise is unmeasured" in html  # one seed: no verdicts
 
 
 def test_report_in_headless_chromium(smoke_study):
