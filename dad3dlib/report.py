@@ -119,14 +119,15 @@ def summary_table(runs: pd.DataFrame, references: pd.DataFrame | None = None) ->
     return out.astype({"seeds": "Int64"}).rename_axis("ablation")
 
 
-def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline", n_boot: int = stats.N_BOOT,
-                         seed: int = stats.RNG_SEED) -> pd.DataFrame:
+def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
     """Per ablation and metric, the difference from the baseline with the seed as the unit (see
     :mod:`dad3dlib.stats`): ``delta`` = mean over the shared seeds of the mean per-image difference
-    (ablation − baseline, same seed, same image), its hierarchical-bootstrap 95 % interval
-    (``lo``, ``hi``), the bootstrap ``p``, ``p_holm`` (Holm over every ablation × metric tested) and
-    ``verdict``: better / worse / not distinguishable; 'training noise unmeasured (1 seed)' (no
-    interval, no p) when only one seed is shared; 'same run as baseline' for an alias (not tested).
+    (ablation − baseline, same seed, same image), ``delta_sd`` its SD over seeds, the 95 % interval
+    with training and test-image noise (``lo``, ``hi``: Student's t on the seeds), ``p``, ``p_holm``
+    (Holm over every ablation × metric tested), ``verdict``: better / worse / not distinguishable;
+    'training noise unmeasured (1 seed)' (no interval, no p) when only one seed is shared; 'same run
+    as baseline' for an alias (not tested); and the interval from test-image noise alone
+    (``img_lo``, ``img_hi``, also with one seed).
 
     For median_mm and std_mm the per-image values are each image's median and SD, so delta is the
     mean difference of those, not the difference of the pooled values in :func:`summary_table`.
@@ -144,38 +145,44 @@ def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline", n
         if not seeds:
             continue
         items = sorted(set(df.index.get_level_values(1)) | set(base.index.get_level_values(1)))
-        grid = pd.MultiIndex.from_product([seeds, items])
-        x = (df.reindex(grid)[metrics].to_numpy() - base.reindex(grid)[metrics].to_numpy())
-        x = x.reshape(len(seeds), len(items), len(metrics)).transpose(2, 0, 1)  # [M,S,N]
-        alias = (df.reindex(grid)["run"].to_numpy() == base.reindex(grid)["run"].to_numpy()).all()
-        lo = hi = p = np.full(len(metrics), np.nan)
-        if len(seeds) > 1:
-            boot = stats.hierarchical_bootstrap(x, n_boot, seed)
-            (lo, hi), p = stats.percentile_interval(boot), stats.bootstrap_p(boot)
+        x = _cube(df, seeds, items, metrics) - _cube(base, seeds, items, metrics)  # [M,S,N]
+        alias = (_cube(df, seeds, items, ["run"]) == _cube(base, seeds, items, ["run"])).all()
+        t = stats.seed_t_test(x)
         rows += [{"ablation": abl, "metric": k, "seeds": len(seeds), "n_items": int(np.isfinite(x[j]).any(0).sum()),
-                  "alias": alias, "delta": d, "lo": l, "hi": h, "p": pv}
-                 for j, (k, d, l, h, pv) in enumerate(zip(metrics, stats.seed_mean(x), lo, hi, p))]
+                  "alias": alias, "delta": t.delta[j], "delta_sd": t.delta_sd[j], "lo": t.lo[j], "hi": t.hi[j],
+                  "p": t.p[j], "img_lo": t.img_lo[j], "img_hi": t.img_hi[j]}
+                 for j, k in enumerate(metrics)]
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     tested = (out.seeds > 1) & ~out.alias
-    out["p_holm"] = stats.holm(out.p.where(tested).to_numpy())
+    out[["lo", "hi", "p"]] = out[["lo", "hi", "p"]].where(tested)
+    out["p_holm"] = stats.holm(out.p.to_numpy())
     verdict = stats.verdicts(out.delta, out.p_holm, [METRICS[k][1] for k in out.metric])
     out["verdict"] = np.where(out.alias, "same run as baseline", np.where(out.seeds > 1, verdict, stats.UNMEASURED))
     return out
 
 
+def _cube(indexed: pd.DataFrame, seeds: list, items: list, metrics: list[str]) -> np.ndarray:
+    """Per-sample values indexed by (seed, item_id) -> [M,S,N] on the given seeds and items (NaN where
+    missing)."""
+    grid = pd.MultiIndex.from_product([seeds, items])
+    return indexed.reindex(grid)[metrics].to_numpy().reshape(len(seeds), len(items), len(metrics)).transpose(2, 0, 1)
+
+
 def format_differences(differences: pd.DataFrame) -> pd.DataFrame:
     """:func:`baseline_differences` as one row per ablation and one labelled column per metric, each
-    cell 'Δ [lo, hi] verdict' (just 'Δ' and the verdict with one seed)."""
+    cell 'Δ [lo, hi] verdict; test images only [img_lo, img_hi]' (no seed-level interval with one
+    seed)."""
     if differences.empty:
         return pd.DataFrame()
 
     def cell(r) -> str:
         if r.alias:
             return r.verdict
-        interval = f" [{_num(r.metric, r.lo, True)}, {_num(r.metric, r.hi, True)}]" if np.isfinite(r.lo) else ""
-        return f"{_num(r.metric, r.delta, True)}{interval} {r.verdict}"
+        interval = f" {_interval(r.metric, r.lo, r.hi)}" if np.isfinite(r.lo) else ""
+        images = f"; test images only {_interval(r.metric, r.img_lo, r.img_hi)}" if np.isfinite(r.img_lo) else ""
+        return f"{_num(r.metric, r.delta, True)}{interval} {r.verdict}{images}"
 
     table = differences.assign(cell=[cell(r) for r in differences.itertuples()]).pivot(
         index="ablation", columns="metric", values="cell")
@@ -189,14 +196,20 @@ def _num(metric: str, value: float, signed: bool = False) -> str:
     return f"{value:{'+' if signed else ''}.{3 if metric.startswith('z5') else 2}f}"
 
 
-FEW_SEEDS = 10  # below this the Findings say that the bootstrap interval is coarse (see dad3dlib.stats)
+def _interval(metric: str, lo: float, hi: float) -> str:
+    return f"[{_num(metric, lo, True)}, {_num(metric, hi, True)}]"
+
+
 REL_TOL = 0.02  # "equals a reference": within 2 % of the reference's value (or inside the seed interval)
 
 
-def equals_reference(seed_values: np.ndarray, reference: float, rel_tol: float = REL_TOL) -> bool:
+def equals_reference(seed_values: np.ndarray, reference: float, se_img: float = 0.0,
+                     rel_tol: float = REL_TOL) -> bool:
     """Whether an ablation's metric equals a reference predictor's: the reference's value lies inside
-    the seed-level 95 % interval of the ablation's mean (a bootstrap over its per-seed values [S];
-    none with one seed), or within ``rel_tol`` of the reference's value."""
+    the seed-level 95 % t interval of the ablation's mean over its per-seed values [S], with the
+    test-image standard error ``se_img`` of that mean added in quadrature (as in
+    :func:`dad3dlib.stats.seed_t_test`; no interval with one seed), or within ``rel_tol`` of the
+    reference's value."""
     v = np.asarray(seed_values, dtype=np.float64)
     v = v[np.isfinite(v)]
     if not len(v) or not np.isfinite(reference):
@@ -205,17 +218,18 @@ def equals_reference(seed_values: np.ndarray, reference: float, rel_tol: float =
         return True
     if len(v) < 2:
         return False
-    lo, hi = stats.percentile_interval(stats.hierarchical_bootstrap(v[None, :, None]))
-    return bool(lo[0] <= reference <= hi[0])
+    lo, hi, _ = stats.t_interval(v.mean(), np.sqrt(v.var(ddof=1) / len(v) + se_img ** 2), len(v) - 1)
+    return bool(lo <= reference <= hi)
 
 
 def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataFrame | None = None,
-             baseline: str = "baseline") -> str:
+             baseline: str = "baseline", per_sample: pd.DataFrame | None = None) -> str:
     """The report's "Findings" (markdown): an opening sentence on what the verdicts can say, then one
     sentence per ablation (aliases of the baseline left out) naming the metrics whose difference from
     the baseline is distinguishable from training noise, with the effect and its 95 % interval, and
-    the reference predictors it equals on those metrics (:func:`equals_reference`). With one seed
-    every change is listed, as not yet distinguishable from training noise."""
+    the reference predictors it equals on those metrics (:func:`equals_reference`, with the test-image
+    standard error of the ablation's mean from ``per_sample`` when given). With one seed every change
+    is listed, as not yet distinguishable from training noise."""
     if differences.empty:
         return f"No finished `{baseline}` run to compare with yet."
     seeds = int(differences.seeds.max())
@@ -225,10 +239,11 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
                  "below can be told from training noise; the changes are listed as measured, not as "
                  "findings (run the study with `--seeds 3` or more)."]
     else:
-        lines = [f"Differences from `{baseline}` beyond training noise: hierarchical bootstrap over {seeds} "
-                 f"seeds and the test images, 95 % intervals, Holm-corrected over {tested} comparisons."
-                 + (f" With {seeds} seeds an interval cannot reach beyond the per-seed differences and can be "
-                    "too narrow: read the verdicts as a screen, not a guarantee." if seeds < FEW_SEEDS else "")]
+        _, quantile, _ = stats.t_interval(0.0, 1.0, seeds - 1)
+        lines = [f"Differences from `{baseline}` beyond training noise: 95 % Student-t intervals over {seeds} "
+                 f"seeds (± {quantile:.2f} standard errors, {seeds - 1} degrees of freedom) with the test images' "
+                 f"standard error added, Holm-corrected over {tested} comparisons. With few seeds only large, "
+                 "consistent effects can be told from training noise; not distinguishable does not mean equal."]
     done = runs[runs.status == "finished"]
     refs = references if references is not None else pd.DataFrame()
     for abl, d in differences.groupby("ablation", sort=False):
@@ -241,30 +256,42 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
             continue
         effects = []
         for r in shown.itertuples():
-            interval = "" if one_seed else f" [{_num(r.metric, r.lo, True)}, {_num(r.metric, r.hi, True)}] {r.verdict}"
+            interval = "" if one_seed else f" {_interval(r.metric, r.lo, r.hi)} {r.verdict}"
             effects.append(f"{METRICS[r.metric][0]} {_num(r.metric, r.delta, True)}{interval}")
         text = f"- **{abl}**: " + ", ".join(effects) + (
             " (not yet distinguishable from training noise)" if one_seed else f" than `{baseline}`")
+        se_img = _own_image_se(per_sample, abl)
         same = []
         for r in shown.itertuples():
             values = done.loc[done.ablation == abl, r.metric].to_numpy()
             matches = [f"`{name}`'s ({_num(r.metric, ref[r.metric])})" for name, ref in refs.iterrows()
-                       if r.metric in ref and equals_reference(values, ref[r.metric])]
+                       if r.metric in ref and equals_reference(values, ref[r.metric], se_img.get(r.metric, 0.0))]
             if matches:
                 same.append(f"its {METRICS[r.metric][0]} equals " + " and ".join(matches))
         lines.append(text + ("; " + "; ".join(same) if same else "") + ".")
     return lines[0] + "\n\n" + "\n".join(lines[1:])
 
 
+def _own_image_se(per_sample: pd.DataFrame | None, ablation: str) -> dict[str, float]:
+    """metric -> the test-image standard error of an ablation's own mean over its seeds (see
+    :func:`dad3dlib.stats.seed_t_test`); empty without per-sample values."""
+    if per_sample is None or per_sample.empty:
+        return {}
+    own = per_sample[per_sample.ablation == ablation].set_index(["seed", "item_id"])
+    metrics = [k for k in METRICS if k in own]
+    seeds, items = sorted(set(own.index.get_level_values(0))), sorted(set(own.index.get_level_values(1)))
+    return dict(zip(metrics, stats.seed_t_test(_cube(own, seeds, items, metrics)).se_img))
+
+
 def write_summary(study_dir: str | Path) -> Path:
     """``summary.csv``: :func:`summary_table` (runs and reference predictors, mean and seed spread of
-    each metric) joined with :func:`baseline_differences` (``<metric>_delta``, ``_lo``, ``_hi``,
-    ``_p``, ``_p_holm``, ``_verdict``)."""
+    each metric) joined with :func:`baseline_differences` (``<metric>_delta``, ``_delta_sd``, ``_lo``,
+    ``_hi``, ``_p``, ``_p_holm``, ``_verdict``, ``_img_lo``, ``_img_hi``)."""
     study_dir = Path(study_dir)
     summary = summary_table(run_table(study_dir), reference_table(study_dir))
     diffs = baseline_differences(per_sample_table(study_dir))
     if not diffs.empty:
-        stats_cols = ["delta", "lo", "hi", "p", "p_holm", "verdict"]
+        stats_cols = ["delta", "delta_sd", "lo", "hi", "p", "p_holm", "verdict", "img_lo", "img_hi"]
         wide = diffs.pivot(index="ablation", columns="metric", values=stats_cols)
         wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
         summary = summary.join(wide[[f"{m}_{stat}" for m in METRICS for stat in stats_cols

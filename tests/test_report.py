@@ -6,6 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from scipy.stats import t as student_t
+
 from dad3dlib import report, stats
 
 N = 60
@@ -14,7 +16,7 @@ BASE = {"median_mm": 2.0, "mean_mm": 2.6, "std_mm": 2.4, "angle_error_deg": 11.6
 # ablation -> {metric: per-seed shift from the baseline's run of the same seed}
 EFFECTS = {
     "no_lproj": {"angle_error_deg": [19.6, 20.3, 20.1]},           # +20°: the constant predictor's 31.6
-    "good": {"mean_mm": [-0.5, -0.45, -0.55], "z5_accuracy": [-0.05, -0.04, -0.06]},
+    "good": {"mean_mm": [-0.5, -0.48, -0.52], "z5_accuracy": [-0.05, -0.049, -0.051]},
     "noisy": {"mean_mm": [0.8, -0.7, 0.2]},                        # training noise, no effect
 }
 REFERENCES = {"constant": ("The mean head at the train split's pose prior.", {"angle_error_deg": 31.6}),
@@ -64,7 +66,12 @@ def study(tmp_path_factory):
 def test_known_effects_are_found_and_training_noise_is_not(study):
     _, d = study
     angle = d.loc[("no_lproj", "angle_error_deg")]
-    assert angle.verdict == "worse" and 19.6 < angle.lo < angle.delta < angle.hi < 20.3
+    shifts = EFFECTS["no_lproj"]["angle_error_deg"]
+    # the fabricated differences are the same on every image: the seed-level t interval alone
+    half = student_t.ppf(0.975, 2) * np.std(shifts, ddof=1) / np.sqrt(3)
+    assert angle.verdict == "worse" and np.isclose(angle.lo, 20.0 - half) and np.isclose(angle.hi, 20.0 + half)
+    assert angle.lo < min(shifts) and angle.hi > max(shifts)  # t(0.975, 2) = 4.30 reaches past the seeds
+    assert np.isclose(angle.delta_sd, np.std(shifts, ddof=1)) and np.isclose(angle.img_lo, 20.0)
     assert abs(angle.delta - 20.0) < 1e-9 and angle.p_holm < 0.05 and angle.seeds == 3 and angle.n_items == N
     assert d.loc[("good", "mean_mm")].verdict == "better"
     assert d.loc[("good", "z5_accuracy")].verdict == "worse"  # higher is better
@@ -97,7 +104,7 @@ def test_summary_csv_has_spread_differences_and_reference_rows(study):
     assert np.isclose(summary.loc["noisy", "mean_mm_sd"], seed_values.std())
     assert np.isclose(summary.loc["noisy", "mean_mm_min"], seed_values.min())
     assert np.isclose(summary.loc["noisy", "mean_mm_max"], seed_values.max())
-    for stat in ("delta", "lo", "hi", "p", "p_holm"):
+    for stat in ("delta", "delta_sd", "lo", "hi", "p", "p_holm", "img_lo", "img_hi"):
         assert np.isclose(summary.loc["no_lproj", f"angle_error_deg_{stat}"], d.loc[("no_lproj", "angle_error_deg"), stat])
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "worse"
     assert summary.loc[["constant", "camera_floor"], "angle_error_deg_verdict"].isna().all()
@@ -126,7 +133,8 @@ def test_one_seed_measures_no_training_noise(tmp_path):
     d = report.baseline_differences(report.per_sample_table(root))
     tested = d[~d.alias]
     assert (tested.verdict == "training noise unmeasured (1 seed)").all()
-    assert tested[["lo", "hi", "p", "p_holm"]].isna().all().all()
+    assert tested[["lo", "hi", "p", "p_holm", "delta_sd"]].isna().all().all()
+    assert tested[["img_lo", "img_hi"]].notna().all().all()  # the test images still give an interval
     assert np.isclose(d.set_index(["ablation", "metric"]).loc[("no_lproj", "angle_error_deg"), "delta"], 19.6)
     text = report.findings(report.run_table(root), d, report.reference_table(root))
     assert text.startswith("Training noise is unmeasured")
@@ -134,7 +142,8 @@ def test_one_seed_measures_no_training_noise(tmp_path):
     assert "equals `constant`'s" in text and "l3d50_proj0.05" not in text
     assert "Median (mm)" not in text  # unchanged metrics are not listed
     cells = report.format_differences(d)
-    assert cells.loc["no_lproj", "Angle error (°)"] == "+19.60 training noise unmeasured (1 seed)"
+    assert cells.loc["no_lproj", "Angle error (°)"] == ("+19.60 training noise unmeasured (1 seed); "
+                                                        "test images only [+19.60, +19.60]")
     assert cells.loc["l3d50_proj0.05", "Angle error (°)"] == "same run as baseline"
     summary = pd.read_csv(report.write_summary(root), index_col="ablation")
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "training noise unmeasured (1 seed)"
@@ -143,10 +152,26 @@ def test_one_seed_measures_no_training_noise(tmp_path):
 
 def test_equals_reference():
     assert report.equals_reference([31.0, 32.0, 31.4], 31.7)      # inside the seed interval
+    assert report.equals_reference([31.0, 32.0, 31.4], 32.3)      # t interval reaches past the largest seed
+    assert not report.equals_reference([31.0, 32.0, 31.4], 33.0)
     assert report.equals_reference([31.0], 31.5)                  # within 2 %
     assert not report.equals_reference([31.0], 30.0)              # one seed: tolerance only
+    assert not report.equals_reference([31.0], 30.0, se_img=5.0)
     assert not report.equals_reference([20.0, 20.1, 19.9], 31.6)
+    assert not report.equals_reference([20.0, 20.1, 19.9], 21.0)  # seeds agree: 20 ± 0.25
+    assert report.equals_reference([20.0, 20.1, 19.9], 21.0, se_img=0.3)  # the test images' SE widens it
     assert not report.equals_reference([np.nan], 1.0)
+
+
+def test_findings_compare_references_with_the_test_image_se(study):
+    """no_lproj's angle error is 31.55 over seeds 31.27-31.88 (seed-level half-width 0.77); the test
+    images' SE of its mean (0.44) widens the interval to ± 2.05, which reaches a reference at 33.05."""
+    root, d = study
+    near = pd.DataFrame({"angle_error_deg": [33.05]}, index=["near"])
+    runs = report.run_table(root)
+    without = report.findings(runs, d.reset_index(), near)
+    with_images = report.findings(runs, d.reset_index(), near, per_sample=report.per_sample_table(root))
+    assert "equals `near`'s" not in without and "equals `near`'s (33.05)" in with_images
 
 
 def test_reference_table_absent_and_bad_files(tmp_path):

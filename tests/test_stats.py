@@ -1,6 +1,8 @@
-"""Seed-level statistics: hierarchical bootstrap, bootstrap p, Holm, verdicts."""
+"""Seed-level statistics: Student-t interval over seeds with the test-image SE, Holm, verdicts."""
 import numpy as np
-from scipy.stats import wilcoxon
+import pytest
+from scipy.stats import t as student_t
+from scipy.stats import ttest_1samp, wilcoxon
 
 from dad3dlib import stats
 
@@ -12,59 +14,108 @@ def differences(seed_effects, image_sd: float, n: int = 300, rng_seed: int = 0) 
     return (offsets + rng.normal(0, image_sd, (len(offsets), n)))[None]
 
 
-def verdict(x: np.ndarray, lower_is_better: bool = True) -> tuple[str, float, float, float]:
-    boot = stats.hierarchical_bootstrap(x)
-    (lo,), (hi,) = stats.percentile_interval(boot)
-    (p,) = stats.bootstrap_p(boot)
-    return stats.verdicts(stats.seed_mean(x), [p], [lower_is_better])[0], lo, hi, p
+def verdict(x: np.ndarray, lower_is_better: bool = True) -> tuple[str, stats.SeedTest]:
+    r = stats.seed_t_test(x)
+    return stats.verdicts(r.delta, r.p, [lower_is_better])[0], r
 
 
 def test_known_effect_is_found_with_its_sign():
     x = differences([1.1, 0.9, 1.0], image_sd=1.0)
-    v, lo, hi, p = verdict(x)
-    assert 0 < lo < stats.seed_mean(x)[0] < hi and p < 0.01
+    v, r = verdict(x)
+    assert 0 < r.lo[0] < r.delta[0] < r.hi[0] and r.p[0] < 0.01
     assert v == stats.WORSE  # lower is better, the ablation is higher
     assert verdict(x, lower_is_better=False)[0] == stats.BETTER
     assert verdict(-x)[0] == stats.BETTER
 
 
 def test_null_effect_with_training_noise_is_not_distinguishable():
-    """Seeds disagree (+0.8, −0.7, +0.2) while images agree to 0.01: per-image tests see certainty."""
+    """Seeds disagree (+0.8, −0.7, +0.2) while images agree to 0.01: per-image tests, and the
+    test-image-only interval, see certainty; the seed-level interval does not."""
     x = differences([0.8, -0.7, 0.2], image_sd=0.01)
     assert wilcoxon(x[0, 0]).pvalue < 1e-40 and wilcoxon(x[0].ravel()).pvalue < 1e-10
-    v, lo, hi, p = verdict(x)
-    assert v == stats.NOT_DISTINGUISHABLE and lo < 0 < hi and p > 0.5
-    assert lo < -0.6 and hi > 0.7  # the interval spans the seeds, not the image noise
+    v, r = verdict(x)
+    assert v == stats.NOT_DISTINGUISHABLE and r.lo[0] < 0 < r.hi[0] and r.p[0] > 0.5
+    assert r.lo[0] < -0.7 and r.hi[0] > 0.8  # the interval spans the seeds, not the image noise
+    assert 0 < r.img_lo[0] < r.img_hi[0] < 0.11  # test images alone: narrow, excludes 0
+    assert np.isclose(r.delta_sd[0], np.std(x[0].mean(1), ddof=1))
 
 
-def test_bootstrap_is_the_two_stage_resampling():
-    """The vectorised bootstrap equals drawing seeds, then images within each drawn seed, by hand."""
-    rng = np.random.default_rng(1)
-    x = rng.normal(0, 1, (2, 3, 20))
-    boot = stats.hierarchical_bootstrap(x, n_boot=5, seed=3)
-    r = np.random.default_rng(3)
-    seeds, items = r.integers(0, 3, (5, 3)), r.integers(0, 20, (15, 20)).reshape(5, 3, 20)
-    by_hand = [[np.mean([x[c, seeds[b, k], items[b, k]].mean() for k in range(3)]) for b in range(5)]
-               for c in range(2)]
-    np.testing.assert_allclose(boot, by_hand, rtol=1e-12)
-    np.testing.assert_array_equal(boot, stats.hierarchical_bootstrap(x, n_boot=5, seed=3))  # reproducible
+def test_seed_level_part_is_the_one_sample_t_test_of_the_per_seed_differences():
+    """Without image noise the interval and p are scipy's one-sample t-test on the S per-seed means."""
+    x = np.repeat(np.array([[0.3, 0.5, 0.1, 0.6]])[..., None], 40, axis=2)  # [1,4,40], constant over images
+    r = stats.seed_t_test(x)
+    ref = ttest_1samp(x[0, :, 0], 0.0)
+    ci = ref.confidence_interval(0.95)
+    np.testing.assert_allclose([r.lo[0], r.hi[0], r.p[0]], [ci.low, ci.high, ref.pvalue], rtol=1e-10)
+    assert r.se_img[0] == 0 and r.img_lo[0] == r.img_hi[0] == r.delta[0]
+
+
+def test_image_noise_shared_by_the_seeds_is_added():
+    """Every seed sees the same images: seeds agree exactly, yet the test split is a sample of images
+    whose mean difference is uncertain. The seed spread is 0; the image SE keeps the interval honest."""
+    per_image = np.random.default_rng(2).normal(0.1, 2.0, 60)
+    x = np.tile(per_image, (3, 1))[None]  # [1,3,60]
+    v, r = verdict(x)
+    assert r.delta_sd[0] == 0 and v == stats.NOT_DISTINGUISHABLE and r.lo[0] < 0 < r.hi[0]
+    se_img = per_image.std(ddof=1) / np.sqrt(60)
+    np.testing.assert_allclose(r.se_img[0], se_img, rtol=1e-12)
+    np.testing.assert_allclose(r.hi[0] - r.delta[0], student_t.ppf(0.975, 2) * se_img, rtol=1e-12)  # t(S-1) on both
+    ci = ttest_1samp(per_image, 0.0).confidence_interval(0.95)  # test images only: paired t over images
+    np.testing.assert_allclose([r.img_lo[0], r.img_hi[0]], [ci.low, ci.high], rtol=1e-10)
+
+
+def test_both_parts_add_in_quadrature():
+    rng = np.random.default_rng(4)
+    x = rng.normal(0.2, 1.0, (2, 3, 50)) + rng.normal(0, 0.5, (2, 3, 1))
+    r = stats.seed_t_test(x)
+    d, m = x.mean(2), x.mean(1)
+    se = np.sqrt(d.var(1, ddof=1) / 3 + m.var(1, ddof=1) / 50)
+    np.testing.assert_allclose(r.hi - r.delta, student_t.ppf(0.975, 2) * se, rtol=1e-12)
+    np.testing.assert_allclose(r.p, 2 * student_t.sf(np.abs(d.mean(1)) / se, 2), rtol=1e-12)
+
+
+@pytest.mark.parametrize("n_seeds", [2, 3])
+def test_false_positive_rate_under_a_null_effect(n_seeds):
+    """400 simulated studies with no true effect: training noise (SD 1 per seed) dominates, images
+    add a shared part and per-run noise. The t rule declares at most about 5 % significant at 0.05
+    (fewer with 2 seeds: the image SE is a floor under the seed SE, which a t quantile on 1 degree of
+    freedom makes conservative); the old percentile bootstrap over seeds declares every study whose
+    seeds agree in sign (1/4 with 3 seeds, 1/2 with 2)."""
+    rng = np.random.default_rng(5)
+    c, n = 400, 100
+    x = rng.normal(0, 1, (c, n_seeds, 1)) + rng.normal(0, 1, (c, 1, n)) + rng.normal(0, 1, (c, n_seeds, n))
+    new = stats.seed_t_test(x).p < 0.05
+    assert new.mean() <= 0.08 and new.any()
+    # the old rule: percentile interval of the mean over seeds drawn with replacement excludes 0
+    boot = x.mean(2)[:, rng.integers(0, n_seeds, (2000, n_seeds))].mean(-1)  # [C,B]
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=1)
+    old = (lo > 0) | (hi < 0)
+    assert old.mean() >= 0.18 and old.mean() > 3 * new.mean()
+
+
+def test_one_seed_gives_only_the_test_image_interval():
+    x = differences([0.5], image_sd=1.0, n=80)
+    r = stats.seed_t_test(x)
+    assert np.isnan([r.lo[0], r.hi[0], r.p[0], r.delta_sd[0]]).all()
+    ci = ttest_1samp(x[0, 0], 0.0).confidence_interval(0.95)
+    np.testing.assert_allclose([r.img_lo[0], r.img_hi[0]], [ci.low, ci.high], rtol=1e-10)
 
 
 def test_missing_values_are_left_out():
     x = differences([1.0, 1.2, 0.8], image_sd=0.5, n=50)
     with_nan = np.concatenate([x, np.full((1, 3, 7), np.nan)], axis=2)
-    np.testing.assert_allclose(stats.seed_mean(with_nan), stats.seed_mean(x))
-    assert np.isfinite(stats.hierarchical_bootstrap(with_nan, n_boot=200)).all()
-    assert np.isnan(stats.bootstrap_p(np.full((1, 10), np.nan)))[0]
+    for a, b in zip(stats.seed_t_test(with_nan), stats.seed_t_test(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
+    lost_seed = x.copy()
+    lost_seed[:, 2] = np.nan  # a run without per-sample values: 2 seeds, 1 degree of freedom
+    for a, b in zip(stats.seed_t_test(lost_seed), stats.seed_t_test(x[:, :2])):
+        np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
-def test_bootstrap_p_values():
-    b = 999
-    assert stats.bootstrap_p(np.ones((1, b)))[0] == 2 / (b + 1)
-    assert stats.bootstrap_p(np.zeros((1, b)))[0] == 1.0
-    sym = np.linspace(-1, 1, b)[None]
-    assert stats.bootstrap_p(sym)[0] == 1.0
-    assert abs(stats.bootstrap_p(sym + 0.9)[0] - 0.1) < 0.005  # 5 % of draws below 0
+def test_t_interval_edge_cases():
+    lo, hi, p = stats.t_interval([0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 1.0, np.nan], [2, 2, 0, 2])
+    np.testing.assert_array_equal(p[:2], [1.0, 0.0])  # no variation: 0 is p = 1, anything else p = 0
+    assert np.isnan([lo[2], hi[2], p[2], lo[3], p[3]]).all()  # no degrees of freedom, or no SE
 
 
 def test_holm_on_known_p_values():
