@@ -71,6 +71,23 @@ def test_every_run_wrote_its_files(smoke_study):
         assert np.isclose(per_sample["nme_reprojection"].mean(), metrics["nme_reprojection"], rtol=1e-4)
         prov = json.loads((d / "provenance.json").read_text())
         assert prov["status"] == "finished" and prov["packages"]["torch"] and prov["wall_time_s"] > 0
+        # the smoke preset's plateau schedule selects on validation NME; the record says so
+        ckpt = metrics["checkpoint"]
+        assert ckpt["file"] == "checkpoints/best.ckpt" and "validation NME" in ckpt["why"] and ckpt["step"] > 0
+        assert metrics["precision"] in ("bf16-mixed", "32-true")
+
+
+def test_reference_predictors_are_in_the_study(smoke_study):
+    out, _ = smoke_study
+    refs = json.loads((out / "references" / "references.json").read_text())
+    assert set(refs["descriptions"]) == {"constant", "shape_blind", "pose_blind", "camera_floor"}
+    floor = json.loads((out / "references" / "camera_floor" / "metrics.json").read_text())
+    const = json.loads((out / "references" / "constant" / "metrics.json").read_text())
+    assert floor["angle_error_deg"] < 1e-3 and floor["mean_mm"] < 1e-3 and floor["z5_accuracy"] > 0.99
+    assert const["angle_error_deg"] > 1 and const["mean_mm"] > 0.1
+    assert 0 < floor["nme_reprojection"] < const["nme_reprojection"]
+    summary = pd.read_csv(out / "summary.csv", index_col="ablation")
+    assert set(summary[summary.kind == "reference"].index) == set(refs["descriptions"])
         assert (d / "ablation.ipynb").exists() and list(d.glob("**/*.ckpt"))
 
 
