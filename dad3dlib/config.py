@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from . import OUTPUTS_DIR, REPO_ROOT
+from .files import atomic_write
 
 PARAMS_DIR = REPO_ROOT / "params"
 LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
@@ -125,9 +126,18 @@ def load_params(path: str | Path) -> dict:
     return params
 
 
+PLACEMENT_KEYS = ("accelerator", "devices", "num_threads")  # trainer keys the study runner sets per run
+
+
 def training_fingerprint(params: dict) -> str:
-    """A short hash of everything that changes what a run trains (not its name). Data under
-    outputs/ counts by its path relative to outputs/, so a moved checkout keeps its finished runs."""
+    """A short hash of everything that changes what a run trains (not its name, nor where it runs:
+    :data:`PLACEMENT_KEYS`). Params count with their defaults filled in (a run's ``params.yaml``
+    rewritten by training hashes as the params it was started with). Data under outputs/ counts by
+    its path relative to outputs/, so a moved checkout keeps its finished runs."""
+    from .train import with_defaults
+
+    params = with_defaults(params)
+    params["trainer"] = {k: v for k, v in params["trainer"].items() if k not in PLACEMENT_KEYS}
     keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study")}
     root = (keep.get("data") or {}).get("root")
     if root and Path(root).is_absolute() and Path(root).is_relative_to(OUTPUTS_DIR):
@@ -137,7 +147,4 @@ def training_fingerprint(params: dict) -> str:
 
 def save_params(params: dict, path: str | Path) -> None:
     """Write params as YAML atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(params, sort_keys=False))
-    tmp.replace(path)
+    atomic_write(path, yaml.safe_dump(params, sort_keys=False))

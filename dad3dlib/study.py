@@ -13,24 +13,35 @@ runs are skipped, unfinished ones resume from their last checkpoint (the noteboo
 resumes), a failed run is recorded in ``error.json`` without stopping the others. Ablations with
 identical training params (the plan's ``l3d50_proj0.05`` is the baseline) run once and are
 reported under every name.
+
+One runner at a time per study directory (``DIR/study.lock``; a second one is refused, exit 2).
+Ctrl-C stops the study cleanly: no new run starts, the running notebooks stop with their
+checkpoints kept, ``study.json`` records the unfinished runs, and the runner exits 130 with the
+command that resumes it (the same command).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
 import re
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import REPO_ROOT
 from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
+from .files import atomic_write
 from .synthetic_data import DATASET_DIR
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -98,9 +109,16 @@ def provenance(run: Run) -> dict:
 
 def write_json(path: Path, obj) -> None:
     """Atomic JSON write."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write(path, json.dumps(obj, indent=2, default=str))
+
+
+def write_record(path: Path, obj) -> None:
+    """:func:`write_json` for the runner's own records (provenance.json, error.json): a record that
+    cannot be written (a full disk) is one line on stderr, never a crash of the study."""
+    try:
+        write_json(path, obj)
+    except OSError as e:
+        print(f"warning: {e.strerror or e} (record not written)", file=sys.stderr)
 
 
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
@@ -158,37 +176,128 @@ def retire_stale(run_dir: Path, run: Run) -> Path | None:
     return target
 
 
-def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None) -> dict:
-    """Execute the ablation notebook for one run; never raises (failures are recorded)."""
+class StudyBusy(RuntimeError):
+    """The study directory is held by another runner."""
+
+
+@contextlib.contextmanager
+def study_lock(study_dir: Path):
+    """Hold ``study_dir`` for one runner: an exclusive ``flock`` on ``study_dir/study.lock``, which
+    records the holder's pid. The system drops the lock when its holder exits, however it exits, so
+    the file left by a killed runner blocks nobody. Raises StudyBusy naming the holder."""
+    with open(study_dir / "study.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StudyBusy(f"{study_dir}: in use by another study runner (pid {f.read().strip() or '?'}); "
+                            "wait for it to end or stop it, then run this command again") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+
+
+class Interrupt:
+    """Ctrl-C for a study. While :meth:`handling`, the first SIGINT starts no more runs and
+    interrupts the running notebooks' kernels (Lightning stops training at once; the checkpoints
+    written so far stay), so that the study ends early and resumable; a second one kills them."""
+
+    def __init__(self):
+        self._event, self._lock, self._kernels, self._presses = threading.Event(), threading.Lock(), set(), 0
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    @contextlib.contextmanager
+    def handling(self):
+        """SIGINT sets this instead of raising KeyboardInterrupt (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def _on_sigint(self, signum, frame) -> None:
+        self._presses += 1
+        if self._presses == 1:
+            print("\ninterrupted: starting no more runs, stopping the running notebooks (checkpoints are kept; "
+                  "Ctrl-C again kills them)", file=sys.stderr)
+        self._event.set()
+        self.signal_kernels()
+
+    def signal_kernels(self) -> None:
+        """SIGINT to the kernels (again: one that was between two cells ignored it), SIGKILL after
+        a second Ctrl-C."""
+        with self._lock:
+            groups = [getattr(km.provisioner, "pgid", None) for km in self._kernels]
+        for pgid in filter(None, groups):
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, signal.SIGINT if self._presses < 2 else signal.SIGKILL)
+
+    def notebook_options(self) -> dict:
+        """papermill keyword arguments for one notebook whose kernel this reaches once it is ready
+        (kernels run in a session of their own, out of reach of the terminal's Ctrl-C)."""
+        from jupyter_client.manager import AsyncKernelManager
+
+        interrupt, started = self, []
+
+        class KernelManager(AsyncKernelManager):
+            async def start_kernel(self, **kw):
+                await super().start_kernel(**kw)
+                started.append(self)
+
+            async def shutdown_kernel(self, now: bool = False, restart: bool = False):
+                with interrupt._lock:
+                    interrupt._kernels.discard(self)
+                await super().shutdown_kernel(now=now, restart=restart)
+
+        def ready(**_) -> None:
+            with interrupt._lock:
+                interrupt._kernels.update(started)
+
+        return {"kernel_manager_class": KernelManager, "on_notebook_start": ready}
+
+
+def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
+                stop: Interrupt | None = None) -> dict:
+    """Execute the ablation notebook for one run; never raises (failures are recorded). A run that
+    ``stop`` interrupted is "interrupted", not failed: the next study resumes it."""
     import papermill as pm
 
     run_dir = study_dir / "runs" / run.name
-    retire_stale(run_dir, run)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_params(run.params, run_dir / "params.yaml")
-    (run_dir / "error.json").unlink(missing_ok=True)
     start = time.time()
     prov = {**provenance(run), "status": "running", "started_at": start, "device": device}
-    write_json(run_dir / "provenance.json", prov)
     status, error = "finished", None
     try:
+        retire_stale(run_dir, run)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_params(run.params, run_dir / "params.yaml")
+        (run_dir / "error.json").unlink(missing_ok=True)
+        write_record(run_dir / "provenance.json", prov)
         pm.execute_notebook(
             str(ABLATION_NB), str(run_dir / "ablation.ipynb"),
             parameters={"params_file": str(run_dir / "params.yaml"), "out_dir": str(run_dir),
                         "device": device, "num_threads": num_threads},
-            kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
+            kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
+            **(stop.notebook_options() if stop else {}))
         if not is_finished(run_dir, run):
             raise RuntimeError(f"{run_dir / 'ablation.ipynb'} ran but wrote no valid metrics.json")
     except Exception as e:  # a failed run must not stop the study
-        status = "failed"
+        status = "interrupted" if stop and stop.is_set() else "failed"
         error = {"error": f"{type(e).__name__}: {getattr(e, 'evalue', e)}",
                  "notebook": str(run_dir / "ablation.ipynb"),
                  "cell": _failed_cell(run_dir / "ablation.ipynb"),
                  "traceback": [_ANSI.sub("", line) for line in
                                (getattr(e, "traceback", None) or traceback.format_exc().splitlines())]}
-        write_json(run_dir / "error.json", error)
+        if status == "failed":
+            write_record(run_dir / "error.json", error)
     prov.update(status=status, wall_time_s=round(time.time() - start, 1))
-    write_json(run_dir / "provenance.json", prov)
+    write_record(run_dir / "provenance.json", prov)
     return {"run": run.name, "status": status, "error": error and error["error"]}
 
 
@@ -269,6 +378,31 @@ def ensure_data(params: dict) -> Path:
 REFERENCES_DIR = "references"
 
 
+class BackgroundJob:
+    """``fn(*args)`` in a daemon thread with one torch thread (a study's runs hold the cores);
+    :meth:`wait` joins it and reports its failure as one line, never raises."""
+
+    def __init__(self, fn, *args):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, *args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn, *args) -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        try:
+            fn(*args)
+        except Exception as e:
+            self.error = e
+
+    def wait(self, what: str) -> bool:
+        self.thread.join()
+        if self.error is not None:
+            print(f"{what} failed: {type(self.error).__name__}: {self.error}", file=sys.stderr)
+        return self.error is None
+
+
 def ensure_references(params: dict, study_dir: Path) -> Path:
     """The reference predictors (evaluate.REFERENCES) scored on the study's test split, in
     ``study_dir/references/``; skipped when already measured on the same data, crop and prior."""
@@ -288,7 +422,7 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
     return out
 
 
-def aggregate(study_dir: Path) -> Path:
+def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
     """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
     import nbformat
     import papermill as pm
@@ -299,68 +433,96 @@ def aggregate(study_dir: Path) -> Path:
     write_summary(study_dir)
     out_nb = study_dir / "aggregate.ipynb"
     pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
-                        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS))
+                        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
+                        **(stop.notebook_options() if stop else {}))
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     html, _ = exporter.from_notebook_node(nbformat.read(str(out_nb), as_version=4))
     report = study_dir / "report.html"
-    tmp = report.with_name("report.html.tmp")
-    tmp.write_text(html)
-    tmp.replace(report)
+    atomic_write(report, html)
     return report
+
+
+def execute_runs(todo: list[Run], out: Path, jobs: int, stop: Interrupt, on_result=lambda result: None) -> list[dict]:
+    """Execute runs ``jobs`` at a time, each job on a device of its own (:func:`devices_for`); on a
+    CPU the cores are shared out (``trainer.num_threads`` = cores // jobs). Once ``stop`` is set, no
+    run starts and the running ones are interrupted. Returns execute_run's results."""
+    devices = devices_for(jobs)
+    cpu_threads = max(1, (os.cpu_count() or 1) // jobs)
+    pending, running, results = list(todo), {}, []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while running or (pending and not stop.is_set()):
+            for slot in sorted(set(range(jobs)) - set(running.values())):
+                if pending and not stop.is_set():
+                    device = devices[slot]
+                    running[pool.submit(execute_run, pending.pop(0), out, device,
+                                        cpu_threads if device == "cpu" else None, stop)] = slot
+            done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
+            if stop.is_set():
+                stop.signal_kernels()
+            for f in done:
+                del running[f]
+                results.append(f.result())
+                on_result(results[-1])
+    return results
 
 
 def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None = None,
               ablations: list[str] | None = None, overrides: dict | None = None) -> dict:
-    """Plan, execute (skipping finished runs), aggregate. Returns the study record.
+    """Plan, execute (skipping finished runs), score the reference predictors, aggregate. Returns
+    the study record.
 
     ``seeds``: seeds 1..K per ablation; None takes the preset's ``study.seeds`` (default 1).
-    ``jobs``: concurrent runs; None takes the preset's ``study.jobs`` (default 1). On a CPU the
-    cores are shared out between the jobs (``trainer.num_threads`` = cores // jobs)."""
+    ``jobs``: concurrent runs; None takes the preset's ``study.jobs`` (default 1). The study
+    directory is held (:func:`study_lock`) throughout. Ctrl-C while the runs execute
+    (:class:`Interrupt`) ends the study early: the record then says ``interrupted`` and lists the
+    ``unfinished`` runs, which the next run of the study resumes."""
     from tqdm.auto import tqdm
 
     started = time.time()
     ablations = ablations or default_ablations()
     out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
-    seeds = study_setting(plan_runs(preset, ablations[:1], [1], overrides)[0].params, "seeds", seeds)
-    runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
     out.mkdir(parents=True, exist_ok=True)
-    ensure_data(runs[0].params)
-    jobs = study_jobs(runs[0].params, jobs)
-    record = {"preset": preset, "ablations": ablations, "seeds": seeds,
-              "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
-                        "fingerprint": r.fingerprint} for r in runs]}
-    write_json(out / "study.json", record)
-    todo = [r for r in runs if not is_finished(out / "runs" / r.name, r)]
-    for r in runs:
-        if r not in todo:
-            complete_provenance(out / "runs" / r.name)
-    devices = devices_for(jobs)
-    cpu_threads = max(1, (os.cpu_count() or 1) // jobs)
-    results = []
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"study {preset}", unit="run") as bar, \
-            ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(execute_run, r, out, devices[i % jobs],
-                               cpu_threads if devices[i % jobs] == "cpu" else None): r
-                   for i, r in enumerate(todo)}
-        references = pool.submit(ensure_references, runs[0].params, out)  # beside the last run
-        for f in as_completed(futures):
-            res = f.result()
-            results.append(res)
+    with study_lock(out):
+        seeds = study_setting(plan_runs(preset, ablations[:1], [1], overrides)[0].params, "seeds", seeds)
+        runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
+        ensure_data(runs[0].params)
+        jobs = study_jobs(runs[0].params, jobs)
+        record = {"preset": preset, "ablations": ablations, "seeds": seeds,
+                  "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
+                            "fingerprint": r.fingerprint} for r in runs]}
+        write_json(out / "study.json", record)
+        todo = [r for r in runs if not is_finished(out / "runs" / r.name, r)]
+        for r in runs:
+            if r not in todo:
+                complete_provenance(out / "runs" / r.name)
+
+        def progress(res: dict) -> None:
             bar.set_postfix_str(f"{res['run']}: {res['status']}")
-            bar.update()
-        try:
-            references.result()
-        except Exception as e:  # the runs stand without them; the report says they are missing
-            print(f"reference predictors failed: {type(e).__name__}: {e}", file=sys.stderr)
-    failed = [r for r in results if r["status"] == "failed"]
-    for r in failed:
-        print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",
-              file=sys.stderr)
-    report = aggregate(out)
-    record.update(failed=[r["run"] for r in failed], report=str(report), jobs=jobs,
-                  skipped=[r.name for r in runs if r not in todo],
-                  wall_time_s=round(time.time() - started, 1))  # this invocation: data, runs, report
-    write_json(out / "study.json", record)
+            bar.update(res["status"] != "interrupted")
+
+        references = BackgroundJob(ensure_references, runs[0].params, out)  # beside the runs, one thread
+        stop, report = Interrupt(), None
+        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"study {preset}", unit="run") as bar, \
+                stop.handling():
+            results = execute_runs(todo, out, jobs, stop, progress)
+            failed = [r for r in results if r["status"] == "failed"]
+            for r in failed:
+                print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",
+                      file=sys.stderr)
+            if not stop.is_set():
+                references.wait("reference predictors")  # the runs stand without them
+                try:
+                    report = aggregate(out, stop)
+                except Exception:
+                    if not stop.is_set():
+                        raise
+        record.update(failed=[r["run"] for r in failed], report=report and str(report), jobs=jobs,
+                      skipped=[r.name for r in runs if r not in todo],
+                      wall_time_s=round(time.time() - started, 1))  # this invocation: data, runs, report
+        if report is None:
+            record.update(interrupted=True,
+                          unfinished=[r.name for r in runs if not is_finished(out / "runs" / r.name, r)])
+        write_json(out / "study.json", record)
     return record
 
 
@@ -391,8 +553,16 @@ def main(argv: list[str] | None = None) -> int:
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
     try:
         record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides)
-    except (ParamsError, FileNotFoundError) as e:
+    except (ParamsError, StudyBusy, OSError) as e:  # OSError: a missing data set, a full disk (names the file)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before the runs started (planning, data generation)
+        record = {"interrupted": True}
+    if record.get("interrupted"):
+        command = shlex.join(["python", "-m", "dad3dlib", "study", *(sys.argv[1:] if argv is None else argv)])
+        unfinished = f": {len(record['unfinished'])} run(s) unfinished, their checkpoints kept" \
+            if "unfinished" in record else ""
+        print(f"\ninterrupted{unfinished}; resume with: {command}", file=sys.stderr)
+        return 130
     print(f"report: {record['report']}")
     return 1 if record["failed"] else 0

@@ -24,7 +24,8 @@ a head at the right size and place. ``data.root``: absolute, relative to the wor
 else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
-``optim.schedule``: ``plateau`` (the reference: ReduceLROnPlateau on validation NME, per epoch) or
+``optim.schedule``: ``plateau`` (the reference: ReduceLROnPlateau on validation NME, stepped after
+each validation: once per epoch unless ``val_check_interval`` / ``check_val_every_n_epoch`` say otherwise) or
 ``onecycle`` (warm-up over ``warmup_fraction`` of the run to ``lr``, then cosine decay to ~0 at the
 last step; for fixed step budgets such as the cpu preset).
 ``precision: auto`` is bf16-mixed on GPU and 32-true on CPU; FLAME and the losses always run in fp32.
@@ -32,8 +33,10 @@ last step; for fixed step budgets such as the cpu preset).
 Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
 ``checkpoints/last.ckpt``, ``logs/version_N/metrics.csv`` (every weighted loss term and the learning
 rate per step, validation NME / angle error / loss terms per validation; one version per
-(re)start, :func:`read_metrics` joins them), ``params.yaml``. Running again on the same DIR
-resumes from ``last.ckpt``.
+(re)start, :func:`read_metrics` joins them), ``params.yaml``. Checkpoints are written atomically
+(:class:`AtomicCheckpointIO`). Running again on the same DIR resumes from ``last.ckpt`` (from
+``best.ckpt``, saying so, when ``last.ckpt`` is unreadable), exactly: a run killed and resumed ends
+with the same weights as an uninterrupted one on the same machine (:class:`ExactResume`).
 
 Several GPUs / nodes (DDP through Lightning's standard launchers): set ``trainer.devices`` (GPUs
 per node), ``trainer.num_nodes`` and ``trainer.strategy: ddp``. One node: run the command as usual,
@@ -49,16 +52,23 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
+import random
+import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
 from .data import DAD3DHeadsDataset, data_root, flame_dir
+from .files import atomic_open, atomic_write
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
@@ -187,6 +197,18 @@ class DADModule(L.LightningModule):
         for k, v in metrics.items():
             self.log(f"val/{k}", v.mean(), batch_size=B, sync_dist=True, prog_bar=k in ("nme", "angle_error"))
 
+    def on_validation_epoch_end(self) -> None:
+        """Step the plateau schedule here, before this validation's checkpoints are written, so that
+        they hold its state after the step (Lightning steps it after them, and not again on resume)."""
+        sched, value = self.lr_schedulers(), self.trainer.callback_metrics.get(MONITOR)
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and value is not None \
+                and not self.trainer.sanity_checking:
+            sched.step(value)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # see on_validation_epoch_end
+            scheduler.step()
+
     def configure_optimizers(self):
         o = self.hparams["params"]["optim"]
         opt = torch.optim.Adam(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"])
@@ -234,11 +256,57 @@ def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, t
 
 
 def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
-    d = params["data"]
+    """Train (shuffled by an :class:`EpochSampler` seeded from ``params["seed"]``, samples drawn
+    through :class:`SeededSamples`) and val loaders. Neither draws from the global torch generator."""
+    d, seed = params["data"], params["seed"]
     common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"],
               "persistent_workers": d["num_workers"] > 0, "pin_memory": torch.cuda.is_available()}
-    return {"train": torch.utils.data.DataLoader(datasets["train"], shuffle=True, drop_last=True, **common),
-            "val": torch.utils.data.DataLoader(datasets["val"], shuffle=False, **common)}
+    private = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 (worker base seeds only)
+    return {"train": torch.utils.data.DataLoader(SeededSamples(datasets["train"]), drop_last=True,
+                                                 sampler=EpochSampler(len(datasets["train"]), seed),
+                                                 generator=private(), **common),
+            "val": torch.utils.data.DataLoader(datasets["val"], shuffle=False, generator=private(), **common)}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """A random order of ``n`` samples per epoch, from its own generator, with a seed per position
+    for the sample's random draws: yields (index, seed). ``skip`` items of the next epoch are left
+    out (a run resumed within an epoch); ``epoch_start`` is the generator's state before the
+    current epoch was drawn."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.skip = n, 0
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch_start = self.generator.get_state()
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        self.epoch_start = self.generator.get_state()
+        order = torch.randperm(self.n, generator=self.generator).tolist()
+        seeds = torch.randint(0, 2 ** 62, (self.n,), generator=self.generator).tolist()
+        skip, self.skip = self.skip, 0
+        yield from zip(order[skip:], seeds[skip:])
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` for an (index, seed) item, with the global torch generator seeded by
+    ``seed`` for the call and restored after: a sample's random draws (crop margins, photometric
+    augmentation) depend on its epoch and position only, not on the worker that drew it nor on
+    what ran before (prefetching, dropout)."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> dict:
+        index, seed = item
+        with torch.random.fork_rng(devices=()):
+            torch.default_generator.manual_seed(seed)
+            return self.dataset[index]
 
 
 @torch.no_grad()
@@ -263,6 +331,59 @@ def fit_pose_prior(model: nn.Module, dataset: torch.utils.data.Dataset, n: int, 
 
 
 # --------------------------------------------------------------------------------------------
+# Exact resume
+# --------------------------------------------------------------------------------------------
+def rng_states() -> dict:
+    """The global RNG states (torch, CUDA, numpy, random) as tensors and plain data, so that a
+    checkpoint holding them still loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "random": random.getstate()}
+
+
+def set_rng_states(states: dict) -> None:
+    """Inverse of :func:`rng_states` (CUDA states only onto as many GPUs)."""
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and torch.cuda.device_count() == len(states["cuda"]):
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["random"])
+
+
+class ExactResume(L.Callback):
+    """Checkpoints what else decides the rest of a run, so that a run resumed from a checkpoint
+    continues exactly like the uninterrupted run on the same machine: the global RNG states and
+    the train sampler's generator and position within the epoch. (Lightning restores weights,
+    optimiser, schedulers, loops and callbacks, not these.) A run on several processes resumes
+    at the start of the interrupted epoch's remaining steps, not bit-exactly."""
+
+    KEY = "exact_resume"
+
+    def __init__(self, sampler: EpochSampler, batch_size: int):
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        checkpoint[self.KEY] = {"rng": rng_states(), "epoch_start": self.sampler.epoch_start,
+                                "generator": self.sampler.generator.get_state(),
+                                "skip": done * self.batch_size if done < trainer.num_training_batches else 0}
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        state = checkpoint.get(self.KEY)
+        if state is None:  # written before this existed: resumes, not bit-exactly
+            return
+        set_rng_states(state["rng"])
+        if state["skip"] and trainer.world_size == 1:  # within an epoch: redraw it, skip what was done
+            self.sampler.generator.set_state(state["epoch_start"])
+            self.sampler.skip = state["skip"]
+        else:
+            self.sampler.generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------------------------
 # Entry points
 # --------------------------------------------------------------------------------------------
 def _max_time(value) -> datetime.timedelta | str | None:
@@ -281,6 +402,19 @@ def resolve_precision(t: dict) -> str:
     if t["precision"] != "auto":
         return str(t["precision"])
     return "bf16-mixed" if _on_gpu(t) or cpu_has_native_bf16() else "32-true"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written through :func:`dad3dlib.files.atomic_open`: a full disk or a kill leaves
+    the previous checkpoint whole, and the error names the file. (Lightning's own save copies a
+    temporary file from the system's temp directory into place, which a full disk truncates.)"""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
 
 
 def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
@@ -307,7 +441,7 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
         limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
         gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,
         logger=CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]), default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
-        enable_model_summary=False, num_sanity_val_steps=0)
+        enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
     return trainer, best
 
 
@@ -333,10 +467,33 @@ def check_resumable(out_dir: Path, params: dict) -> None:
                          "directory, or delete this one to start afresh")
 
 
+def resume_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The checkpoint a run resumes from: ``last.ckpt``, else ``best.ckpt`` (an earlier state of
+    the same run) when ``last.ckpt`` cannot be read (damaged, or truncated by a full disk under an
+    older version); each unreadable one is named on stderr. None when none can be read."""
+    bad = []
+    for path in (ckpt_dir / "last.ckpt", ckpt_dir / "best.ckpt"):
+        if not path.exists():
+            continue
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            bad.append(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line})")
+            continue
+        for line in bad:
+            print(f"{line}; resuming from {path}", file=sys.stderr)
+        return path
+    for line in bad:
+        print(f"{line}; no readable checkpoint left, training starts afresh", file=sys.stderr)
+    return None
+
+
 def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callbacks=()) -> Path:
-    """Train (or resume, when ``out_dir/checkpoints/last.ckpt`` exists) and return the checkpoint
-    to evaluate (:func:`evaluation_checkpoint`: the last step for one-cycle, the lowest validation
-    NME for plateau), recorded with the precision used in ``out_dir/training.json``.
+    """Train (or resume, from :func:`resume_checkpoint`) and return the checkpoint to evaluate
+    (:func:`evaluation_checkpoint`: the last step for one-cycle, the lowest validation NME for
+    plateau), recorded with the precision used in ``out_dir/training.json``. A resumed run
+    continues exactly as the uninterrupted one would have (:class:`ExactResume`).
 
     ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks).
     """
@@ -346,7 +503,8 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
+    resume = resume_checkpoint(last.parent)
+    if resume:
         check_resumable(out_dir, params)
     save_params(params, out_dir / "params.yaml")
     if params["trainer"]["num_threads"]:
@@ -355,19 +513,18 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     flame = load_flame_assets(flame_dir(params["data"]))
     datasets = datasets or make_datasets(params, flame)
     module = DADModule(params, flame)
-    if not last.exists() and params["model"]["pose_prior_samples"]:
+    if not resume and params["model"]["pose_prior_samples"]:
         prior = fit_pose_prior(module.model, datasets["train"], params["model"]["pose_prior_samples"],
                                params["data"]["crop_size"])
         print(f"pose prior from data: {prior}")
     loaders = make_loaders(datasets, params)
-    trainer, best = build_trainer(params, out_dir, callbacks)
-    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=last if last.exists() else None)
+    exact = ExactResume(loaders["train"].sampler, params["data"]["batch_size"])
+    trainer, best = build_trainer(params, out_dir, [exact, *callbacks])
+    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
     chosen, why = evaluation_checkpoint(params, out_dir)
     record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
               "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why}}
-    from .benchmark import write_json_atomic
-
-    write_json_atomic(out_dir / TRAINING_RECORD, record)
+    atomic_write(out_dir / TRAINING_RECORD, json.dumps(record, indent=2))
     return chosen
 
 

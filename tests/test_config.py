@@ -107,3 +107,18 @@ def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, 
     assert config.training_fingerprint(params_moved) == before
     other = config.deep_merge(params_moved, {"data": {"root": str(tmp_path / "real_data")}})
     assert config.training_fingerprint(other) != before
+
+
+def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
+    """Training rewrites a run's params.yaml with every default filled in and the runner's device
+    settings: the run still has the fingerprint it was planned with."""
+    from dad3dlib.train import with_defaults
+
+    params = config.run_params("smoke", "no_2d", seed=2)
+    rewritten = tmp_path / "params.yaml"
+    config.save_params(with_defaults(study.on_device(params, "cpu", num_threads=3)), rewritten)
+    assert config.training_fingerprint(config.load_params(rewritten)) == config.training_fingerprint(params)
+    explicit = config.deep_merge(params, {"optim": {"schedule": "plateau"}, "trainer": {"max_steps": -1}})
+    assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
+    assert config.training_fingerprint(config.deep_merge(params, {"trainer": {"max_steps": 7}})) != \
+        config.training_fingerprint(params)

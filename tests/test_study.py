@@ -1,4 +1,6 @@
-"""The smoke study end to end: data → six runs → aggregate → HTML, interrupted once and resumed."""
+"""The study runner: one runner per study directory, records that survive a full disk; the smoke
+study end to end: data → six runs → aggregate → HTML, stopped by Ctrl-C, killed, and resumed."""
+import errno
 import json
 import os
 import shutil
@@ -13,49 +15,140 @@ import pandas as pd
 import pytest
 
 import dad3dlib
-from dad3dlib import report
+from dad3dlib import report, study
 
-pytestmark = pytest.mark.slow
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
 ABLATIONS = ("baseline", "l3d50_proj0.05", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5", "l3d5_proj0.05")
+HOLD_LOCK = "import sys, time; from pathlib import Path; from dad3dlib.study import study_lock\n" \
+            "with study_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"
+
+
+def test_a_second_runner_is_refused_and_a_dead_ones_lock_blocks_nobody(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(dad3dlib.REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(study.StudyBusy, match=rf"in use by another study runner \(pid {holder.pid}\)"):
+            with study.study_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays, naming a dead process
+        holder.wait()
+    assert (tmp_path / "study.lock").read_text().strip() == str(holder.pid)
+    with study.study_lock(tmp_path):
+        assert (tmp_path / "study.lock").read_text().strip() == str(os.getpid())
+
+
+def test_study_command_on_a_held_directory_exits_2_naming_the_holder(tmp_path, monkeypatch, capsys):
+    def must_not_run(*args):
+        raise AssertionError("the second runner started the study")
+
+    monkeypatch.setattr(study, "ensure_data", must_not_run)
+    with study.study_lock(tmp_path):
+        assert study.main(["--preset", "smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path}: in use by another study runner (pid {os.getpid()}); wait for it to end "
+                   "or stop it, then run this command again"]
+
+
+def test_a_full_disk_fails_the_run_without_crashing_the_runner(tmp_path, monkeypatch, capsys):
+    """Nothing can be written under the study directory: the run is failed, and each record the
+    runner cannot write is one line on stderr naming it."""
+    import papermill
+
+    run = study.plan_runs("smoke", ["baseline"], [1])[0]
+    replace = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(tmp_path) in str(dst):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("the notebook ran"))
+    result = study.execute_run(run, tmp_path, "cpu", 1)
+    assert result["status"] == "failed" and "No space left on device" in result["error"]
+    err = capsys.readouterr().err
+    assert f"cannot write {tmp_path / 'runs' / run.name / 'error.json'}: No space left on device" in err
+    assert "Traceback" not in err and not list(tmp_path.glob("runs/*/.*.tmp"))
 
 
 def _study_cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "dad3dlib", "study", "--preset", "smoke", "--out", str(out)]
 
 
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    """Start the smoke study, kill it (and its kernels) once the first run has finished, run it again."""
-    out = tmp_path_factory.mktemp("smoke_study")
-    proc = subprocess.Popen(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, start_new_session=True,
+def _start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_finished_runs(proc: subprocess.Popen, out: Path, n: int) -> None:
     deadline = time.time() + 600
-    while not list(out.glob("runs/*/metrics.json")):
+    while len(list(out.glob("runs/*/metrics.json"))) < n:
         if proc.poll() is not None:
             pytest.fail(f"study exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
         if time.time() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("no run finished within 10 minutes")
+            pytest.fail(f"no {n} run(s) finished within 10 minutes")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def smoke_study(tmp_path_factory):
+    """Start the smoke study. Once its first run has finished, a second runner on the directory is
+    refused and Ctrl-C stops the first; run it again and kill it (and its kernels) once another
+    run has finished; run it a third time, to the end."""
+    out = tmp_path_factory.mktemp("smoke_study")
+    proc = _start(out)
+    _wait_for_finished_runs(proc, out, 1)
+    second = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    checkpoints = set(out.glob("runs/*/checkpoints/*.ckpt"))
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    ctrl_c = {"pid": proc.pid, "returncode": proc.returncode, "stderr": stderr, "second": second,
+              "checkpoints": checkpoints, "record": json.loads((out / "study.json").read_text())}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    proc = _start(out)
+    _wait_for_finished_runs(proc, out, len(stamps) + 1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    first = sorted(out.glob("runs/*/metrics.json"))
-    stamps = {p: p.stat().st_mtime_ns for p in first}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
     res = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
-    return out, stamps
+    return out, stamps, ctrl_c
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_the_study_resumably(smoke_study):
+    out, _, ctrl_c = smoke_study
+    assert ctrl_c["returncode"] == 130, ctrl_c["stderr"][-3000:]
+    assert "Traceback" not in ctrl_c["stderr"]
+    assert ctrl_c["stderr"].strip().splitlines()[-1].endswith(
+        f"resume with: python -m dad3dlib study --preset smoke --out {out}")
+    record = ctrl_c["record"]
+    assert record["interrupted"] and record["report"] is None and not record["failed"]
+    assert 1 <= len(record["unfinished"]) <= 5
+    assert all(p.exists() for p in ctrl_c["checkpoints"])  # the stopped notebooks' checkpoints are kept
+
+
+@pytest.mark.slow
+def test_a_second_runner_was_refused(smoke_study):
+    _, _, ctrl_c = smoke_study
+    assert ctrl_c["second"].returncode == 2
+    assert f"in use by another study runner (pid {ctrl_c['pid']})" in ctrl_c["second"].stderr
+
+
+@pytest.mark.slow
 def test_resume_skips_finished_runs(smoke_study):
-    out, stamps = smoke_study
+    out, stamps, _ = smoke_study
     assert stamps, "the interrupted study had finished a run"
     for path, mtime in stamps.items():
         assert path.stat().st_mtime_ns == mtime, f"{path.parent.name} was run again"
 
 
+@pytest.mark.slow
 def test_every_run_wrote_its_files(smoke_study):
-    out, _ = smoke_study
+    out, _, _ = smoke_study
     runs = json.loads((out / "study.json").read_text())["runs"]
     assert len(runs) == 6  # seven ablation names, the plan's λ1=50, λ3=0.05 variant is the baseline
     assert next(r for r in runs if r["ablation"] == "baseline")["aliases"] == ["l3d50_proj0.05"]
@@ -75,10 +168,12 @@ def test_every_run_wrote_its_files(smoke_study):
         ckpt = metrics["checkpoint"]
         assert ckpt["file"] == "checkpoints/best.ckpt" and "validation NME" in ckpt["why"] and ckpt["step"] > 0
         assert metrics["precision"] in ("bf16-mixed", "32-true")
+        assert (d / "ablation.ipynb").exists() and list(d.glob("**/*.ckpt"))
 
 
+@pytest.mark.slow
 def test_reference_predictors_are_in_the_study(smoke_study):
-    out, _ = smoke_study
+    out, _, _ = smoke_study
     refs = json.loads((out / "references" / "references.json").read_text())
     assert set(refs["descriptions"]) == {"constant", "shape_blind", "pose_blind", "camera_floor"}
     floor = json.loads((out / "references" / "camera_floor" / "metrics.json").read_text())
@@ -88,11 +183,11 @@ def test_reference_predictors_are_in_the_study(smoke_study):
     assert 0 < floor["nme_reprojection"] < const["nme_reprojection"]
     summary = pd.read_csv(out / "summary.csv", index_col="ablation")
     assert set(summary[summary.kind == "reference"].index) == set(refs["descriptions"])
-        assert (d / "ablation.ipynb").exists() and list(d.glob("**/*.ckpt"))
 
 
+@pytest.mark.slow
 def test_summary_has_every_ablation_and_metric(smoke_study):
-    out, _ = smoke_study
+    out, _, _ = smoke_study
     summary = pd.read_csv(out / "summary.csv", index_col="ablation")
     summary = summary[summary.kind == "run"]
     assert set(summary.index) == set(ABLATIONS)
@@ -105,8 +200,9 @@ def test_summary_has_every_ablation_and_metric(smoke_study):
     assert (summary.loc["l3d50_proj0.05", [f"{k}_verdict" for k in SIX]] == "same run as baseline").all()
 
 
+@pytest.mark.slow
 def test_report_html_is_self_contained(smoke_study):
-    out, _ = smoke_study
+    out, _, _ = smoke_study
     html = (out / "report.html").read_text()
     for label, _ in report.METRICS.values():
         assert label in html
@@ -117,11 +213,12 @@ def test_report_html_is_self_contained(smoke_study):
     assert "Findings" in html and "Training noise is unmeasured" in html  # one seed: no verdicts
 
 
+@pytest.mark.slow
 def test_report_in_headless_chromium(smoke_study):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium not installed")
-    out, _ = smoke_study
+    out, _, _ = smoke_study
     shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)

@@ -1,8 +1,9 @@
 """Training: geometry helpers, a smoke run that lowers the loss, resume after a kill, gradient routing."""
 from __future__ import annotations
 
-import math
+import errno
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -167,23 +168,39 @@ def test_unknown_schedule_is_refused(flame_dir):
         with_defaults(params)
 
 
+class AugmentedHeads(RandomHeads):
+    """RandomHeads with image noise drawn from the global torch generator in ``__getitem__``, as
+    the real data set draws its crop margins and photometric augmentation."""
+
+    def __getitem__(self, i: int) -> dict:
+        sample = super().__getitem__(i)
+        g = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 62, ()).item()))
+        return {**sample, "image": sample["image"] + 0.1 * torch.randn(sample["image"].shape, generator=g)}
+
+
+def resume_params(flame_dir: Path, **trainer) -> dict:
+    """8 steps of 4 per epoch, dropout on, a plateau schedule that steps after every validation."""
+    params = tiny_params(flame_dir, max_steps=8, **trainer)
+    params["optim"].update(plateau_patience=0, plateau_factor=0.5)
+    return params
+
+
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import lightning as L
-from dad3dlib.config import run_params
 from dad3dlib.flame import FlameLayer, load_flame_assets
 from dad3dlib.train import train
-from test_train import RandomHeads, tiny_params
+from test_train import AugmentedHeads, RandomHeads, resume_params
 
 class Kill(L.Callback):
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 5:  # after the epoch-end checkpoint at step 4 (4 steps per epoch)
+        if trainer.global_step == {kill_at}:  # one step after the checkpoint to resume from
             os.kill(os.getpid(), signal.SIGKILL)
 
 flame = FlameLayer(load_flame_assets({flame!r}))
-data = {{"train": RandomHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}}
-train(tiny_params({flame!r}, max_steps=8), {out!r}, data, callbacks=[Kill()])
+data = {{"train": AugmentedHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}}
+train(resume_params({flame!r}, checkpoint_every_n_steps={every}), {out!r}, data, callbacks=[Kill()])
 """
 
 
@@ -196,21 +213,90 @@ class StartStep(L.Callback):
         self.start = trainer.global_step
 
 
-def test_killed_run_resumes_at_the_saved_step(tmp_path, flame_dir, datasets):
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), flame=str(flame_dir), out=str(tmp_path))
+class FinalState(L.Callback):
+    """The weights, optimiser and schedule state at the end of training."""
+
+    state = None
+
+    def on_train_end(self, trainer, module):
+        self.state = {"weights": {k: v.clone() for k, v in module.state_dict().items()},
+                      "optimizer": trainer.optimizers[0].state_dict(),
+                      "schedule": trainer.lr_scheduler_configs[0].scheduler.state_dict()}
+
+
+@pytest.fixture(scope="module")
+def augmented(flame_dir):
+    flame = FlameLayer(load_flame_assets(flame_dir))
+    return {"train": AugmentedHeads(flame, 32, seed=0), "val": RandomHeads(flame, 8, seed=1)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, flame_dir, augmented) -> dict:
+    final = FinalState()
+    train(resume_params(flame_dir), tmp_path_factory.mktemp("uninterrupted"), augmented, callbacks=[final])
+    return final.state
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    differ = [k for k in a["weights"] if not torch.equal(a["weights"][k], b["weights"][k])]
+    assert not differ, f"{len(differ)} of {len(a['weights'])} tensors differ, e.g. {differ[:3]}"
+    assert a["schedule"] == b["schedule"]
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][k], sb[i][k]) for i in sa for k in sa[i])
+
+
+@pytest.mark.parametrize("kill_at, every, saved", [(5, None, 4),   # checkpoint at the end of epoch 1
+                                                   (7, 2, 6)],     # checkpoint half-way through epoch 2
+                         ids=["epoch_end", "mid_epoch"])
+def test_killed_run_resumes_exactly(tmp_path, flame_dir, augmented, uninterrupted, kill_at, every, saved):
+    """kill -9 one step after a checkpoint, resume in a fresh process: the same final weights,
+    optimiser and schedule state as the uninterrupted run (RNG states, sampler order and position,
+    plateau steps all restored)."""
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), flame=str(flame_dir), out=str(tmp_path),
+                                kill_at=kill_at, every=every)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
                           timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
     assert proc.returncode == -9, proc.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 4
-    start = StartStep()
-    train(tiny_params(flame_dir, max_steps=8), tmp_path, datasets, callbacks=[start])
-    assert start.start == 4
+    assert torch.load(last, weights_only=True)["global_step"] == saved
+    start, final = StartStep(), FinalState()
+    train(resume_params(flame_dir, checkpoint_every_n_steps=every), tmp_path, augmented, callbacks=[start, final])
+    assert start.start == saved
     assert torch.load(last, weights_only=True)["global_step"] == 8
     steps = read_metrics(tmp_path)["train/loss_step"].dropna()
-    assert len(steps) == 8  # steps 0-3 from the killed run, 4-7 from the resumed one
-    assert math.isfinite(float(steps.iloc[-1]))
+    assert len(steps) == 8  # steps before the kill from the killed run, the rest from the resumed one
     assert np.isfinite(steps.to_numpy()).all()
+    assert_same_state(final.state, uninterrupted)
+
+
+def test_unreadable_last_checkpoint_resumes_from_the_previous_good_one(tmp_path, flame_dir, datasets, capfd):
+    train(tiny_params(flame_dir, max_steps=4), tmp_path, datasets)
+    last, best = tmp_path / "checkpoints" / "last.ckpt", tmp_path / "checkpoints" / "best.ckpt"
+    with open(last, "r+b") as f:  # what a full disk left under the old save
+        f.truncate(last.stat().st_size // 2)
+    capfd.readouterr()
+    start = StartStep()
+    train(tiny_params(flame_dir, max_steps=8), tmp_path, datasets, callbacks=[start])
+    err = capfd.readouterr().err
+    assert f"{last}: unreadable checkpoint" in err and f"resuming from {best}" in err
+    assert start.start == 4
+    assert torch.load(last, weights_only=True)["global_step"] == 8
+
+
+def test_full_disk_names_the_checkpoint_and_keeps_the_previous(tmp_path, flame_dir, datasets, monkeypatch):
+    train(tiny_params(flame_dir, max_steps=4), tmp_path, datasets)
+    ckpts = tmp_path / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpts.iterdir()}
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match=rf"{re.escape(str(ckpts))}/(best|last)\.ckpt: No space left on device"):
+        train(tiny_params(flame_dir, max_steps=8), tmp_path, datasets)
+    assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before  # whole, and no temporary file left
 
 
 def test_resuming_with_another_network_or_loss_is_refused(tmp_path, flame_dir, datasets):

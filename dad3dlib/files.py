@@ -1,0 +1,41 @@
+"""Atomic file writes: a file holds either its previous content or the complete new one, never a
+truncated mix, whatever stops the writer (a full disk, a kill, a power cut).
+
+    with atomic_open(path) as f:      # a binary file object
+        torch.save(obj, f)
+    atomic_write(path, text_or_bytes)
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path):
+    """A binary file object that becomes ``path`` when the block ends without error: written to a
+    temporary file next to ``path``, flushed to disk, then renamed over it; on any error the
+    temporary file is removed and ``path`` is left as it was. An OSError (e.g. ENOSPC, a full disk)
+    is re-raised naming ``path``."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(e, OSError) and e.errno is not None:
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from e
+        raise
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> None:
+    """Write ``data`` (str as UTF-8) to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data.encode() if isinstance(data, str) else data)
