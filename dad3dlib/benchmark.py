@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +92,16 @@ SHORT = {"nme_reprojection": "nme", "z5_accuracy": "z5", "z5_accuracy_local": "z
 # Reading
 # --------------------------------------------------------------------------------------------
 def _read_json(path: Path):
-    import orjson
+    """The parsed file; an object that repeats a key (e.g. a submission listing an item twice) is
+    refused, as are unreadable files. NaN / Infinity literals are read (and rejected later)."""
+    def unique(pairs: list) -> dict:
+        repeated = [k for k, n in Counter(k for k, _ in pairs).items() if n > 1]
+        if repeated:
+            raise BenchmarkFormatError(f"{path}: duplicate key(s) {repeated} (each may appear once)")
+        return dict(pairs)
 
     try:
-        raw = path.read_bytes()
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:  # Python's json also reads NaN / Infinity (rejected later)
-            return json.loads(raw)
+        return json.loads(path.read_bytes(), object_pairs_hook=unique)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BenchmarkFormatError(f"{path}: cannot read JSON ({e})") from e
 
@@ -122,17 +124,14 @@ def read_ground_truth(path: str | Path, n_vertices: int) -> list[dict]:
     """The GT list, validated: each item {id, attributes (dict), and the GT_KEYS as float64 arrays}."""
     path = Path(path)
     data = _read_json(path)
-    if not isinstance(data, list):
-        raise BenchmarkFormatError(f"{path}: expected a JSON list of items, got {type(data).__name__}")
-    items, seen = [], set()
+    if not isinstance(data, list) or not data:
+        got = "an empty list" if isinstance(data, list) else type(data).__name__
+        raise BenchmarkFormatError(f"{path}: expected a non-empty JSON list of items, got {got}")
+    items = []
     for k, entry in enumerate(data):
         if not isinstance(entry, dict) or "id" not in entry:
             raise BenchmarkFormatError(f"{path}: item #{k}: missing key 'id'")
         where = f"{path}: item {entry['id']!r}"
-        item_id = str(entry["id"])
-        if item_id in seen:
-            raise BenchmarkFormatError(f"{where}: duplicate id")
-        seen.add(item_id)
         missing = [key for key in GT_KEYS if key not in entry]
         if missing:
             raise BenchmarkFormatError(f"{where}: missing key '{missing[0]}'")
@@ -140,7 +139,10 @@ def read_ground_truth(path: str | Path, n_vertices: int) -> list[dict]:
         if not isinstance(attributes, dict):
             raise BenchmarkFormatError(f"{where}: key 'attributes' must be an object")
         arrays = {key: _array(entry[key], shape, where, key, {"V": n_vertices}) for key, shape in GT_KEYS.items()}
-        items.append({"id": item_id, "attributes": attributes, **arrays})
+        items.append({"id": str(entry["id"]), "attributes": attributes, **arrays})
+    repeated = [i for i, n in Counter(item["id"] for item in items).items() if n > 1]
+    if repeated:
+        raise BenchmarkFormatError(f"{path}: duplicate id(s) {repeated} (each item may appear once)")
     return items
 
 
@@ -328,11 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args(argv)
-    try:
-        result = run(args.gt, args.submission, args.flame_assets, args.device, args.batch_size)
-    except ValueError as e:  # BenchmarkFormatError, FlameFormatError
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run(args.gt, args.submission, args.flame_assets, args.device, args.batch_size)
     if result["missing"]:
         ids = ", ".join(map(str, result["missing"][:10])) + (" ..." if len(result["missing"]) > 10 else "")
         print(f"No prediction for {len(result['missing'])} of {result['n_items']} items: {ids}", file=sys.stderr)

@@ -1,12 +1,16 @@
 """``python -m dad3dlib <command>``: a registry of commands, each a module's ``main(argv)``.
 
 Modules are imported only when their command runs, so that a command never pays for (or needs)
-another command's dependencies.
+another command's dependencies. Bad input ends every command the same way: ``error: <message>``
+on one line of stderr and exit status 2 (see :func:`is_input_error`); anything else is a bug and
+keeps its traceback.
 """
 from __future__ import annotations
 
+import dis
 import importlib
 import sys
+from pathlib import Path
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -27,6 +31,24 @@ def _entry(name: str):
     return getattr(module, "main_" + name.replace("-", "_"), None) or module.main
 
 
+def is_input_error(e: BaseException) -> bool:
+    """Whether ``e`` reports bad input rather than a bug: an error type of this package
+    (ParamsError, FlameFormatError, BenchmarkFormatError), a ValueError or OSError that a ``raise``
+    statement of this package raised (its own checks, e.g. a data set's "split file not found";
+    their messages name the file; not one that numpy or torch raised in a call from here), or an
+    OSError that names its file."""
+    if type(e).__module__.startswith(__package__ + ".") or isinstance(e, OSError) and e.filename is not None:
+        return True
+    if not isinstance(e, (ValueError, OSError)) or e.__traceback__ is None:
+        return False
+    tb = e.__traceback__
+    while tb.tb_next is not None:  # the frame that raised it
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code
+    return (Path(code.co_filename).resolve().parent == Path(__file__).resolve().parent
+            and dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -37,4 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command '{argv[0]}'", file=sys.stderr)
             return 2
         return 0
-    return int(_entry(argv[0])(argv[1:]) or 0)
+    try:
+        return int(_entry(argv[0])(argv[1:]) or 0)
+    except (ValueError, OSError) as e:
+        if not is_input_error(e):
+            raise
+        print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)
+        return 2

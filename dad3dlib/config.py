@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import yaml
@@ -20,6 +21,27 @@ PARAMS_DIR = REPO_ROOT / "params"
 LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
 SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "eval",
             "study"}
+RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
+MAPPINGS = ("data", "model", "loss", "optim", "trainer", "eval", "study")
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# (section, key) -> (test, what the value must be); checked where present (absent keys take defaults)
+FIELD_CHECKS = {
+    ("data", "crop_size"): (lambda v: _integer(v) and v > 0 and v % 32 == 0,
+                            "a positive multiple of 32 (the encoder's stride)"),
+    ("data", "batch_size"): (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("data", "num_workers"): (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+}
 
 
 class ParamsError(ValueError):
@@ -46,10 +68,14 @@ def _read_mapping(path: str | Path) -> dict:
 def read_yaml(path: str | Path) -> dict:
     """A preset or ablation file: a mapping of known sections."""
     data = _read_mapping(path)
-    unknown = set(data) - SECTIONS
-    if unknown:
-        raise ParamsError(f"{path}: unknown section(s) {sorted(unknown)}; allowed: {sorted(SECTIONS)}")
+    _refuse_unknown_sections(data, str(path), SECTIONS)
     return data
+
+
+def _refuse_unknown_sections(params: dict, source: str, sections: set) -> None:
+    unknown = set(params) - sections
+    if unknown:
+        raise ParamsError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -60,24 +86,39 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def validate_lambdas(lambdas: dict, source: str) -> dict:
-    """λ1..λ4 as floats; refuses unknown names, negative weights and the all-zero configuration."""
+def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
+    """λ1..λ4 as floats: exactly the keys of LAMBDAS (0 switches a term off), each finite and
+    >= 0, not all zero. The one check of loss weights (params files and DADLoss)."""
     if not isinstance(lambdas, dict):
-        raise ParamsError(f"{source}: loss.lambdas must be a mapping of {LAMBDAS}")
-    unknown = set(lambdas) - set(LAMBDAS)
+        raise ParamsError(f"{source}: loss.lambdas must be a mapping of {LAMBDAS}, got {lambdas!r}")
+    unknown, missing = set(lambdas) - set(LAMBDAS), [k for k in LAMBDAS if k not in lambdas]
     if unknown:
         raise ParamsError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {LAMBDAS}")
-    out = {}
-    for k in LAMBDAS:
-        v = lambdas.get(k, 0.0)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ParamsError(f"{source}: loss.lambdas.{k} must be a number, got {v!r}")
-        if v < 0:
-            raise ParamsError(f"{source}: loss.lambdas.{k} = {v} is negative")
-        out[k] = float(v)
-    if not any(out.values()):
+    if missing:
+        raise ParamsError(f"{source}: loss.lambdas misses {missing}; list all of {LAMBDAS} (0 switches a term off)")
+    for k, v in lambdas.items():
+        if not _finite(v) or v < 0:
+            raise ParamsError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
+    if not any(lambdas.values()):
         raise ParamsError(f"{source}: all loss weights are zero; nothing would be trained")
-    return out
+    return {k: float(lambdas[k]) for k in LAMBDAS}
+
+
+def validate_params(params: dict, source: str) -> dict:
+    """A run's params with its loss weights as floats (see :func:`validate_lambdas`); refuses
+    unknown sections, sections that are not mappings and values failing FIELD_CHECKS, naming
+    ``source`` (the file(s) they came from)."""
+    _refuse_unknown_sections(params, source, RUN_SECTIONS)
+    for name in MAPPINGS:
+        if params.get(name) is not None and not isinstance(params[name], dict):
+            raise ParamsError(f"{source}: '{name}' must be a mapping, got {params[name]!r}")
+    for (section, key), (ok, what) in FIELD_CHECKS.items():
+        value = (params.get(section) or {}).get(key)
+        if value is not None and not ok(value):
+            raise ParamsError(f"{source}: {section}.{key} must be {what}, got {value!r}")
+    loss = params.get("loss") or {}
+    params["loss"] = {**loss, "lambdas": validate_lambdas(loss.get("lambdas", {}), source)}
+    return params
 
 
 def _resolve(kind: str, name_or_path: str | Path) -> Path:
@@ -113,17 +154,12 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     data = params.setdefault("data", {})
     if data.get("root") and not Path(data["root"]).is_absolute():  # relative roots live under outputs/
         data["root"] = str(OUTPUTS_DIR / data["root"])
-    params.setdefault("loss", {})
-    params["loss"]["lambdas"] = validate_lambdas(params["loss"].get("lambdas", {}), f"{ppath} + {apath}")
-    return params
+    return validate_params(params, f"{ppath} + {apath}")
 
 
 def load_params(path: str | Path) -> dict:
     """A complete params file (as written into each run's directory), validated."""
-    params = _read_mapping(path)
-    params.setdefault("loss", {})
-    params["loss"]["lambdas"] = validate_lambdas(params["loss"].get("lambdas", {}), str(path))
-    return params
+    return validate_params(_read_mapping(path), str(path))
 
 
 PLACEMENT_KEYS = ("accelerator", "devices", "num_threads")  # trainer keys the study runner sets per run

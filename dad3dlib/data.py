@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,6 +172,8 @@ def photometric(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
 def dataset_dir(root: str | Path) -> Path:
     """``root`` itself or ``root/DAD-3DHeadsDataset``."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: data directory not found (expected one holding {DATASET_DIR}/)")
     return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
 
 
@@ -217,6 +220,10 @@ def read_split(path: Path) -> list[dict]:
         raise ValueError(f"{path}: malformed split file ({e})") from e
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise ValueError(f"{path}: malformed split file (expected a JSON list of objects)")
+    counts = Counter(str(e["item_id"]) for e in entries if "item_id" in e)
+    duplicates = [item for item, n in counts.items() if n > 1]
+    if duplicates:
+        raise ValueError(f"{path}: duplicate item_id(s) {duplicates} (each item may appear once)")
     return entries
 
 

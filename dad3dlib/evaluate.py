@@ -19,7 +19,6 @@ import argparse
 import io
 import json
 import os
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -361,19 +360,15 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--refine-iters", type=int, default=0, help="rigid ICP steps after the 7-landmark alignment")
     args = ap.parse_args(argv)
-    try:
-        _, params = load_model(args.checkpoint)
-        data = dict(params["data"])
-        if args.data:
-            data["root"] = str(Path(args.data).resolve())
-        if args.flame_assets:
-            data["flame_path"] = str(Path(args.flame_assets).resolve())
-        out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.split}"
-        agg = evaluate_run({**params, "data": data}, args.checkpoint, out, args.split, args.device,
-                           args.batch_size, args.refine_iters)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _, params = load_model(args.checkpoint)
+    data = dict(params["data"])
+    if args.data:
+        data["root"] = str(Path(args.data).resolve())
+    if args.flame_assets:
+        data["flame_path"] = str(Path(args.flame_assets).resolve())
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.split}"
+    agg = evaluate_run({**params, "data": data}, args.checkpoint, out, args.split, args.device,
+                       args.batch_size, args.refine_iters)
     print(format_aggregate(agg))
     print(f"\nwrote {out}/per_sample.csv, evaluation.json, predictions.npz")
     return 0
@@ -390,11 +385,7 @@ def main_predict(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-    try:
-        n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
     print(f"wrote {n} predictions to {args.out}")
     return 0
 

@@ -13,15 +13,14 @@ Shapes: B batch, V vertices, K = 68 landmarks, S crop side, H×W heatmap size (S
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import validate_lambdas
+
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
-TERMS = ("l3d", "l1", "lproj", "awing")
 REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj and the heatmap geometry
 DEFAULT_WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
 
@@ -138,27 +137,6 @@ HEATMAP_LOSSES = {"awing": adaptive_wing_loss, "soft_iou": soft_iou_loss}
 # --------------------------------------------------------------------------------------------
 # The weighted total
 # --------------------------------------------------------------------------------------------
-def check_weights(weights: dict) -> dict[str, float]:
-    """Validate λ: exactly the keys l3d, l1, lproj, awing; finite, non-negative, not all zero."""
-    keys = set(weights)
-    if keys != set(TERMS):
-        raise ValueError(f"loss weights need exactly the keys {list(TERMS)}; "
-                         f"missing {sorted(set(TERMS) - keys)}, unknown {sorted(keys - set(TERMS))}")
-    out = {}
-    for k in TERMS:
-        try:
-            v = float(weights[k])
-        except (TypeError, ValueError):
-            raise ValueError(f"loss weight {k}={weights[k]!r} is not a number") from None
-        if not math.isfinite(v) or v < 0:
-            raise ValueError(f"loss weight {k}={v} must be finite and >= 0")
-        out[k] = v
-    if not any(out.values()):
-        raise ValueError("all loss weights are 0: nothing to train (set at least one of "
-                         f"{list(TERMS)} > 0)")
-    return out
-
-
 class DADLoss(nn.Module):
     """Weighted sum of the active terms.
 
@@ -184,7 +162,7 @@ class DADLoss(nn.Module):
 
     def __init__(self, weights: dict, subsets: dict[str, Tensor], heatmap_loss: str = "awing"):
         super().__init__()
-        self.weights = {k: v for k, v in check_weights(weights).items() if v > 0}
+        self.weights = {k: v for k, v in validate_lambdas(weights).items() if v > 0}
         if heatmap_loss not in HEATMAP_LOSSES:
             raise ValueError(f"unknown heatmap loss '{heatmap_loss}' (known: {sorted(HEATMAP_LOSSES)})")
         self.heatmap_loss = HEATMAP_LOSSES[heatmap_loss]

@@ -8,8 +8,10 @@ writes ``DIR/DAD-3DHeadsDataset/{train,val,test}/images/<id>.png``, ``annotation
 ``DIR/make_data.json`` recording how it was made.
 
 Every item draws from its own generator seeded by (seed, split, index) and is computed on its own,
-so an item does not depend on the number of workers or on the split's size. A split file is written
-last, atomically, so an interrupted run never leaves one that points to missing files.
+so an item does not depend on the number of workers or on the split's size. The data set is
+rendered into a temporary folder in DIR and renamed into place when complete, make_data.json last:
+a failed or interrupted run leaves DIR as it was (or without make_data.json, never with a record
+of data that is not there).
 """
 from __future__ import annotations
 
@@ -541,10 +543,15 @@ def _init_worker(flame_assets, preset, seed, root, pool: bool = False) -> None:
 
         torch.set_num_threads(1)
         os.environ.setdefault("LP_NUM_THREADS", "0")
-    _WORKER.update(gen=Generator(flame_assets, preset, seed), root=Path(root))
+    try:
+        _WORKER.update(gen=Generator(flame_assets, preset, seed), root=Path(root))
+    except Exception as e:  # raised by the first job: a pool respawns a failing initializer forever
+        _WORKER.update(error=e)
 
 
 def _run_chunk(job: tuple) -> list[dict]:
+    if "error" in _WORKER:
+        raise _WORKER["error"]
     split, start, stop = job
     items = _WORKER["gen"].chunk(split, start, stop)
     for item in items:
@@ -557,11 +564,14 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     """Render the preset's splits under ``out``; returns ``out/DAD-3DHeadsDataset``.
 
     preset: a name in PRESETS or a dict of the same form ({"splits": {split: n}, "image_sizes":
-    [[w, h], ...], optional "sampling" overrides}).
+    [[w, h], ...], optional "sampling" overrides}). The FLAME assets are loaded (validated) first;
+    the data set is rendered into a temporary folder in ``out`` and replaces the previous one only
+    when complete, so a failed or interrupted run leaves ``out`` as it was.
     """
-    import multiprocessing as mp
+    import shutil
+    import tempfile
 
-    from tqdm import tqdm
+    from .flame import default_flame_dir, load_flame_assets
 
     if isinstance(preset, dict):
         cfg, preset = preset, preset.get("name", "custom")
@@ -569,17 +579,34 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
         cfg = PRESETS[preset]
     else:
         raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    # generate the default head once, in this process; bad assets fail here, before any worker
+    flame_assets = str(Path(flame_assets).resolve()) if flame_assets is not None else str(default_flame_dir())
+    load_flame_assets(flame_assets)
     root = Path(out)
-    if flame_assets is not None:
-        flame_assets = str(Path(flame_assets).resolve())
-    else:
-        from .flame import default_flame_dir
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".make-data-", dir=root))  # same filesystem: renames are atomic
+    try:
+        record = _render(staging, cfg, preset, flame_assets, seed, workers)
+        (staging / "make_data.json").write_text(json.dumps(record, indent=1))
+        (root / "make_data.json").unlink(missing_ok=True)  # no record while the data set is swapped
+        if (root / DATASET_DIR).exists():
+            (root / DATASET_DIR).rename(staging / "previous")
+        (staging / DATASET_DIR).rename(root / DATASET_DIR)
+        os.replace(staging / "make_data.json", root / "make_data.json")  # written last
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return root / DATASET_DIR
 
-        flame_assets = str(default_flame_dir())  # generate the default head once, in this process
+
+def _render(root: Path, cfg: dict, preset: str, flame_assets: str, seed: int, workers: int | None) -> dict:
+    """Render every split of ``cfg`` under ``root/DAD-3DHeadsDataset``; returns the make_data.json record."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
     for split in cfg["splits"]:
         for sub in ("images", "annotations"):
             (root / DATASET_DIR / split / sub).mkdir(parents=True, exist_ok=True)
-        (root / DATASET_DIR / split / f"{split}.json").unlink(missing_ok=True)  # stale index: never half-valid
     jobs = [(split, s, min(s + CHUNK, n)) for split, n in cfg["splits"].items() for s in range(0, n, CHUNK)]
     total = sum(cfg["splits"].values())
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
@@ -604,11 +631,9 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     for split, items in entries.items():
         _write_atomic(root / DATASET_DIR / split / f"{split}.json", json.dumps(items).encode())
     seconds = time.perf_counter() - start
-    record = {"preset": preset, "config": cfg, "sampling": {**SAMPLING, **cfg.get("sampling", {})}, "seed": seed,
-              "flame_assets": flame_assets, "workers": workers, "seconds": round(seconds, 2),
-              "images_per_second": round(total / seconds, 2)}
-    _write_atomic(root / "make_data.json", json.dumps(record, indent=1).encode())
-    return root / DATASET_DIR
+    return {"preset": preset, "config": cfg, "sampling": {**SAMPLING, **cfg.get("sampling", {})}, "seed": seed,
+            "flame_assets": flame_assets, "workers": workers, "seconds": round(seconds, 2),
+            "images_per_second": round(total / seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:

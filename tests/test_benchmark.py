@@ -10,6 +10,7 @@ import torch
 
 import dad3dlib
 from dad3dlib import benchmark as BM
+from dad3dlib import cli
 from dad3dlib.flame import ALIGN7, load_flame_assets
 
 torch.set_num_threads(1)
@@ -169,8 +170,7 @@ def test_malformed_submission_names_item_and_key(case, capsys, key, value):
     root, gt, perfect = case
     bad = dict(perfect)
     bad["item01"] = {**perfect["item01"], key: value}
-    assert BM.main(["--gt", str(root / "gt.json"), "--submission", str(_write(root, "bad.json", bad)),
-                    "--flame-assets", str(FLAME_TOPOLOGY)]) == 2
+    assert _cli(root / "gt.json", _write(root, "bad.json", bad)) == 2
     err = capsys.readouterr().err
     assert "item01" in err and key in err
 
@@ -178,8 +178,7 @@ def test_malformed_submission_names_item_and_key(case, capsys, key, value):
 def test_entry_without_any_known_key_is_an_error(case, capsys):
     root, gt, perfect = case
     bad = {**perfect, "item02": {"landmarks": []}}
-    assert BM.main(["--gt", str(root / "gt.json"), "--submission", str(_write(root, "bad2.json", bad)),
-                    "--flame-assets", str(FLAME_TOPOLOGY)]) == 2
+    assert _cli(root / "gt.json", _write(root, "bad2.json", bad)) == 2
     assert "item02" in capsys.readouterr().err
 
 
@@ -188,7 +187,33 @@ def test_malformed_ground_truth_names_item_and_key(case, capsys):
     bad = [dict(g) for g in gt[:2]]
     bad[1]["model_view_matrix"] = bad[1]["model_view_matrix"][:3]
     gt_path = _write(root, "bad_gt.json", bad)
-    assert BM.main(["--gt", str(gt_path), "--submission", str(root / "perfect.json"),
-                    "--flame-assets", str(FLAME_TOPOLOGY)]) == 2
+    assert _cli(gt_path, root / "perfect.json") == 2
     err = capsys.readouterr().err
     assert "item01" in err and "model_view_matrix" in err
+
+
+def test_repeated_ids_are_refused_naming_them_and_the_file(case, capsys):
+    """A repeated GT item would be scored twice; a repeated submission key would silently keep
+    one of two predictions."""
+    root, gt, perfect = case
+    entries = [json.dumps(k) + ": " + json.dumps(v) for k, v in perfect.items()]
+    sub = root / "twice.json"
+    sub.write_text("{" + ", ".join(entries + entries[2:3]) + "}")
+    assert _cli(root / "gt.json", sub) == 2
+    err = capsys.readouterr().err
+    assert "twice.json: duplicate key(s) ['item02']" in err and len(err.splitlines()) == 1
+    gt_path = _write(root, "gt_twice.json", gt + gt[4:5] + gt[1:2])
+    assert _cli(gt_path, _write(root, "perfect.json", perfect)) == 2
+    assert "gt_twice.json: duplicate id(s) ['item01', 'item04']" in capsys.readouterr().err
+
+
+def test_empty_ground_truth_is_refused(case, capsys):
+    root, gt, perfect = case
+    assert _cli(_write(root, "empty.json", []), _write(root, "perfect.json", perfect)) == 2
+    assert "empty.json: expected a non-empty JSON list of items, got an empty list" in capsys.readouterr().err
+
+
+def _cli(gt: Path, submission: Path) -> int:
+    """The benchmark through the command registry (which turns bad input into one line, exit 2)."""
+    return cli.main(["benchmark", "--gt", str(gt), "--submission", str(submission),
+                     "--flame-assets", str(FLAME_TOPOLOGY)])

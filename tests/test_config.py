@@ -39,10 +39,13 @@ def test_unknown_ablation_lists_the_available_ones():
 @pytest.mark.parametrize("text, match", [
     ("loss: {lambdas: {l3d: 1\n", "malformed YAML"),
     ("- a\n- b\n", "expected a mapping"),
-    ("loss: {lambdas: {l3d: -1, l1: 1}}\n", r"lambdas.l3d = -1 is negative"),
+    ("loss: {lambdas: {l3d: -1, l1: 1, lproj: 0, awing: 0}}\n", r"lambdas.l3d must be a finite number >= 0, got -1"),
     ("loss: {lambdas: {l3d: 0, l1: 0, lproj: 0, awing: 0}}\n", "all loss weights are zero"),
     ("loss: {lambdas: {l4d: 1}}\n", "unknown loss weight"),
-    ("loss: {lambdas: {l3d: fifty}}\n", "must be a number"),
+    ("loss: {lambdas: {l3d: fifty, l1: 1, lproj: 0, awing: 0}}\n", "got 'fifty'"),
+    ("loss: {lambdas: {l3d: 50, l1: 100, lproj: 0.05}}\n", r"loss.lambdas misses \['awing'\]"),
+    ("loss: {lambdas: {l3d: .nan, l1: 100, lproj: 0.05, awing: 1}}\n", r"lambdas.l3d must be a finite .*nan"),
+    ("loss: {lambdas: {l3d: 50, l1: 100, lproj: .inf, awing: 1}}\n", r"lambdas.lproj must be a finite .*inf"),
     ("trainer: {max_epochs: 1}\n", "an ablation may only set"),
     ("optimiser: {}\n", "unknown section"),
 ])
@@ -52,6 +55,53 @@ def test_malformed_ablation_file_is_reported_with_its_path(tmp_path, text, match
     with pytest.raises(ParamsError, match=match) as e:
         config.run_params("smoke", bad)
     assert "broken.yaml" in str(e.value)
+
+
+def test_every_ablation_lists_all_four_weights():
+    for name in config.available("ablations"):
+        lambdas = config.read_yaml(config.PARAMS_DIR / "ablations" / f"{name}.yaml")["loss"]["lambdas"]
+        assert tuple(lambdas) == config.LAMBDAS, name
+
+
+def _run_params_file(tmp_path, edit=lambda params: None):
+    """A complete run's params, as written into a run directory, after ``edit(params)``."""
+    params = config.run_params("smoke")
+    edit(params)
+    path = tmp_path / "run.yaml"
+    config.save_params(params, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p.update(optimizer={"lr": 0.1}), r"unknown section\(s\) \['optimizer'\]"),
+    (lambda p: p["data"].update(crop_size=50), r"data.crop_size must be a positive multiple of 32 .*got 50"),
+    (lambda p: p["data"].update(crop_size=0), r"data.crop_size must be a positive multiple of 32 .*got 0"),
+    (lambda p: p["data"].update(batch_size=0), r"data.batch_size must be an integer >= 1, got 0"),
+    (lambda p: p["optim"].update(lr=0), r"optim.lr must be a finite number > 0, got 0"),
+    (lambda p: p["optim"].update(lr=float("nan")), r"optim.lr must be a finite number > 0, got nan"),
+    (lambda p: p["optim"].update(lr="1e-4"), r"optim.lr must be a finite number > 0, got '1e-4'"),
+    (lambda p: p["loss"]["lambdas"].pop("awing"), r"loss.lambdas misses \['awing'\]"),
+    (lambda p: p["loss"]["lambdas"].update(awing=float("inf")), r"lambdas.awing must be a finite number >= 0, got inf"),
+    (lambda p: p.update(trainer=3), r"'trainer' must be a mapping, got 3"),
+])
+def test_bad_run_params_file_is_refused_naming_it(tmp_path, edit, match):
+    """What ``train --params`` reads: refused at load, not later inside the loss or the optimiser."""
+    path = _run_params_file(tmp_path, edit)
+    with pytest.raises(ParamsError, match=match) as e:
+        config.load_params(path)
+    assert str(e.value).startswith(f"{path}: ")
+
+
+def test_a_complete_run_params_file_loads(tmp_path):
+    params = config.run_params("smoke")
+    assert config.load_params(_run_params_file(tmp_path)) == params
+
+
+def test_bad_preset_value_is_refused_naming_the_files(tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data: {root: x, crop_size: 50}\n")
+    with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: data.crop_size must be"):
+        config.run_params(preset, "baseline")
 
 
 def test_missing_real_data_dir_is_a_clear_error(tmp_path):

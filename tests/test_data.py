@@ -237,6 +237,21 @@ def test_missing_split_file(root, assets):
         dataset(root, assets, split="val")
 
 
+def test_missing_data_root_is_named(tmp_path, assets):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: data directory not found"):
+        dataset(tmp_path / "nowhere", assets, cache_dir=tmp_path / "cache")
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_duplicate_item_ids_are_refused_naming_them_and_the_file(root, assets, cache):
+    """A repeated item would be predicted once and scored twice."""
+    split = root / "DAD-3DHeadsDataset/train/train.json"
+    entries = json.loads(split.read_text())
+    split.write_text(json.dumps(entries + [entries[1], entries[4], entries[1]]))
+    with pytest.raises(ValueError, match=r"train\.json: duplicate item_id\(s\) \['train_000001', 'train_000004'\]"):
+        dataset(root, assets, cache=cache, skip_bad=True)
+
+
 def test_unannotated_split_gives_image_and_bbox_only(root, assets):
     shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
     split = root / "DAD-3DHeadsDataset/test/test.json"

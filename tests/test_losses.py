@@ -150,10 +150,10 @@ def test_each_loss_is_zero_when_prediction_equals_target():
 # DADLoss: weights, skipped terms, gradient routing through FLAME
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, message", [
-    ({"l3d": -1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0}, "l3d=-1.0"),
-    ({"l3d": 0, "l1": 0, "lproj": 0, "awing": 0}, "all loss weights are 0"),
-    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0}, "missing \\['awing'\\]"),
-    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0, "l5": 1.0}, "unknown \\['l5'\\]"),
+    ({"l3d": -1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0}, "l3d must be a finite number >= 0, got -1.0"),
+    ({"l3d": 0, "l1": 0, "lproj": 0, "awing": 0}, "all loss weights are zero"),
+    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0}, "misses \\['awing'\\]"),
+    ({"l3d": 1.0, "l1": 1.0, "lproj": 1.0, "awing": 1.0, "l5": 1.0}, "unknown loss weight\\(s\\) \\['l5'\\]"),
     ({"l3d": float("nan"), "l1": 1.0, "lproj": 1.0, "awing": 1.0}, "finite"),
 ])
 def test_dadloss_refuses_bad_weights(bad, message):

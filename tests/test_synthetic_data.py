@@ -1,13 +1,21 @@
-"""The synthetic DAD-3DHeads generator: layout, schema, exactness of the annotations, determinism."""
+"""The synthetic DAD-3DHeads generator: layout, schema, exactness of the annotations, determinism,
+and a data set that is never lost or half-written."""
 import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from dad3dlib import REPO_ROOT
 from dad3dlib import synthetic_data as sd
-from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
+from dad3dlib.flame import MODEL_FILE, FlameFormatError, default_flame_dir, landmarks_from_vertices, load_flame_assets
 from dad3dlib.render import project, silhouette
 
 # no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette
@@ -88,11 +96,24 @@ def test_seed_changes_output_and_workers_and_split_size_do_not(tmp_path, tiny, m
         assert (tmp_path / "b/DAD-3DHeadsDataset/train/images" / name).read_bytes() != ref
 
 
-def test_interrupted_run_leaves_no_split_file(tmp_path, monkeypatch):
+def _tree(root) -> dict:
+    """{relative path: bytes} of every file under root (hidden ones included)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _bad_flame_dir(tmp_path, kind: str):
+    """The synthetic head with a generic_model.pkl that is refused (it would run code) or truncated."""
+    bad = tmp_path / f"flame_{kind}"
+    shutil.copytree(default_flame_dir(), bad)
+    model = bad / MODEL_FILE
+    model.write_bytes(pickle.dumps(os.system) if kind == "refused" else model.read_bytes()[:1000])
+    return bad
+
+
+def test_interrupted_run_keeps_the_previous_data_set(tmp_path, monkeypatch):
     small = {**TINY, "splits": {"train": 3}}
     sd.make_data(tmp_path, small, workers=1)
-    split_file = tmp_path / "DAD-3DHeadsDataset/train/train.json"
-    assert split_file.exists()
+    before = _tree(tmp_path)
     calls = []
 
     def failing_write(root, split, item):
@@ -105,7 +126,63 @@ def test_interrupted_run_leaves_no_split_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sd, "write_item", failing_write)
     with pytest.raises(KeyboardInterrupt):
         sd.make_data(tmp_path, small, seed=1, workers=1)
-    assert not split_file.exists()
+    assert _tree(tmp_path) == before  # files, split file and make_data.json; nothing left behind
+    monkeypatch.setattr(sd, "write_item", real_write)
+    sd.make_data(tmp_path, small, seed=1, workers=1)  # a complete run replaces the data set
+    after = _tree(tmp_path)
+    assert set(after) == set(before) and json.loads(after["make_data.json"])["seed"] == 1
+    assert after["DAD-3DHeadsDataset/train/images/train_000000.png"] != before[
+        "DAD-3DHeadsDataset/train/images/train_000000.png"]
+
+
+def test_failed_make_data_leaves_the_existing_data_set_as_it_was(tmp_path):
+    small = {**TINY, "splits": {"train": 2, "val": 1}}
+    sd.make_data(tmp_path / "d", small, workers=1)
+    before = _tree(tmp_path / "d")
+    with pytest.raises(FlameFormatError, match=f"{_bad_flame_dir(tmp_path, 'refused') / MODEL_FILE}: refused"):
+        sd.make_data(tmp_path / "d", small, flame_assets=tmp_path / "flame_refused", workers=1)
+    assert _tree(tmp_path / "d") == before
+
+
+def _run_bounded(cmd: list, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run a command; fail the test when it has not ended after ``timeout`` s, killing its whole
+    process group (worker processes included)."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"{cmd[1:3]} still running after {timeout} s")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("kind", ["refused", "truncated"])
+def test_make_data_with_bad_flame_assets_ends_at_once_naming_the_file(tmp_path, kind):
+    """With the default worker count (a process pool), not a pool respawning failing workers forever."""
+    bad = _bad_flame_dir(tmp_path, kind)
+    res = _run_bounded([sys.executable, "-m", "dad3dlib", "make-data", "--out", str(tmp_path / "d"),
+                        "--flame-assets", str(bad)])
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad / MODEL_FILE}: ")
+
+
+def test_a_failing_worker_ends_make_data_with_its_error(tmp_path):
+    """Workers that cannot start (here: the parent's check of the assets is skipped) stop the run."""
+    bad, out = _bad_flame_dir(tmp_path, "truncated"), tmp_path / "d"
+    script = f"""
+import dad3dlib.flame
+from dad3dlib import synthetic_data as sd
+dad3dlib.flame.load_flame_assets = lambda *args, **kwargs: None  # in this process only
+sd.CHUNK = 1
+sd.make_data({str(out)!r}, {{"splits": {{"train": 2}}, "image_sizes": [[64, 64]]}}, {str(bad)!r}, workers=2)
+"""
+    res = _run_bounded([sys.executable, "-c", script])
+    assert res.returncode == 1
+    assert f"FlameFormatError: {bad / MODEL_FILE}: " in res.stderr
+    assert [p.name for p in out.iterdir()] == []  # the temporary folder is gone
 
 
 def test_pose_sampling_concentrated_towards_frontal():
