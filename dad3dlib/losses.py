@@ -2,11 +2,11 @@
 
     L = λ1·L_3D + λ2·L_1 + λ3·L_proj + λ4·L_heatmap   (weights keys: l3d, l1, lproj, awing)
 
-A term whose weight is 0 is not computed at all. Terms measured in pixels (L_proj here, the
-heatmap targets' Gaussian in data.py) use the units of the reference recipe's 256-px crop
-(:data:`REFERENCE_CROP`), so that a run at any crop size weighs its terms as a 256-px run does:
-at 64 px a geometric error of one crop pixel counts as 4 reference pixels. L_1 (crop fractions) and
-L_3D (unit cube) do not depend on the crop size. ``awing`` is λ4 for whichever heatmap loss is
+A term whose weight is 0 is not computed at all. L_proj, the one term measured in pixels, uses
+the units of the reference recipe's 256-px crop (:data:`REFERENCE_CROP`), so that a run at any crop
+size weighs its terms as a 256-px run does: at 64 px a geometric error of one crop pixel counts as 4
+reference pixels. L_1 (crop fractions), L_3D (unit cube) and the heatmap loss (per cell) do not
+depend on the crop size. ``awing`` is λ4 for whichever heatmap loss is
 chosen (Adaptive Wing by default, soft-IoU as an option).
 
 Shapes: B batch, V vertices, K = 68 landmarks, S crop side, H×W heatmap size (S/4).
@@ -21,7 +21,7 @@ from .config import validate_lambdas
 
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
-REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj and the heatmap geometry
+REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj
 DEFAULT_WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
 
 
