@@ -207,8 +207,8 @@ def equals_reference(seed_values: np.ndarray, reference: float, se_img: float = 
                      rel_tol: float = REL_TOL) -> bool:
     """Whether an ablation's metric equals a reference predictor's: the reference's value lies inside
     the seed-level 95 % t interval of the ablation's mean over its per-seed values [S], with the
-    test-image standard error ``se_img`` of that mean added in quadrature (as in
-    :func:`dad3dlib.stats.seed_t_test`; no interval with one seed), or within ``rel_tol`` of the
+    test-image standard error ``se_img`` of that mean combined as in
+    :func:`dad3dlib.stats.two_part_interval`; no interval with one seed), or within ``rel_tol`` of the
     reference's value."""
     v = np.asarray(seed_values, dtype=np.float64)
     v = v[np.isfinite(v)]
@@ -218,7 +218,7 @@ def equals_reference(seed_values: np.ndarray, reference: float, se_img: float = 
         return True
     if len(v) < 2:
         return False
-    lo, hi, _ = stats.t_interval(v.mean(), np.sqrt(v.var(ddof=1) / len(v) + se_img ** 2), len(v) - 1)
+    lo, hi, _ = stats.two_part_interval(v.mean(), np.sqrt(v.var(ddof=1) / len(v)), len(v) - 1, se_img, 10 ** 6)
     return bool(lo <= reference <= hi)
 
 
@@ -240,10 +240,12 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
                  "findings (run the study with `--seeds 3` or more)."]
     else:
         _, quantile, _ = stats.t_interval(0.0, 1.0, seeds - 1)
-        lines = [f"Differences from `{baseline}` beyond training noise: 95 % Student-t intervals over {seeds} "
-                 f"seeds (± {quantile:.2f} standard errors, {seeds - 1} degrees of freedom) with the test images' "
-                 f"standard error added, Holm-corrected over {tested} comparisons. With few seeds only large, "
-                 "consistent effects can be told from training noise; not distinguishable does not mean equal."]
+        lines = [f"Differences from `{baseline}` beyond training noise: 95 % intervals whose training-noise part "
+                 f"is a Student t over the {seeds} seeds (± {quantile:.2f} standard errors of the per-seed "
+                 f"differences, {seeds - 1} degrees of freedom) and whose test-image part is the paired standard "
+                 f"error over the test images, the two margins added in quadrature; verdicts Holm-corrected over "
+                 f"{tested} comparisons. With few seeds only large, consistent effects can be told from training "
+                 "noise; not distinguishable does not mean equal."]
     done = runs[runs.status == "finished"]
     refs = references if references is not None else pd.DataFrame()
     for abl, d in differences.groupby("ablation", sort=False):

@@ -159,19 +159,21 @@ def test_equals_reference():
     assert not report.equals_reference([31.0], 30.0, se_img=5.0)
     assert not report.equals_reference([20.0, 20.1, 19.9], 31.6)
     assert not report.equals_reference([20.0, 20.1, 19.9], 21.0)  # seeds agree: 20 ± 0.25
-    assert report.equals_reference([20.0, 20.1, 19.9], 21.0, se_img=0.3)  # the test images' SE widens it
+    assert not report.equals_reference([20.0, 20.1, 19.9], 21.0, se_img=0.3)  # ± hypot(0.25, 1.96·0.3) = 0.64
+    assert report.equals_reference([20.0, 20.1, 19.9], 21.0, se_img=0.6)  # the test images' SE widens it
     assert not report.equals_reference([np.nan], 1.0)
 
 
 def test_findings_compare_references_with_the_test_image_se(study):
     """no_lproj's angle error is 31.55 over seeds 31.27-31.88 (seed-level half-width 0.77); the test
-    images' SE of its mean (0.44) widens the interval to ± 2.05, which reaches a reference at 33.05."""
+    images' SE of its mean (0.44, margin 0.86) widens the interval to ± 1.16, which reaches a
+    reference at 32.55."""
     root, d = study
-    near = pd.DataFrame({"angle_error_deg": [33.05]}, index=["near"])
+    near = pd.DataFrame({"angle_error_deg": [32.55]}, index=["near"])
     runs = report.run_table(root)
     without = report.findings(runs, d.reset_index(), near)
     with_images = report.findings(runs, d.reset_index(), near, per_sample=report.per_sample_table(root))
-    assert "equals `near`'s" not in without and "equals `near`'s (33.05)" in with_images
+    assert "equals `near`'s" not in without and "equals `near`'s (32.55)" in with_images
 
 
 def test_reference_table_absent_and_bad_files(tmp_path):

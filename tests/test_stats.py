@@ -59,19 +59,31 @@ def test_image_noise_shared_by_the_seeds_is_added():
     assert r.delta_sd[0] == 0 and v == stats.NOT_DISTINGUISHABLE and r.lo[0] < 0 < r.hi[0]
     se_img = per_image.std(ddof=1) / np.sqrt(60)
     np.testing.assert_allclose(r.se_img[0], se_img, rtol=1e-12)
-    np.testing.assert_allclose(r.hi[0] - r.delta[0], student_t.ppf(0.975, 2) * se_img, rtol=1e-12)  # t(S-1) on both
+    np.testing.assert_allclose(r.hi[0] - r.delta[0], student_t.ppf(0.975, 59) * se_img, rtol=1e-12)  # images' own t
     ci = ttest_1samp(per_image, 0.0).confidence_interval(0.95)  # test images only: paired t over images
     np.testing.assert_allclose([r.img_lo[0], r.img_hi[0]], [ci.low, ci.high], rtol=1e-10)
 
 
 def test_both_parts_add_in_quadrature():
+    """Each part's margin uses its own t quantile (seeds: S-1 df, images: N-1 df); the margins add in
+    quadrature, and the p-value is the level at which the interval's edge reaches 0."""
     rng = np.random.default_rng(4)
     x = rng.normal(0.2, 1.0, (2, 3, 50)) + rng.normal(0, 0.5, (2, 3, 1))
     r = stats.seed_t_test(x)
     d, m = x.mean(2), x.mean(1)
-    se = np.sqrt(d.var(1, ddof=1) / 3 + m.var(1, ddof=1) / 50)
-    np.testing.assert_allclose(r.hi - r.delta, student_t.ppf(0.975, 2) * se, rtol=1e-12)
-    np.testing.assert_allclose(r.p, 2 * student_t.sf(np.abs(d.mean(1)) / se, 2), rtol=1e-12)
+    se_seed, se_img = np.sqrt(d.var(1, ddof=1) / 3), np.sqrt(m.var(1, ddof=1) / 50)
+    margin = lambda a: np.hypot(student_t.ppf(1 - a / 2, 2) * se_seed, student_t.ppf(1 - a / 2, 49) * se_img)  # noqa: E731
+    np.testing.assert_allclose(r.hi - r.delta, margin(0.05), rtol=1e-12)
+    np.testing.assert_allclose(margin(r.p), np.abs(d.mean(1)), rtol=1e-6)
+
+
+def test_a_large_effect_with_tight_seeds_is_found_despite_few_seeds():
+    """21° worse on every seed with a seed spread of 0.2° and large per-image scatter: the image part
+    dominates and is judged with its own degrees of freedom (a single t on 2 df would call it noise)."""
+    rng = np.random.default_rng(6)
+    x = 21.0 + rng.normal(0, 0.2, (1, 3, 1)) + rng.normal(0, 20.0, (1, 1, 300)) + rng.normal(0, 1.0, (1, 3, 300))
+    r = stats.seed_t_test(x)
+    assert r.p[0] < 0.05 / 35 and r.lo[0] > 15
 
 
 @pytest.mark.parametrize("n_seeds", [2, 3])
