@@ -151,7 +151,7 @@ def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 
 
 
 def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 16, refine_iters: int = 0,
-                       num_workers: int = 0, desc: str = "evaluate") -> tuple:
+                       num_workers: int = 0, desc: str = "evaluate", progress: bool = True) -> tuple:
     """Score any predictor on a dataset with annotations.
 
     predictor: batch -> predict_batch's dict; dataset: a DAD3DHeadsDataset (or anything with its
@@ -167,7 +167,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=len(loader) < 2):
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2):
         crop_size = batch["image"].shape[-1]
         with torch.no_grad():
             pred = {k: v.cpu() for k, v in predictor(batch).items()}
@@ -232,7 +232,8 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
 
 
-def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", names=tuple(REFERENCES)) -> dict:
+def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", names=tuple(REFERENCES),
+                        progress: bool = True) -> dict:
     """Evaluate the reference predictors on ``split`` of a run's data, the pose prior fitted as
     training fits it (``model.pose_prior_samples`` training samples). Writes
     ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
@@ -248,7 +249,7 @@ def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", 
     out, results = Path(out_dir), {}
     for name in names:
         df, agg, _ = evaluate_predictor(lambda b, n=name: reference_prediction(n, b, layer, prior), dataset, layer,
-                                        d["batch_size"], desc=f"reference {name}")
+                                        d["batch_size"], desc=f"reference {name}", progress=progress)
         _atomic_bytes(out / name / "per_sample.csv", df.to_csv(index=False).encode())
         write_json_atomic(out / name / "metrics.json", {**agg, "reference": name})
         results[name] = agg

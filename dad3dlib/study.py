@@ -416,7 +416,8 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
             return out
     except (OSError, ValueError):
         pass
-    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out)
+    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out,
+                        progress=False)  # beside the runs: the study's own bar is the progress
     record = json.loads((out / "references.json").read_text())
     write_json(out / "references.json", {**record, "key": key})
     return out
