@@ -1,4 +1,4 @@
-"""The DAD-3DHeads benchmark (BRIEF §5), vectorized, on the reference's file formats.
+"""The DAD-3DHeads benchmark (its metrics: metrics.py), vectorized, on the reference's file formats.
 
 ``python -m dad3dlib benchmark --gt GT.json --submission SUB.json --flame-assets DIR [--json OUT]``
 

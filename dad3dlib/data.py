@@ -1,6 +1,6 @@
 """DAD-3DHeads-format data set (the real one or the synthetic one; one code path).
 
-Layout (BRIEF §6): ``<root>/DAD-3DHeadsDataset/<split>/<split>.json`` lists ``{item_id, img_path,
+Layout (docs/ARCHITECTURE.md): ``<root>/DAD-3DHeadsDataset/<split>/<split>.json`` lists ``{item_id, img_path,
 annotation_path, bbox [x,y,w,h], attributes}``; ``annotations/<id>.json`` holds ``vertices``
 [V,3], ``model_view_matrix`` and ``projection_matrix``. Parsing thousands of 5k-vertex JSON files
 per epoch is slow, so the first use of a split validates every item and writes a compact cache
@@ -326,7 +326,7 @@ class SplitIndex:
 
 def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
                      topology: FlameTopology) -> np.ndarray:
-    """68 GT landmarks in image pixels (BRIEF §5): embedding on model space, then MV, P. [68,2]"""
+    """68 GT landmarks in image pixels: embedding on model space, then MV, P. [68,2]"""
     tri = vertices.astype(np.float64)[topology.faces[topology.lmk_face_idx]]          # [68,3,3]
     lmk = (tri * topology.lmk_bary[:, :, None].astype(np.float64)).sum(1)           # [68,3]
     return project(lmk, mv, P, height)

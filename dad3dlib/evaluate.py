@@ -3,7 +3,7 @@
     python -m dad3dlib evaluate --checkpoint CKPT [--split test] [--data DIR] [--out DIR]
     python -m dad3dlib predict --checkpoint CKPT --data DIR --split test --out SUB.json
 
-Per sample (BRIEF §5, metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
+Per sample (metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
 to the original image), Z5 accuracy with the reference pairing and with the paper's (head
 subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (GT face
 region to the predicted canonical surface after a 7-landmark similarity alignment; median, mean,

@@ -27,7 +27,7 @@ LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
                ("rot6d", N_ROT6D), ("translation", N_TRANS), ("scale", N_SCALE))
 ALIGN7 = (36, 39, 42, 45, 33, 48, 54)
 SUBSETS = ("face", "face_w_ears", "head")
-CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (BRIEF §2)
+CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (DAD-3DNet's canonical space)
 
 MODEL_FILE = "generic_model.pkl"
 STATIC_FILE = "flame_static_embedding.pkl"
@@ -353,7 +353,7 @@ def landmarks_from_vertices(vertices: Tensor, faces: Tensor, face_idx: Tensor, b
 
 
 def rot6d_to_matrix(x: Tensor) -> Tensor:
-    """6D rotation (a, b) -> matrix with columns (b1, b2, b3), BRIEF §2.
+    """6D rotation (a, b) -> matrix with columns (b1, b2, b3) (Zhou et al., CVPR 2019).
 
     b1 = normalize(a); b3 = normalize(b1 × b); b2 = −(b1 × b3).  x [...,6] -> [...,3,3]
     """
@@ -385,7 +385,7 @@ def pack_3dmm(shape: Tensor, expression: Tensor, jaw: Tensor, rot6d: Tensor, tra
 
 def weak_perspective(vertices: Tensor, R: Tensor, translation: Tensor, scale: Tensor,
                      crop_size: float) -> Tensor:
-    """Rotate, scale, shift and map to crop pixels (x right, y down), BRIEF §2.
+    """Rotate, scale, shift and map to crop pixels (x right, y down): DAD-3DNet's weak perspective.
 
     vertices [B,V,3], R [B,3,3], translation [B,3] (z ignored), scale [B,1] (s - 1) -> [B,V,3]
     """

@@ -1,4 +1,4 @@
-"""DAD-3DNet's four losses and their weighted sum (BRIEF §4).
+"""DAD-3DNet's four losses and their weighted sum (Martyniuk et al., CVPR 2022).
 
     L = λ1·L_3D + λ2·L_1 + λ3·L_proj + λ4·L_heatmap   (weights keys: l3d, l1, lproj, awing)
 

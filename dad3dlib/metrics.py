@@ -1,4 +1,4 @@
-"""The study's metrics (BRIEF §5), batched torch, CPU or GPU.
+"""The study's metrics (README, "Metrics per run"), batched torch, CPU or GPU.
 
 Every function takes a batch and returns one value per sample ([B] or [B,k]); aggregate with a
 mean (or median) over the split. NME, the rotation metrics and the reference Z_n are plain torch (the
@@ -92,7 +92,7 @@ def z_n_accuracy_local(pred: Tensor, gt: Tensor, n: int = 5) -> Tensor:
 
 
 def z_n_accuracy_reference(pred: Tensor, gt: Tensor, n: int = 5) -> Tensor:
-    """Z_n with the reference benchmark's pairing (the published numbers), BRIEF §5.
+    """Z_n with the reference benchmark's pairing (the published numbers).
 
     The reference argsorts the GT distance matrix along dim 0 and takes columns 1..n: point i is
     paired with the i-th nearest GT point of each of the points 1..n. Only those n columns of the
@@ -300,7 +300,7 @@ def shape_error_mm(pred_vertices: Tensor, pred_lmk7: Tensor, gt_points: Tensor, 
 
 def chamfer_reference(pred_vertices: Tensor, pred_lmk7: Tensor, gt_vertices: Tensor, gt_lmk68: Tensor,
                       gt_region: Tensor) -> Tensor:
-    """The DAD-3DHeads benchmark's one-sided "chamfer", with its conventions (BRIEF §5).
+    """The DAD-3DHeads benchmark's one-sided "chamfer", with its conventions.
 
     GT scaled (about the origin) so that |lmk39 − lmk42| = 20; the predicted points mapped by the
     orthogonal Procrustes similarity (reflection allowed) from ``pred_lmk7`` onto the scaled GT's

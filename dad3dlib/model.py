@@ -1,4 +1,4 @@
-"""DAD-3DNet (BRIEF §3): timm encoder, BiFPN, heatmap head, fusion, shape/pose/landmark heads.
+"""DAD-3DNet (docs/ARCHITECTURE.md): timm encoder, BiFPN, heatmap head, fusion, shape/pose/landmark heads.
 
 The encoder is any timm CNN created with ``features_only=True`` (never downloaded: weights come
 only from a local file). It runs to its stride-16 stage; a BiFPN fuses its stride-4/8/16 maps; a

@@ -4,7 +4,7 @@ Blinn-Phong shading, z-buffer, with the DAD-3DHeads camera convention.
 Convention (docs/ARCHITECTURE.md): ``P`` maps camera space straight to pixels, bottom-up;
 ``MV`` maps model space to camera space (the camera looks down -z). OpenGL's clip space is
 ``N @ P @ MV`` with ``N`` the pixel -> NDC map below; rows are flipped to top-down on read-back.
-:func:`project` is the one projection formula (BRIEF §6) every module uses for annotations.
+:func:`project` is the one projection formula (docs/ARCHITECTURE.md, conventions) every module uses for annotations.
 
 Shapes: V vertices, F faces, H x W image.
 """
@@ -57,7 +57,7 @@ def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np
 
 
 def project(vertices, mv, p, height):
-    """BRIEF §6: image pixels (x right, y down) of model-space points.
+    """Image pixels (x right, y down) of model-space points.
 
     vertices [...,N,3], mv [...,4,4], p [...,4,4], height: scalar or [...] -> [...,N,2].
     numpy arrays or torch tensors (differentiable); ``p = P·MV·[v,1]``, ``(x, y) = p[:2]/p[3]``,

@@ -124,7 +124,7 @@ def crop_to_image(points: Tensor, affine: Tensor) -> Tensor:
 def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop: Tensor,
                          crop_size: float) -> tuple[Tensor, Tensor]:
     """Least-squares scale s and translation (tx, ty) with (s·R·(v + z-offset))_xy + t = crop coords
-    in [-1,1], the model's weak perspective (BRIEF §2) applied to GT.
+    in [-1,1], the model's weak perspective (flame.weak_perspective) applied to GT.
 
     vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2] px -> s [B], t [B,2]
     """

@@ -93,7 +93,7 @@ def test_gt_as_submission_scores_perfectly(case, tmp_path):
 
 
 def _reference_item(g: dict, p: dict, topo) -> dict:
-    """One item scored the slow way, BRIEF §5 conventions read literally (numpy)."""
+    """One item scored the slow way, the benchmark's conventions read literally (numpy)."""
     v, mv, proj = (np.asarray(g[k], dtype=np.float64) for k in ("vertices", "model_view_matrix",
                                                                   "projection_matrix"))
     clip = np.c_[_landmarks68(v, topo), np.ones(68)] @ (proj @ mv).T

@@ -114,7 +114,7 @@ def test_yaw_pitch_roll_of_single_axis_rotations():
 # Z_n
 # --------------------------------------------------------------------------------------------
 def _zn_reference_loop(pred: np.ndarray, gt: np.ndarray, n: int) -> float:
-    """BRIEF §5 read literally: point i is paired with the i-th nearest GT point of each of
+    """The reference pairing read literally: point i is paired with the i-th nearest GT point of each of
     the points 1..n (rank 0 = the point itself)."""
     N = len(gt)
     agree = []
@@ -270,7 +270,7 @@ def test_reflection_allowed_only_in_reference_chamfer(meshes):
 
 
 def _chamfer_oracle(pred, pred7, gt, gt68, region):
-    """BRIEF §5 chamfer with numpy: scale, MATLAB-style Procrustes (reflection allowed), brute force."""
+    """The reference chamfer with numpy: scale, MATLAB-style Procrustes (reflection allowed), brute force."""
     scale = 20.0 / np.linalg.norm(gt68[39] - gt68[42])
     gt, gt7 = gt * scale, gt68[list(ALIGN7)] * scale
     mu_x, mu_y = gt7.mean(0), pred7.mean(0)

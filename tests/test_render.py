@@ -1,4 +1,4 @@
-"""The EGL rasterizer against the projection formula of BRIEF §6 and an OpenCV reference."""
+"""The EGL rasterizer against the projection formula of docs/ARCHITECTURE.md and an OpenCV reference."""
 import numpy as np
 import pytest
 import torch

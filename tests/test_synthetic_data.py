@@ -62,7 +62,7 @@ def test_layout_and_schema(tiny, assets):
 
 
 def test_projection_lands_on_the_rendered_head(tiny, assets):
-    """BRIEF §6's formula applied to the written annotation reproduces the rendered silhouette, and
+    """The projection formula applied to the written annotation reproduces the rendered silhouette, and
     the landmarks agree with the GL pipeline's own projection."""
     gen = sd.Generator(None, TINY, seed=3)
     topo = assets.topology
