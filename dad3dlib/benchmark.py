@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .files import write_json
 from .flame import FlameTopology, landmarks_from_vertices, load_flame_assets
 
 Z_N = 5
@@ -302,14 +302,6 @@ def format_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def run(gt_path, submission_path, flame_assets, device="cpu", batch_size: int = 64) -> dict:
     """Score a submission file against a GT file: the summary plus n_items and missing (ids)."""
     topology = load_flame_assets(flame_assets, require_model=False).topology
@@ -337,5 +329,5 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['n_items'] - len(result['missing'])} of {result['n_items']} items have a prediction")
     print(format_report(result))
     if args.json:
-        write_json_atomic(args.json, result)
+        write_json(args.json, result)
     return 0

@@ -90,9 +90,8 @@ def gaussian_heatmaps(points, visibility, size: int, stride: int = 4, radius: in
     ``floor(point / stride)``, zero for invisible points (the reference coder's convention).
 
     The geometry is in heatmap cells at every crop size. (Scaled to the reference's 256-px crop, a
-    64-px crop's 16x16 map would get sigma = 0.46 cells: targets the stride-4 map cannot resolve.
-    Measured on the cpu preset, two seeds each: validation angle error 13.4-13.6° against 11.3-11.8°
-    with cell units, and worse shape; so only L_proj is in reference units, see losses.py.)
+    64-px crop's 16x16 map would get sigma = 0.46 cells: targets the stride-4 map cannot resolve;
+    tried, it slowed learning of pose and shape. So only L_proj is in reference units, see losses.py.)
 
     points [...,L,2] crop pixels, visibility [...,L] -> [...,L,size/stride,size/stride] float32;
     numpy arrays or torch tensors (separable: two 1-D Gaussians per point, one outer product).

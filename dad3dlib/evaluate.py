@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,8 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .benchmark import write_json_atomic
 from .data import data_root, flame_dir
+from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
                     load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
 from .model import FRONTAL_ROT6D
@@ -235,53 +234,47 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
 def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", names=tuple(REFERENCES),
                         progress: bool = True) -> dict:
     """Evaluate the reference predictors on ``split`` of a run's data, the pose prior fitted as
-    training fits it (``model.pose_prior_samples`` training samples). Writes
+    training fits it (:func:`train.pose_prior` of the first ``model.pose_prior_samples`` training
+    samples, here at the evaluation crop, so that it is deterministic). Writes
     ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
     description, the prior and the data it was measured on); returns {name: aggregate}."""
-    from .train import make_datasets, pose_prior
+    from .train import pose_prior
 
     params = with_defaults(params)
     d = params["data"]
     dataset, assets = _split_dataset(params, split)
-    prior = pose_prior(make_datasets(params, assets)["train"], params["model"]["pose_prior_samples"] or 64,
-                       d["crop_size"])
+    train_split, _ = _split_dataset(params, "train", assets=assets)
+    prior = pose_prior(train_split, params["model"]["pose_prior_samples"] or 64, d["crop_size"])
     layer = FlameLayer(assets).eval()
     out, results = Path(out_dir), {}
     for name in names:
         df, agg, _ = evaluate_predictor(lambda b, n=name: reference_prediction(n, b, layer, prior), dataset, layer,
                                         d["batch_size"], desc=f"reference {name}", progress=progress)
-        _atomic_bytes(out / name / "per_sample.csv", df.to_csv(index=False).encode())
-        write_json_atomic(out / name / "metrics.json", {**agg, "reference": name})
+        atomic_write(out / name / "per_sample.csv", df.to_csv(index=False).encode())
+        write_json(out / name / "metrics.json", {**agg, "reference": name})
         results[name] = agg
-    write_json_atomic(out / "references.json",
-                      {"descriptions": {n: REFERENCES[n][2] for n in names}, "split": split, "prior": prior,
-                       "data_root": str(data_root(d)), "crop_size": d["crop_size"]})
+    write_json(out / "references.json",
+               {"descriptions": {n: REFERENCES[n][2] for n in names}, "split": split, "prior": prior,
+                "data_root": str(data_root(d)), "crop_size": d["crop_size"]})
     return results
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def save_evaluation(out_dir: str | Path, df, agg: dict, arrays: dict) -> None:
     """per_sample.csv, evaluation.json and predictions.npz in ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    _atomic_bytes(out / "per_sample.csv", df.to_csv(index=False).encode())
-    write_json_atomic(out / "evaluation.json", agg)
+    atomic_write(out / "per_sample.csv", df.to_csv(index=False).encode())
+    write_json(out / "evaluation.json", agg)
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    _atomic_bytes(out / "predictions.npz", buf.getvalue())
+    atomic_write(out / "predictions.npz", buf.getvalue())
 
 
-def _split_dataset(params: dict, split: str, annotations: bool | None = True):
-    """(dataset, FLAME assets) of a run's data section."""
+def _split_dataset(params: dict, split: str, annotations: bool | None = True, assets=None):
+    """(dataset, FLAME assets) of a run's data section (``assets``: already loaded ones)."""
     from .data import DAD3DHeadsDataset
 
     d = params["data"]
-    assets = load_flame_assets(flame_dir(d))
+    assets = assets or load_flame_assets(flame_dir(d))
     return DAD3DHeadsDataset(data_root(d), split, d["crop_size"], assets, skip_bad=d.get("skip_bad", False),
                              annotations=annotations), assets
 
@@ -333,7 +326,7 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
         entries = submission_entries(pred, topo)
         for i, entry in zip(batch["index"].tolist(), entries):
             submission[str(dataset.items[i]["item_id"])] = entry
-    _atomic_bytes(Path(out), json.dumps(submission).encode())
+    atomic_write(Path(out), json.dumps(submission).encode())
     return len(submission)
 
 

@@ -4,10 +4,14 @@ truncated mix, whatever stops the writer (a full disk, a kill, a power cut).
     with atomic_open(path) as f:      # a binary file object
         torch.save(obj, f)
     atomic_write(path, text_or_bytes)
+    write_json(path, obj)
+
+Parent directories are created. The one home for writing a file that others read.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 from pathlib import Path
@@ -22,6 +26,7 @@ def atomic_open(path: str | Path):
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             yield f
             f.flush()
@@ -39,3 +44,8 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write ``data`` (str as UTF-8) to ``path`` atomically (:func:`atomic_open`)."""
     with atomic_open(path) as f:
         f.write(data.encode() if isinstance(data, str) else data)
+
+
+def write_json(path: str | Path, obj) -> None:
+    """``obj`` as indented JSON (non-JSON values as their str), atomically (:func:`atomic_open`)."""
+    atomic_write(path, json.dumps(obj, indent=2, default=str))

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .files import atomic_write
+
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
 N_3DMM = N_SHAPE + N_EXPR + N_JAW + N_ROT6D + N_TRANS + N_SCALE  # 413
 LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
@@ -298,12 +300,6 @@ def load_flame_assets(path: str | Path | None = None, require_model: bool = True
     return FlameAssets(topology=topo, model=model, path=path)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
-
-
 def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str | Path) -> Path:
     """Write FLAME's file formats (plain numpy pickles, J_regressor as scipy CSC like FLAME's)."""
     import scipy.sparse
@@ -317,13 +313,13 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
         return buf.getvalue()
 
     for name in SUBSETS:
-        _atomic_write(out / f"{name}.npy", npy_bytes(np.asarray(topology.subsets[name], np.int64)))
+        atomic_write(out / f"{name}.npy", npy_bytes(np.asarray(topology.subsets[name], np.int64)))
     static = {"lmk_face_idx": topology.static_face_idx.astype(np.uint32),
               "lmk_b_coords": topology.static_bary.astype(np.float64)}
     dynamic = {"lmk_face_idx": topology.dynamic_face_idx.astype(np.uint32),
                "lmk_b_coords": topology.dynamic_bary.astype(np.float64)}
-    _atomic_write(out / STATIC_FILE, pickle.dumps(static, protocol=2))
-    _atomic_write(out / DYNAMIC_FILE, npy_bytes(np.array(dynamic, dtype=object), allow_pickle=True))
+    atomic_write(out / STATIC_FILE, pickle.dumps(static, protocol=2))
+    atomic_write(out / DYNAMIC_FILE, npy_bytes(np.array(dynamic, dtype=object), allow_pickle=True))
     kintree = model.kintree_table.astype(np.int64).copy()
     kintree[0, 0] = 2**32 - 1  # as in the published file
     generic = {  # float32 blendshapes: half the size of FLAME's float64, the layer's precision anyway
@@ -336,7 +332,7 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
         "kintree_table": kintree,
     }
     # The model file last: its presence marks a complete directory (see default_flame_dir).
-    _atomic_write(out / MODEL_FILE, pickle.dumps(generic, protocol=2))
+    atomic_write(out / MODEL_FILE, pickle.dumps(generic, protocol=2))
     return out
 
 

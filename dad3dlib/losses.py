@@ -22,7 +22,6 @@ from .config import validate_lambdas
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
 REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj
-DEFAULT_WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
 
 
 # --------------------------------------------------------------------------------------------

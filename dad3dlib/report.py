@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .files import atomic_write
 
 # name: (label, lower is better)
 METRICS = {
@@ -299,9 +300,7 @@ def write_summary(study_dir: str | Path) -> Path:
         summary = summary.join(wide[[f"{m}_{stat}" for m in METRICS for stat in stats_cols
                                      if f"{m}_{stat}" in wide.columns]])
     path = study_dir / "summary.csv"
-    tmp = path.with_name("summary.csv.tmp")
-    summary.to_csv(tmp, index_label="ablation")
-    tmp.replace(path)
+    atomic_write(path, summary.to_csv(index_label="ablation"))
     return path
 
 

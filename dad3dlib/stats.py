@@ -23,17 +23,16 @@ Each part keeps its own Student-t quantile and the two margins add in quadrature
 interval ``mean ± h``; the two-sided p-value is the level at which that interval's edge reaches 0.
 A difference whose uncertainty is all training noise is then judged as a t-test over the seeds
 (2 degrees of freedom with 3 seeds: ± 4.30 standard errors); one whose seeds agree closely is judged
-by the test images (hundreds of degrees of freedom). Simulated under a null effect (4,000 studies of
-100 images), the rate of p < 0.05 is 4.2 % with 3 seeds when training noise dominates, and lower when
-it does not (1-2 %: conservative in between).
+by the test images (hundreds of degrees of freedom); in between it is conservative.
+``tests/test_stats.py`` simulates studies without an effect and bounds the rate of p < 0.05.
 
 Why not something else. With 2-3 seeds a bootstrap over seeds has 3-10 distinct resamples and its
 percentile interval cannot reach beyond the smallest and largest per-seed difference: it declares
 significance whenever all seeds agree in sign, which a null effect does 1 time in 4 with 3 seeds.
 One t with S-1 degrees of freedom on the summed variance is valid but absurdly conservative when the
-image part dominates (an effect of 21° with a seed spread of 0.2° was "not distinguishable");
-Welch-Satterthwaite degrees of freedom fix that but are anti-conservative with 2 seeds (12 % false
-positives at 0.05, simulated). The t interval on the seed level has exact coverage when the
+image part dominates (a large effect on which every seed agrees closely comes out "not
+distinguishable"; ``test_a_large_effect_with_tight_seeds_is_found_despite_few_seeds``);
+Welch-Satterthwaite degrees of freedom fix that but are anti-conservative with 2 seeds. The t interval on the seed level has exact coverage when the
 per-seed differences are normal (sums of hundreds of image terms: nearly so). The price of honest
 coverage is power: with 3 seeds only large, consistent effects are distinguishable, and "not
 distinguishable" does not mean "equal". Verdicts are Holm-corrected over every ablation × metric

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
-from .files import atomic_write
+from .files import atomic_write, write_json
 from .synthetic_data import DATASET_DIR
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -105,11 +105,6 @@ def provenance(run: Run) -> dict:
             "fingerprint": run.fingerprint, "git_commit": commit, "git_dirty": dirty,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "packages": {n: pkg(n) for n in PACKAGES}, "params": run.params}
-
-
-def write_json(path: Path, obj) -> None:
-    """Atomic JSON write."""
-    atomic_write(path, json.dumps(obj, indent=2, default=str))
 
 
 def write_record(path: Path, obj) -> None:
@@ -484,7 +479,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
     out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
     out.mkdir(parents=True, exist_ok=True)
     with study_lock(out):
-        seeds = study_setting(plan_runs(preset, ablations[:1], [1], overrides)[0].params, "seeds", seeds)
+        seeds = study_setting(run_params(preset, ablations[0], 1, overrides), "seeds", seeds)
         runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
         ensure_data(runs[0].params)
         jobs = study_jobs(runs[0].params, jobs)

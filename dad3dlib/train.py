@@ -52,11 +52,9 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import math
 import random
 import sys
-import warnings
 from pathlib import Path
 
 import lightning as L
@@ -68,7 +66,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
 from .data import DAD3DHeadsDataset, data_root, flame_dir
-from .files import atomic_open, atomic_write
+from .files import atomic_open, write_json
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
@@ -524,7 +522,7 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     chosen, why = evaluation_checkpoint(params, out_dir)
     record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
               "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why}}
-    atomic_write(out_dir / TRAINING_RECORD, json.dumps(record, indent=2))
+    write_json(out_dir / TRAINING_RECORD, record)
     return chosen
 
 

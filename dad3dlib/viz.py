@@ -5,13 +5,13 @@ Shapes: V vertices, F faces, H x W images (uint8 RGB, top-down).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from .files import atomic_write
 
 def orbit_camera(yaw_deg: float, pitch_deg: float, centre, distance: float, size: int,
                  field_m: float) -> tuple[np.ndarray, np.ndarray]:
@@ -63,9 +63,7 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     ok, buf = cv2.imencode(".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     if not ok:
         raise RuntimeError(f"{path}: PNG encoding failed")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(buf.tobytes())
-    os.replace(tmp, path)
+    atomic_write(path, buf.tobytes())
     return path
 
 
