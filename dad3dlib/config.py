@@ -20,9 +20,9 @@ from .files import atomic_write
 PARAMS_DIR = REPO_ROOT / "params"
 LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
 SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "eval",
-            "study"}
+            "study", "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
-MAPPINGS = ("data", "model", "loss", "optim", "trainer", "eval", "study")
+MAPPINGS = ("data", "model", "loss", "optim", "trainer", "eval", "study", "launcher")
 
 
 def _integer(v) -> bool:
@@ -174,7 +174,7 @@ def training_fingerprint(params: dict) -> str:
 
     params = with_defaults(params)
     params["trainer"] = {k: v for k, v in params["trainer"].items() if k not in PLACEMENT_KEYS}
-    keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study")}
+    keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study", "launcher")}
     root = (keep.get("data") or {}).get("root")
     if root and Path(root).is_absolute() and Path(root).is_relative_to(OUTPUTS_DIR):
         keep["data"] = {**keep["data"], "root": str(Path(root).relative_to(OUTPUTS_DIR))}

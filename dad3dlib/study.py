@@ -42,6 +42,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
 from .files import atomic_write, write_json
+from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
@@ -131,7 +132,9 @@ def on_device(params: dict, device: str = "auto", num_threads: int | None = None
 def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     """A run's ``metrics.json`` (atomic), stamped with the fingerprint of the params it came from,
     the precision it trained in and the checkpoint it was evaluated on (step, why; from the run's
-    training.json)."""
+    training.json). The params and metrics are also registered in the run's TensorBoard HParams
+    view (:func:`dad3dlib.board.record_hparams`)."""
+    from .board import record_hparams
     from .train import TRAINING_RECORD
 
     path = Path(run_dir) / "metrics.json"
@@ -139,6 +142,7 @@ def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
         training = json.loads((Path(run_dir) / TRAINING_RECORD).read_text())
     except (OSError, ValueError):
         training = {}
+    record_hparams(run_dir, params, metrics)
     write_json(path, {**metrics, **training, "ablation": params["ablation"], "seed": params["seed"],
                       "fingerprint": training_fingerprint(params)})
     return path
@@ -237,11 +241,9 @@ class Interrupt:
     def notebook_options(self) -> dict:
         """papermill keyword arguments for one notebook whose kernel this reaches once it is ready
         (kernels run in a session of their own, out of reach of the terminal's Ctrl-C)."""
-        from jupyter_client.manager import AsyncKernelManager
-
         interrupt, started = self, []
 
-        class KernelManager(AsyncKernelManager):
+        class KernelManager(ipc_kernel_manager()):
             async def start_kernel(self, **kw):
                 await super().start_kernel(**kw)
                 started.append(self)
@@ -256,6 +258,20 @@ class Interrupt:
                 interrupt._kernels.update(started)
 
         return {"kernel_manager_class": KernelManager, "on_notebook_start": ready}
+
+
+def ipc_kernel_manager():
+    """The kernel manager class of the study's notebooks: kernels talk to papermill over Unix
+    sockets in Jupyter's private (0700) runtime directory instead of plain-text TCP on localhost."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _transport_default(self) -> str:
+            return "ipc"
+
+    return IPCKernelManager
 
 
 def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
@@ -279,7 +295,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
             parameters={"params_file": str(run_dir / "params.yaml"), "out_dir": str(run_dir),
                         "device": device, "num_threads": num_threads},
             kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
-            **(stop.notebook_options() if stop else {}))
+            **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
         if not is_finished(run_dir, run):
             raise RuntimeError(f"{run_dir / 'ablation.ipynb'} ran but wrote no valid metrics.json")
     except Exception as e:  # a failed run must not stop the study
@@ -430,7 +446,7 @@ def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
     out_nb = study_dir / "aggregate.ipynb"
     pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
                         kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
-                        **(stop.notebook_options() if stop else {}))
+                        **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
     exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
     html, _ = exporter.from_notebook_node(nbformat.read(str(out_nb), as_version=4))
     report = study_dir / "report.html"
@@ -438,20 +454,23 @@ def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
     return report
 
 
-def execute_runs(todo: list[Run], out: Path, jobs: int, stop: Interrupt, on_result=lambda result: None) -> list[dict]:
+def execute_runs(todo: list[Run], out: Path, jobs: int, stop: Interrupt, on_result=lambda result: None,
+                 on_tick=lambda active: None) -> list[dict]:
     """Execute runs ``jobs`` at a time, each job on a device of its own (:func:`devices_for`); on a
     CPU the cores are shared out (``trainer.num_threads`` = cores // jobs). Once ``stop`` is set, no
-    run starts and the running ones are interrupted. Returns execute_run's results."""
+    run starts and the running ones are interrupted. ``on_tick({run name: run dir})`` about every
+    second with the runs executing. Returns execute_run's results."""
     devices = devices_for(jobs)
     cpu_threads = max(1, (os.cpu_count() or 1) // jobs)
     pending, running, results = list(todo), {}, []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while running or (pending and not stop.is_set()):
-            for slot in sorted(set(range(jobs)) - set(running.values())):
+            for slot in sorted(set(range(jobs)) - {slot for slot, _ in running.values()}):
                 if pending and not stop.is_set():
-                    device = devices[slot]
-                    running[pool.submit(execute_run, pending.pop(0), out, device,
-                                        cpu_threads if device == "cpu" else None, stop)] = slot
+                    device, run = devices[slot], pending.pop(0)
+                    running[pool.submit(execute_run, run, out, device,
+                                        cpu_threads if device == "cpu" else None, stop)] = (slot, run)
+            on_tick({run.name: out / "runs" / run.name for _, run in running.values()})
             done, _ = wait(running, timeout=1.0, return_when=FIRST_COMPLETED)
             if stop.is_set():
                 stop.signal_kernels()
@@ -463,7 +482,8 @@ def execute_runs(todo: list[Run], out: Path, jobs: int, stop: Interrupt, on_resu
 
 
 def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None = None,
-              ablations: list[str] | None = None, overrides: dict | None = None) -> dict:
+              ablations: list[str] | None = None, overrides: dict | None = None,
+              launcher: dict | None = None) -> dict:
     """Plan, execute (skipping finished runs), score the reference predictors, aggregate. Returns
     the study record.
 
@@ -471,8 +491,11 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
     ``jobs``: concurrent runs; None takes the preset's ``study.jobs`` (default 1). The study
     directory is held (:func:`study_lock`) throughout. Ctrl-C while the runs execute
     (:class:`Interrupt`) ends the study early: the record then says ``interrupted`` and lists the
-    ``unfinished`` runs, which the next run of the study resumes."""
-    from tqdm.auto import tqdm
+    ``unfinished`` runs, which the next run of the study resumes.
+
+    ``launcher``: command-line launcher settings over the preset's ``launcher`` section
+    (:mod:`dad3dlib.launch`); the default executes the runs here, ``jobs`` at a time."""
+    from .launch import execute_runs_submitit, launcher_settings
 
     started = time.time()
     ablations = ablations or default_ablations()
@@ -483,7 +506,8 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
         runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
         ensure_data(runs[0].params)
         jobs = study_jobs(runs[0].params, jobs)
-        record = {"preset": preset, "ablations": ablations, "seeds": seeds,
+        launch = launcher_settings(runs[0].params, launcher)
+        record = {"preset": preset, "ablations": ablations, "seeds": seeds, "launcher": launch["name"],
                   "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
                             "fingerprint": r.fingerprint} for r in runs]}
         write_json(out / "study.json", record)
@@ -492,15 +516,14 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
             if r not in todo:
                 complete_provenance(out / "runs" / r.name)
 
-        def progress(res: dict) -> None:
-            bar.set_postfix_str(f"{res['run']}: {res['status']}")
-            bar.update(res["status"] != "interrupted")
-
         references = BackgroundJob(ensure_references, runs[0].params, out)  # beside the runs, one thread
         stop, report = Interrupt(), None
-        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f"study {preset}", unit="run") as bar, \
-                stop.handling():
-            results = execute_runs(todo, out, jobs, stop, progress)
+        shown = StudyProgress(f"study {preset}", total=len(runs), done=len(runs) - len(todo))
+        with contextlib.closing(shown), stop.handling():
+            if launch["name"] == "local":
+                results = execute_runs(todo, out, jobs, stop, shown.finished, shown.update)
+            else:
+                results = execute_runs_submitit(todo, out, launch, stop, shown.finished, shown.update)
             failed = [r for r in results if r["status"] == "failed"]
             for r in failed:
                 print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",
@@ -539,7 +562,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ablations", help=f"comma-separated subset of {available('ablations')}")
     ap.add_argument("--data", help="data root (the directory holding DAD-3DHeadsDataset/); default: the preset's")
     ap.add_argument("--flame-assets", help="FLAME-format directory; default: the synthetic head")
+    cluster = ap.add_argument_group("launcher (default: the preset's launcher section, else local)")
+    cluster.add_argument("--launcher", choices=["local", "submitit-local", "slurm"],
+                         help="local: runs execute here; slurm: one SLURM job array through submitit; "
+                              "submitit-local: the same jobs as processes on this machine")
+    cluster.add_argument("--partition", help="SLURM partition")
+    cluster.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job (slurm; default 1)")
+    cluster.add_argument("--cpus-per-run", type=int, help="CPU cores of each run's job")
+    cluster.add_argument("--time", type=int, dest="time_min", help="time limit of each job in minutes (default 720)")
+    cluster.add_argument("--mem", type=int, dest="mem_gb", help="memory of each job in GB")
+    cluster.add_argument("--account", help="SLURM account")
+    cluster.add_argument("--qos", help="SLURM quality of service")
     args = ap.parse_args(argv)
+    launcher = {"name": args.launcher, "partition": args.partition, "gpus_per_run": args.gpus_per_run,
+                "cpus_per_run": args.cpus_per_run, "time_min": args.time_min, "mem_gb": args.mem_gb,
+                "account": args.account, "qos": args.qos}
     overrides: dict = {}
     if args.data:
         overrides = deep_merge(overrides, {"data": {"root": str(Path(args.data).resolve())},
@@ -548,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = deep_merge(overrides, {"data": {"flame_path": str(Path(args.flame_assets).resolve())}})
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
     try:
-        record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides)
+        record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides, launcher)
     except (ParamsError, StudyBusy, OSError) as e:  # OSError: a missing data set, a full disk (names the file)
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -33,7 +33,9 @@ last step; for fixed step budgets such as the cpu preset).
 Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
 ``checkpoints/last.ckpt``, ``logs/version_N/metrics.csv`` (every weighted loss term and the learning
 rate per step, validation NME / angle error / loss terms per validation; one version per
-(re)start, :func:`read_metrics` joins them), ``params.yaml``. Checkpoints are written atomically
+(re)start, :func:`read_metrics` joins them), the same curves as TensorBoard events in
+``tensorboard/``, ``progress.json`` (steps done of total, kept current for the study's display),
+``params.yaml``. Checkpoints are written atomically
 (:class:`AtomicCheckpointIO`). Running again on the same DIR resumes from ``last.ckpt`` (from
 ``best.ckpt``, saying so, when ``last.ckpt`` is unreadable), exactly: a run killed and resumed ends
 with the same weights as an uninterrupted one on the same machine (:class:`ExactResume`).
@@ -55,22 +57,25 @@ import datetime
 import math
 import random
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
 from .data import DAD3DHeadsDataset, data_root, flame_dir
+from .board import BOARD_DIR
 from .files import atomic_open, write_json
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
 from .model import cpu_has_native_bf16, create_model
+from .progress import write_progress
 
 DEFAULTS: dict = {
     "seed": 1,
@@ -415,6 +420,35 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             torch.save(checkpoint, f)
 
 
+class ProgressFile(Callback):
+    """Keeps ``progress.json`` in the run directory current (steps done of the run's total, the
+    last training loss; :func:`dad3dlib.progress.write_progress`), at most every ``every_s``
+    seconds and at the end of training, for the study's live display. Rank 0 only."""
+
+    def __init__(self, out_dir: Path, every_s: float = 2.0):
+        self.out_dir, self.every_s, self._last, self._started, self._start_step = Path(out_dir), every_s, 0.0, 0.0, 0
+
+    def _write(self, trainer: L.Trainer) -> None:
+        loss = trainer.callback_metrics.get("train/loss_step", trainer.callback_metrics.get("train/loss"))
+        total = trainer.estimated_stepping_batches  # inf when neither max_epochs nor max_steps bounds it
+        write_progress(self.out_dir, trainer.global_step, int(total) if math.isfinite(total) else 0,
+                       None if loss is None else float(loss), self._started, self._start_step)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started, self._start_step = time.time(), trainer.global_step  # a resume counts from here
+        if trainer.is_global_zero:
+            self._write(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.is_global_zero and time.time() - self._last >= self.every_s:
+            self._last = time.time()
+            self._write(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self._write(trainer)
+
+
 def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning Trainer of the trainer section; returns it and the best-checkpoint callback."""
     t = params["trainer"]
@@ -427,7 +461,7 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
     # checkpoint_every_n_steps steps), unlike save_last, which only follows saved top-k files.
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
                            every_n_train_steps=t["checkpoint_every_n_steps"], enable_version_counter=False)
-    cbs = [best, last, LearningRateMonitor("step"), *callbacks]
+    cbs = [best, last, LearningRateMonitor("step"), ProgressFile(out_dir), *callbacks]
     if t["progress_bar"]:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every_n_steps"])))
     if t["early_stopping_patience"]:
@@ -438,7 +472,9 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
         val_check_interval=t["val_check_interval"], check_val_every_n_epoch=t["check_val_every_n_epoch"],
         limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
         gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,
-        logger=CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]), default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
+        logger=[CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]),
+                TensorBoardLogger(out_dir, name=BOARD_DIR, version="", default_hp_metric=False)],
+        default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
         enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
     return trainer, best
 

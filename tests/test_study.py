@@ -115,6 +115,7 @@ def smoke_study(tmp_path_factory):
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
     res = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
+    ctrl_c["final_stderr"] = res.stderr
     return out, stamps, ctrl_c
 
 
@@ -169,6 +170,36 @@ def test_every_run_wrote_its_files(smoke_study):
         assert ckpt["file"] == "checkpoints/best.ckpt" and "validation NME" in ckpt["why"] and ckpt["step"] > 0
         assert metrics["precision"] in ("bf16-mixed", "32-true")
         assert (d / "ablation.ipynb").exists() and list(d.glob("**/*.ckpt"))
+
+
+@pytest.mark.slow
+def test_progress_log_and_kernels_over_ipc(smoke_study):
+    """Not attached to a terminal, the study logs lines, not bars; its kernels never warn about
+    plain-text TCP (they run over Unix sockets)."""
+    _, _, ctrl_c = smoke_study
+    for err in (ctrl_c["stderr"], ctrl_c["final_stderr"]):
+        assert "without encryption" not in err and "\r" not in err
+    lines = ctrl_c["final_stderr"].splitlines()
+    assert any(line.startswith("study smoke: 6 runs, ") and line.endswith("already finished") for line in lines)
+    assert any(line.endswith("(6/6 runs)") and ": finished" in line for line in lines)
+    assert any(": step " in line or ": starting;" in line for line in ctrl_c["stderr"].splitlines())
+
+
+@pytest.mark.slow
+def test_tensorboard_compares_the_runs(smoke_study):
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    out, _, _ = smoke_study
+    mux = EventMultiplexer()
+    mux.AddRunsFromDirectory(str(out / "runs"))
+    mux.Reload()
+    runs = mux.Runs()
+    assert len(runs) == 6 and all(r.endswith("/tensorboard") for r in runs)
+    for run, tags in runs.items():
+        assert {"train/loss_step", "val/nme", "eval/nme_reprojection", "eval/angle_error_deg"} <= set(tags["scalars"])
+        assert mux.SummaryMetadata(run, "_hparams_/session_start_info").plugin_data.plugin_name == "hparams"
+        metrics = json.loads((out / "runs" / run.split("/")[0] / "metrics.json").read_text())
+        assert mux.Scalars(run, "eval/angle_error_deg")[-1].value == pytest.approx(metrics["angle_error_deg"])
 
 
 @pytest.mark.slow

@@ -15,7 +15,9 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from dad3dlib.board import BOARD_DIR
 from dad3dlib.config import run_params
+from dad3dlib.progress import read_progress
 from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
 from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
                             with_defaults)
@@ -147,6 +149,22 @@ def test_smoke_training_lowers_the_loss(tmp_path, flame_dir, datasets):
     assert out["params_3dmm"].shape == (2, 413) and out["heatmaps"].shape == (2, 68, S // 4, S // 4)
     ckpt = torch.load(best, weights_only=True)
     assert not any(k.startswith("flame.") for k in ckpt["state_dict"])  # FLAME is not saved
+    # the same curves in TensorBoard, and the live progress record at its end
+    scalars = board_scalars(tmp_path / BOARD_DIR)
+    np.testing.assert_allclose(scalars["train/loss_step"], loss, rtol=1e-6)
+    assert len(scalars["val/nme"]) == log["val/nme"].notna().sum()
+    progress = read_progress(tmp_path)
+    assert progress["step"] == progress["total"] == 24 and progress["loss"] == pytest.approx(loss[-1], rel=1e-6)
+
+
+def board_scalars(log_dir: Path) -> dict[str, np.ndarray]:
+    """Every scalar series of the TensorBoard event files in ``log_dir``, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: np.array([e.value for e in sorted(acc.Scalars(tag), key=lambda e: e.step)])
+            for tag in acc.Tags()["scalars"]}
 
 
 def test_onecycle_schedule_warms_up_then_decays_to_zero(tmp_path, flame_dir, datasets):
