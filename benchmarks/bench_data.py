@@ -26,6 +26,7 @@ from dad3dlib import OUTPUTS_DIR  # noqa: E402
 from dad3dlib.data import DAD3DHeadsDataset  # noqa: E402
 from dad3dlib.flame import load_flame_assets  # noqa: E402
 from dad3dlib.synthetic_data import PRESETS, make_data  # noqa: E402
+from dad3dlib.synthetic_head import default_flame_dir  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -49,7 +50,7 @@ def bench_generation(tmp: Path, n: int, workers: int) -> dict:
 
 
 def bench_loader(root: Path, cache_dir: Path, crop: int, cached: bool, workers: int) -> dict:
-    ds = DAD3DHeadsDataset(root, "train", crop, load_flame_assets(), train=True, augment=True, cache=cached,
+    ds = DAD3DHeadsDataset(root, "train", crop, load_flame_assets(default_flame_dir()), train=True, augment=True, cache=cached,
                            cache_dir=cache_dir)
     loader = torch.utils.data.DataLoader(ds, batch_size=32, num_workers=workers, shuffle=True)
     kind = "cached" if cached else "uncached"
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(bench_generation(tmp, args.images, workers))
         root = tmp / "gen2"
         rows.append(measure("loader cache build (validate + parse all annotations)", args.images,
-                            lambda: DAD3DHeadsDataset(root, "train", args.crop, load_flame_assets(),
+                            lambda: DAD3DHeadsDataset(root, "train", args.crop, load_flame_assets(default_flame_dir()),
                                                       cache_dir=tmp / "cache")))
         for cached in (True, False):
             for workers in (0, 2):

@@ -26,11 +26,10 @@ from . import metrics as M
 from .files import write_json
 from .flame import FlameTopology, landmarks_from_vertices, load_flame_assets
 
-Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the reference's head_indices.npy
 FACE_SUBSET = "face"
 FLIP_YZ = (1.0, -1.0, -1.0)  # diag(1,-1,-1): OpenGL camera axes -> the 3DMM rotation's axes
-FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # a pseudo-key: N_landmarks_3d with N = V
+FLAME_MESH = M.FLAME_MESH  # a pseudo-key: N_landmarks_3d with N = V
 
 GT_KEYS = {"bbox": (4,), "vertices": ("V", 3), "model_view_matrix": (4, 4),
            "projection_matrix": (4, 4), "image_height": ()}
@@ -42,51 +41,12 @@ class BenchmarkFormatError(ValueError):
     """A ground-truth or submission file does not follow the reference format."""
 
 
-# --------------------------------------------------------------------------------------------
-# The metrics: name -> (prediction keys needed, fn(gt, pred, scorer) -> [b])
-# gt: derived GT tensors of the rows (see Scorer.prepare); pred: stacked prediction arrays.
-# --------------------------------------------------------------------------------------------
-def _nme(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.nme_reprojection(p["68_landmarks_2d"], g["landmarks_2d"], g["bbox"])
-
-
-def _zn_inputs(g: dict, p: dict, s: Scorer) -> tuple[Tensor, Tensor]:
-    """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
-    return p["N_landmarks_3d"][:, s.head].float(), (-g["world"][:, s.head]).float()
-
-
-def _z5(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.z_n_accuracy_reference(*_zn_inputs(g, p, s), Z_N).double()
-
-
-def _z5_local(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.z_n_accuracy_local(*_zn_inputs(g, p, s), Z_N).double()
-
-
-def _chamfer(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g["world"], g["landmarks_world"], s.face)
-
-
-def _pose_error(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.pose_error(p["rotation_matrix"], g["rotation"])
-
-
-def _angle_error(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.angle_error_deg(p["rotation_matrix"], g["rotation"])
-
-
-BENCHMARK_METRICS = {
-    "nme_reprojection": (("68_landmarks_2d",), _nme),
-    "z5_accuracy": ((FLAME_MESH,), _z5),
-    "z5_accuracy_local": ((FLAME_MESH,), _z5_local),
-    "chamfer": (("N_landmarks_3d", "7_landmarks_3d"), _chamfer),
-    "pose_error": (("rotation_matrix",), _pose_error),
-    "angle_error_deg": (("rotation_matrix",), _angle_error),
-}
+# The metrics: name -> (prediction keys needed, fn(gt, pred, scorer) -> [b]), the registered
+# metrics in the benchmark scope (metrics.METRICS); gt: derived GT tensors of the rows (see
+# Scorer.prepare); pred: stacked prediction arrays.
+BENCHMARK_METRICS = {k: M.METRICS[k].benchmark for k in M.metric_names("benchmark")}
 METRICS = tuple(BENCHMARK_METRICS)
-SHORT = {"nme_reprojection": "nme", "z5_accuracy": "z5", "z5_accuracy_local": "z5_local",
-         "chamfer": "chamfer", "pose_error": "pose_error", "angle_error_deg": "angle_deg"}
-
+SHORT = {k: M.METRICS[k].short for k in METRICS}
 
 # --------------------------------------------------------------------------------------------
 # Reading

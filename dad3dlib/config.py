@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -18,7 +19,26 @@ from . import OUTPUTS_DIR, REPO_ROOT
 from .files import atomic_write
 
 PARAMS_DIR = REPO_ROOT / "params"
-LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """A term of the objective: the key of its weight in ``loss.lambdas``, its display name, the
+    reference recipe's weight and the prediction it reads (a key of what ``train.DADModule``
+    predicts). Plain data, free of torch; :mod:`dad3dlib.losses` registers its function under
+    the same key (``losses.register_term``)."""
+    name: str
+    label: str
+    reference_weight: float
+    needs: str
+
+
+# The objective's terms, in order (λ1..λ4); every list of loss terms derives from this one.
+LOSS_TERMS = {t.name: t for t in (LossTerm("l3d", "L_3D", 50.0, "vertices_canonical"),
+                                  LossTerm("l1", "L_1", 100.0, "landmarks_2d"),
+                                  LossTerm("lproj", "L_proj", 0.05, "vertices_reprojected"),
+                                  LossTerm("awing", "L_AWing", 1.0, "heatmaps"))}
+LAMBDAS = tuple(LOSS_TERMS)
 SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "eval",
             "study", "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
@@ -87,7 +107,7 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
-    """λ1..λ4 as floats: exactly the keys of LAMBDAS (0 switches a term off), each finite and
+    """The loss weights as floats: exactly the keys of LAMBDAS (0 switches a term off), each finite and
     >= 0, not all zero. The one check of loss weights (params files and DADLoss)."""
     if not isinstance(lambdas, dict):
         raise ParamsError(f"{source}: loss.lambdas must be a mapping of {LAMBDAS}, got {lambdas!r}")

@@ -187,17 +187,20 @@ def data_root(data: dict) -> Path:
     return root if root.is_absolute() or root.exists() else OUTPUTS_DIR / root
 
 
-def flame_dir(data: dict) -> Path | None:
+def flame_dir(data: dict) -> Path:
     """The FLAME directory of a data section ({root, flame_path}): ``flame_path``, else the one
-    recorded in the data set's ``make_data.json`` (data made by ``make-data``), else None (the
-    project's synthetic head). Every reader of a data set takes its FLAME directory from here."""
+    recorded in the data set's ``make_data.json`` (data made by ``make-data``), else the
+    project's synthetic head (``synthetic_head.default_flame_dir``, written if missing). Every
+    reader of a data set takes its FLAME directory from here."""
+    from .synthetic_head import default_flame_dir
+
     if data.get("flame_path"):
         return Path(data["flame_path"])
     if not data.get("root"):
-        return None
+        return default_flame_dir()
     record = dataset_dir(data_root(data)).parent / "make_data.json"
     if not record.is_file():
-        return None
+        return default_flame_dir()
     try:
         path = Path(json.loads(record.read_text())["flame_assets"])
     except (OSError, ValueError, KeyError, TypeError) as e:

@@ -33,11 +33,9 @@ from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLay
 from .model import FRONTAL_ROT6D
 from .train import crop_to_image, fit_weak_perspective, load_model, with_defaults
 
-Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
 FACE_SUBSET = "face"
-METRIC_COLUMNS = ("nme_reprojection", "z5_accuracy", "z5_accuracy_local", "angle_error_deg", "pose_error",
-                  "yaw_error_deg", "pitch_error_deg", "roll_error_deg", "median_mm", "mean_mm", "std_mm", "chamfer")
+METRIC_COLUMNS = M.metric_names()  # every registered metric (metrics.METRICS)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -87,11 +85,13 @@ class Topology:
 
 def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topology,
                    refine_iters: int = 0) -> tuple[dict[str, Tensor], Tensor]:
-    """Every metric per sample ([B] each, METRIC_COLUMNS) and the face-region distances [B,P] mm.
+    """Every registered metric per sample ([B] each, METRIC_COLUMNS) and the face-region
+    distances [B,P] mm.
 
     pred: predict_batch's output (CPU); batch: vertices_model, rotation, landmarks_2d_image, bbox.
-    Z_n compares the GT posed by its rotation (z forward, as the benchmark's -world) with the
-    predicted image-space mesh; the 3D metrics use the predicted canonical mesh.
+    Builds the context each metric's ``sample`` reads (see metrics.Metric). Z_n compares the GT
+    posed by its rotation (z forward, as the benchmark's -world) with the predicted image-space
+    mesh; the 3D metrics use the predicted canonical mesh.
     """
     gt_v, R_gt = batch["vertices_model"].double(), batch["rotation"].double()
     pv, R = pred["vertices_canonical"].double(), pred["rotation"].double()
@@ -99,19 +99,9 @@ def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topo
     a7 = list(ALIGN7)
     zn_pred, zn_gt = pred["vertices_image"][:, topo.head].float(), (gt_v @ R_gt.transpose(1, 2))[:, topo.head].float()
     shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, topo.face], gt68[:, a7], topo.faces, refine_iters)
-    ypr = M.yaw_pitch_roll_error_deg(R, R_gt)
-    out = {
-        "nme_reprojection": M.nme_reprojection(pred["landmarks_2d_image"].double(),
-                                               batch["landmarks_2d_image"].double(), batch["bbox"].double()),
-        "z5_accuracy": M.z_n_accuracy_reference(zn_pred, zn_gt, Z_N),
-        "z5_accuracy_local": M.z_n_accuracy_local(zn_pred, zn_gt, Z_N),
-        "angle_error_deg": M.angle_error_deg(R, R_gt),
-        "pose_error": M.pose_error(R, R_gt),
-        "yaw_error_deg": ypr[:, 0], "pitch_error_deg": ypr[:, 1], "roll_error_deg": ypr[:, 2],
-        "median_mm": shape["median"], "mean_mm": shape["mean"], "std_mm": shape["std"],
-        "chamfer": M.chamfer_reference(pv, pred68[:, a7], gt_v, gt68, topo.face),
-    }
-    return out, shape["distances"]
+    c = {"pred": pred, "batch": batch, "topo": topo, "pred_vertices": pv, "gt_vertices": gt_v, "pred_lmk68": pred68,
+         "gt_lmk68": gt68, "R": R, "R_gt": R_gt, "zn_pred": zn_pred, "zn_gt": zn_gt, "shape": shape}
+    return {name: m.sample(c) for name, m in M.METRICS.items()}, shape["distances"]
 
 
 # --------------------------------------------------------------------------------------------

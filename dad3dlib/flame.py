@@ -247,27 +247,16 @@ def _load_faces_pt(path: Path) -> np.ndarray:
     return np.asarray(faces, dtype=np.int64)
 
 
-def default_flame_dir(make: bool = True) -> Path:
-    """The project's synthetic head (FLAME formats), generated on first use (``make``)."""
-    from . import OUTPUTS_DIR
-
-    out = OUTPUTS_DIR / "flame_synthetic"
-    if make and not (out / MODEL_FILE).exists():
-        from .synthetic_head import make_head
-
-        make_head(out, seed=0)
-    return out
-
-
-def load_flame_assets(path: str | Path | None = None, require_model: bool = True) -> FlameAssets:
-    """Read a FLAME-format directory (None: the project's synthetic head).
+def load_flame_assets(path: str | Path, require_model: bool = True) -> FlameAssets:
+    """Read a FLAME-format directory (the project's synthetic head is
+    ``synthetic_head.default_flame_dir()``; ``data.flame_dir`` resolves a data set's).
 
     The directory holds ``generic_model.pkl`` (optional when ``require_model`` is False, faces
     then come from ``flame_mesh_faces.pt``), ``flame_static_embedding.pkl``,
     ``flame_dynamic_embedding.npy`` and the subsets ``face.npy``, ``face_w_ears.npy``,
     ``head.npy``.
     """
-    path = Path(path) if path is not None else default_flame_dir()
+    path = Path(path)
     if not path.is_dir():
         raise FlameFormatError(f"{path}: FLAME assets directory not found")
     model = None
@@ -331,7 +320,7 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
         "weights": model.weights.astype(np.float64),
         "kintree_table": kintree,
     }
-    # The model file last: its presence marks a complete directory (see default_flame_dir).
+    # The model file last: its presence marks a complete directory (see synthetic_head.default_flame_dir).
     atomic_write(out / MODEL_FILE, pickle.dumps(generic, protocol=2))
     return out
 

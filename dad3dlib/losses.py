@@ -2,6 +2,9 @@
 
     L = λ1·L_3D + λ2·L_1 + λ3·L_proj + λ4·L_heatmap   (weights keys: l3d, l1, lproj, awing)
 
+Each term is a record of ``config.LOSS_TERMS`` (key, label, reference weight, the prediction it
+reads) and a function registered here under the same key (:func:`register_term`).
+
 A term whose weight is 0 is not computed at all. L_proj, the one term measured in pixels, uses
 the units of the reference recipe's 256-px crop (:data:`REFERENCE_CROP`), so that a run at any crop
 size weighs its terms as a 256-px run does: at 64 px a geometric error of one crop pixel counts as 4
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import validate_lambdas
+from .config import LOSS_TERMS, validate_lambdas
 
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
@@ -134,10 +137,53 @@ HEATMAP_LOSSES = {"awing": adaptive_wing_loss, "soft_iou": soft_iou_loss}
 
 
 # --------------------------------------------------------------------------------------------
+# The terms: each registered term's function (config.LOSS_TERMS holds the rest of its record)
+# --------------------------------------------------------------------------------------------
+TERMS: dict = {}  # name -> fn(loss: DADLoss, pred, batch) -> unweighted scalar
+
+
+def register_term(name: str):
+    """Decorator: ``fn(loss, pred, batch) -> scalar`` computes the term ``name`` of
+    :data:`dad3dlib.config.LOSS_TERMS`, reading ``pred[LOSS_TERMS[name].needs]``."""
+    if name not in LOSS_TERMS:
+        raise KeyError(f"loss term '{name}' has no record in config.LOSS_TERMS")
+
+    def add(fn):
+        TERMS[name] = fn
+        return fn
+    return add
+
+
+@register_term("l3d")
+def _l3d(loss, p, b):
+    return shape_loss(p["vertices_canonical"].float(), b["vertices_model"], loss.subsets)
+
+
+@register_term("l1")
+def _l1(loss, p, b):
+    return landmark_loss(p["landmarks_2d"].float(), b["landmarks_2d"], b["visibility"], b["image"].shape[-1])
+
+
+@register_term("lproj")
+def _lproj(loss, p, b):
+    return reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"], loss.subsets,
+                             crop_size=b["image"].shape[-1])
+
+
+@register_term("awing")
+def _awing(loss, p, b):
+    return loss.heatmap_loss(torch.sigmoid(p["heatmaps"].float()), b["heatmaps"])
+
+
+if set(TERMS) != set(LOSS_TERMS):
+    raise ImportError(f"loss terms without a function: {sorted(set(LOSS_TERMS) - set(TERMS))}")
+
+
+# --------------------------------------------------------------------------------------------
 # The weighted total
 # --------------------------------------------------------------------------------------------
 class DADLoss(nn.Module):
-    """Weighted sum of the active terms.
+    """Weighted sum of the active terms (:data:`TERMS`, in the order of config.LOSS_TERMS).
 
     forward(pred, batch) -> (total scalar, {term: weighted scalar} for the active terms).
     ``pred`` holds what the active terms read (see :attr:`needs`):
@@ -147,17 +193,6 @@ class DADLoss(nn.Module):
     ``landmarks_2d``, ``visibility``, ``heatmaps``, ``image`` (for the crop size S).
     ``subsets``: "face", "face_w_ears", "head" -> [n] vertex ids (e.g. from FlameLayer.subset).
     """
-
-    _NEEDS = {"l3d": "vertices_canonical", "lproj": "vertices_reprojected", "l1": "landmarks_2d",
-              "awing": "heatmaps"}
-    _TERMS = {
-        "l3d": lambda self, p, b: shape_loss(p["vertices_canonical"].float(), b["vertices_model"], self.subsets),
-        "lproj": lambda self, p, b: reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"],
-                                                      self.subsets, crop_size=b["image"].shape[-1]),
-        "l1": lambda self, p, b: landmark_loss(p["landmarks_2d"].float(), b["landmarks_2d"], b["visibility"],
-                                               b["image"].shape[-1]),
-        "awing": lambda self, p, b: self.heatmap_loss(torch.sigmoid(p["heatmaps"].float()), b["heatmaps"]),
-    }
 
     def __init__(self, weights: dict, subsets: dict[str, Tensor], heatmap_loss: str = "awing"):
         super().__init__()
@@ -176,8 +211,8 @@ class DADLoss(nn.Module):
     @property
     def needs(self) -> set[str]:
         """Prediction keys the active terms read."""
-        return {self._NEEDS[k] for k in self.weights}
+        return {LOSS_TERMS[k].needs for k in self.weights}
 
     def forward(self, pred: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = {k: w * self._TERMS[k](self, pred, batch) for k, w in self.weights.items()}
+        terms = {k: w * TERMS[k](self, pred, batch) for k, w in self.weights.items()}
         return sum(terms.values()), terms

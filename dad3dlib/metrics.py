@@ -1,12 +1,17 @@
 """The study's metrics (README, "Metrics per run"), batched torch, CPU or GPU.
 
 Every function takes a batch and returns one value per sample ([B] or [B,k]); aggregate with a
-mean (or median) over the split. NME, the rotation metrics and the reference Z_n are plain torch (the
+mean (or median) over the split. :data:`METRICS` registers one record per metric of the study
+(label, direction, precision, where it is shown, how the evaluation and the benchmark compute it);
+every list of metrics derives from it. NME, the rotation metrics and the reference Z_n are plain torch (the
 training loop uses them); the others import pytorch3d (and, on CPU, scipy) inside.
 
 Shapes: B batch, V vertices, N points of a subset, L landmarks, F faces.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +27,8 @@ _MIN_TRIANGLE_AREA_MM2 = 1e-6  # pytorch3d treats smaller triangles as degenerat
 # largest triangles) is bound-tested against every point, the others searched by KD-tree.
 _RADIUS_TIERS = (0.7, 0.95, 0.99)
 _TIER_NEIGHBOURS = 24
+Z_N = 5  # the n of the Z_n depth-order accuracies
+FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # benchmark pseudo-key: N_landmarks_3d with N = V
 
 
 # --------------------------------------------------------------------------------------------
@@ -319,7 +326,110 @@ def chamfer_reference(pred_vertices: Tensor, pred_lmk7: Tensor, gt_vertices: Ten
     return sq[..., 0].mean(dim=1).to(gt_vertices.dtype)
 
 
+# --------------------------------------------------------------------------------------------
+# The registry: one record per metric
+# --------------------------------------------------------------------------------------------
+SCOPES = ("study", "benchmark", "attributes")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric: every table, plot and list of metrics reads it from here.
+
+    ``direction``: "lower" or "higher" is better. ``precision``: decimals in the report's tables.
+    ``scopes``: where it is shown besides each run's per-sample and aggregate values (every
+    metric is computed by ``evaluate``): "study" (the report's tables, ``summary.csv``, the
+    differences from the baseline), "benchmark" (``python -m dad3dlib benchmark``; needs
+    ``benchmark``), "attributes" (the report's plots by image attribute).
+    ``sample(c) -> [B]``: the value per sample in a study's evaluation, from the batch context
+    ``c`` that ``evaluate.sample_metrics`` builds: ``pred`` and ``batch`` (as given to it),
+    ``topo`` (evaluate.Topology), ``pred_vertices`` / ``gt_vertices`` [B,V,3] canonical predicted
+    and GT model-space meshes (float64), ``pred_lmk68`` / ``gt_lmk68`` [B,68,3] their landmarks,
+    ``R`` / ``R_gt`` [B,3,3], ``zn_pred`` / ``zn_gt`` [B,N,3] the Z_n head points (predicted image
+    space, GT posed; float32), ``shape`` (:func:`shape_error_mm`'s dict).
+    ``benchmark``: (the submission keys it needs, ``fn(g, p, scorer) -> [b]``) on the benchmark's
+    file formats (see ``benchmark.Scorer``: ``g`` its prepared GT, ``p`` the stacked predictions).
+    ``short``: its column header in the benchmark's per-attribute table.
+    """
+    name: str
+    label: str
+    direction: str
+    sample: Callable
+    precision: int = 2
+    scopes: frozenset = frozenset()
+    benchmark: tuple | None = None
+    short: str = ""
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.direction == "lower"
+
+
+METRICS: dict[str, Metric] = {}
+
+
+def register_metric(name: str, label: str, direction: str, sample: Callable, precision: int = 2,
+                    scopes: tuple = (), benchmark: tuple | None = None, short: str = "") -> Metric:
+    """Add a :class:`Metric` to :data:`METRICS` (its order is every table's order)."""
+    if direction not in ("lower", "higher") or not set(scopes) <= set(SCOPES) or name in METRICS:
+        raise ValueError(f"metric '{name}': direction must be lower or higher, scopes among {SCOPES}, name new")
+    if ("benchmark" in scopes) != (benchmark is not None):
+        raise ValueError(f"metric '{name}': the benchmark scope and a benchmark function go together")
+    METRICS[name] = Metric(name, label, direction, sample, precision, frozenset(scopes), benchmark, short or name)
+    return METRICS[name]
+
+
+def metric_names(scope: str | None = None) -> tuple[str, ...]:
+    """The registered metrics in a scope (every one with None), in registration order."""
+    return tuple(k for k, m in METRICS.items() if scope is None or scope in m.scopes)
+
+
+def _bench_zn(g: dict, p: dict, s) -> tuple[Tensor, Tensor]:
+    """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
+    return p["N_landmarks_3d"][:, s.head].float(), (-g["world"][:, s.head]).float()
+
+
+def _bench_rotation(fn):
+    return (("rotation_matrix",), lambda g, p, s: fn(p["rotation_matrix"], g["rotation"]))
+
+
+register_metric("median_mm", "Median (mm)", "lower", lambda c: c["shape"]["median"], scopes=("study",))
+register_metric("mean_mm", "Mean (mm)", "lower", lambda c: c["shape"]["mean"], scopes=("study", "attributes"))
+register_metric("std_mm", "Std (mm)", "lower", lambda c: c["shape"]["std"], scopes=("study",))
+register_metric("angle_error_deg", "Angle error (°)", "lower", lambda c: angle_error_deg(c["R"], c["R_gt"]),
+                scopes=("study", "benchmark", "attributes"), benchmark=_bench_rotation(angle_error_deg),
+                short="angle_deg")
+register_metric(
+    "nme_reprojection", "Reprojection NME", "lower",
+    lambda c: nme_reprojection(c["pred"]["landmarks_2d_image"].double(), c["batch"]["landmarks_2d_image"].double(),
+                               c["batch"]["bbox"].double()),
+    scopes=("study", "benchmark", "attributes"), short="nme",
+    benchmark=(("68_landmarks_2d",), lambda g, p, s: nme_reprojection(p["68_landmarks_2d"], g["landmarks_2d"],
+                                                                       g["bbox"])))
+register_metric("z5_accuracy", "Z₅ accuracy (reference pairing)", "higher",
+                lambda c: z_n_accuracy_reference(c["zn_pred"], c["zn_gt"], Z_N), precision=3,
+                scopes=("study", "benchmark"), short="z5",
+                benchmark=((FLAME_MESH,), lambda g, p, s: z_n_accuracy_reference(*_bench_zn(g, p, s), Z_N).double()))
+register_metric("z5_accuracy_local", "Z₅ accuracy (5 nearest, paper)", "higher",
+                lambda c: z_n_accuracy_local(c["zn_pred"], c["zn_gt"], Z_N), precision=3,
+                scopes=("study", "benchmark"), short="z5_local",
+                benchmark=((FLAME_MESH,), lambda g, p, s: z_n_accuracy_local(*_bench_zn(g, p, s), Z_N).double()))
+register_metric("pose_error", "Pose error (‖I − R·R_gtᵀ‖_F)", "lower", lambda c: pose_error(c["R"], c["R_gt"]),
+                scopes=("benchmark",), benchmark=_bench_rotation(pose_error))
+for _i, _axis in enumerate(("yaw", "pitch", "roll")):
+    register_metric(f"{_axis}_error_deg", f"{_axis.capitalize()} error (°)", "lower",
+                    lambda c, i=_i: yaw_pitch_roll_error_deg(c["R"], c["R_gt"])[:, i])
+register_metric(
+    "chamfer", "Chamfer (reference)", "lower",
+    lambda c: chamfer_reference(c["pred_vertices"], c["pred_lmk68"][:, list(ALIGN7)], c["gt_vertices"],
+                                c["gt_lmk68"], c["topo"].face),
+    scopes=("benchmark",),
+    benchmark=(("N_landmarks_3d", "7_landmarks_3d"),
+               lambda g, p, s: chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g["world"],
+                                                 g["landmarks_world"], s.face)))
+
+
 __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
            "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
-           "chamfer_reference", "MM_PER_METRE"]
+           "chamfer_reference", "MM_PER_METRE", "Metric", "METRICS", "register_metric", "metric_names"]

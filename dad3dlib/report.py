@@ -12,20 +12,15 @@ import numpy as np
 import pandas as pd
 
 from . import stats
+from .config import LOSS_TERMS
 from .files import atomic_write
+from .metrics import METRICS as REGISTRY
+from .metrics import metric_names
 
-# name: (label, lower is better)
-METRICS = {
-    "median_mm": ("Median (mm)", True),
-    "mean_mm": ("Mean (mm)", True),
-    "std_mm": ("Std (mm)", True),
-    "angle_error_deg": ("Angle error (°)", True),
-    "nme_reprojection": ("Reprojection NME", True),
-    "z5_accuracy": ("Z₅ accuracy (reference pairing)", False),
-    "z5_accuracy_local": ("Z₅ accuracy (5 nearest, paper)", False),
-}
-CURVES = ("train/loss_step", "train/l3d_step", "train/l1_step", "train/lproj_step", "train/awing_step",
-          "val/loss", "val/nme", "val/angle_error")
+# name: (label, lower is better), the registered metrics in the study scope (metrics.METRICS)
+METRICS = {k: (REGISTRY[k].label, REGISTRY[k].lower_is_better) for k in metric_names("study")}
+ATTRIBUTE_METRICS = metric_names("attributes")  # plotted by image attribute
+CURVES = ("train/loss_step", *(f"train/{k}_step" for k in LOSS_TERMS), "val/loss", "val/nme", "val/angle_error")
 ATTRIBUTES = ("pose", "occlusions", "quality", "expression", "standard light")
 
 
@@ -193,8 +188,8 @@ def format_differences(differences: pd.DataFrame) -> pd.DataFrame:
 
 
 def _num(metric: str, value: float, signed: bool = False) -> str:
-    """A metric's value as the tables print it (3 decimals for the Z₅ accuracies, else 2)."""
-    return f"{value:{'+' if signed else ''}.{3 if metric.startswith('z5') else 2}f}"
+    """A metric's value as the tables print it (its registered precision)."""
+    return f"{value:{'+' if signed else ''}.{REGISTRY[metric].precision}f}"
 
 
 def _interval(metric: str, lo: float, hi: float) -> str:

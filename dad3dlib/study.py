@@ -372,7 +372,8 @@ def ensure_data(params: dict) -> Path:
     root = Path(params["data"]["root"])
     synthetic = (params.get("study") or {}).get("make_data")
     if synthetic:
-        from .flame import MODEL_FILE, default_flame_dir
+        from .flame import MODEL_FILE
+        from .synthetic_head import default_flame_dir
 
         record = root / "make_data.json"
         model = Path(params["data"].get("flame_path") or default_flame_dir()) / MODEL_FILE

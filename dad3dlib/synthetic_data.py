@@ -421,7 +421,7 @@ def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
 class Generator:
     """Renders chunks of items; one per process (holds the FLAME layer and the GL renderers)."""
 
-    def __init__(self, flame_assets: str | Path | None, preset: dict, seed: int):
+    def __init__(self, flame_assets: str | Path, preset: dict, seed: int):
         import torch
 
         from .flame import FlameLayer, load_flame_assets
@@ -571,7 +571,8 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     import shutil
     import tempfile
 
-    from .flame import default_flame_dir, load_flame_assets
+    from .flame import load_flame_assets
+    from .synthetic_head import default_flame_dir
 
     if isinstance(preset, dict):
         cfg, preset = preset, preset.get("name", "custom")

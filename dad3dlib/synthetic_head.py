@@ -845,6 +845,18 @@ def measure(model: FlameModel, topology: FlameTopology) -> dict[str, float]:
     }
 
 
+def default_flame_dir(make: bool = True) -> Path:
+    """The project's synthetic head (FLAME formats) under outputs/, written on first use
+    (``make``): where a data set that names no FLAME directory takes its model from."""
+    from . import OUTPUTS_DIR
+    from .flame import MODEL_FILE
+
+    out = OUTPUTS_DIR / "flame_synthetic"
+    if make and not (out / MODEL_FILE).exists():
+        make_head(out, seed=0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m dad3dlib make-head --out DIR [--seed N]``"""
     ap = argparse.ArgumentParser(prog="dad3dlib make-head", description=__doc__.split("\n")[0])

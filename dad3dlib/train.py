@@ -72,6 +72,7 @@ from .data import DAD3DHeadsDataset, data_root, flame_dir
 from .board import BOARD_DIR
 from .files import atomic_open, write_json
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
+from .config import LOSS_TERMS
 from .losses import DADLoss
 from .metrics import angle_error_deg, nme_reprojection
 from .model import cpu_has_native_bf16, create_model
@@ -82,7 +83,7 @@ DEFAULTS: dict = {
     "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
               "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
               "pose_prior_samples": 64},
-    "loss": {"lambdas": {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}, "heatmap_loss": "awing"},
+    "loss": {"lambdas": {k: t.reference_weight for k, t in LOSS_TERMS.items()}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
              "augment": True, "skip_bad": False},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,

@@ -69,7 +69,7 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 
 def head_title(assets) -> str:
     """What a head model is: the project's synthetic head, or the FLAME-format model of a directory."""
-    from .flame import default_flame_dir
+    from .synthetic_head import default_flame_dir
 
     if assets.path is not None and Path(assets.path).resolve() == default_flame_dir(make=False).resolve():
         return "synthetic FLAME-compatible head"
@@ -129,6 +129,7 @@ def show_head(assets, out_png: str | Path, seed: int = 0, tile: int = 160, colum
 
 def main_show_head(argv: list[str] | None = None) -> int:
     """``python -m dad3dlib show-head --out FILE.png [--flame-assets DIR] [--seed N]``"""
+    from .data import flame_dir
     from .flame import load_flame_assets
 
     ap = argparse.ArgumentParser(prog="dad3dlib show-head", description=show_head.__doc__.split("\n")[0])
@@ -138,7 +139,7 @@ def main_show_head(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
-        out = show_head(load_flame_assets(args.flame_assets), args.out, args.seed)
+        out = show_head(load_flame_assets(flame_dir({"flame_path": args.flame_assets})), args.out, args.seed)
     except ValueError as e:  # FlameFormatError: one line naming the file
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from dad3dlib import data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
 from dad3dlib.render import project
+from dad3dlib.synthetic_head import default_flame_dir
 from dad3dlib.synthetic_data import make_data
 
 S = 96
@@ -21,7 +22,7 @@ TINY = {"splits": {"train": 6, "test": 2}, "image_sizes": [[160, 160], [144, 176
 
 @pytest.fixture(scope="module")
 def assets():
-    return load_flame_assets()
+    return load_flame_assets(default_flame_dir())
 
 
 @pytest.fixture(scope="module")
@@ -331,6 +332,11 @@ def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, t
         assert ds.n_vertices == 60 and len(ds) == 3
 
 
+def test_data_without_a_flame_dir_take_the_synthetic_head(tmp_path):
+    assert data.flame_dir({}) == default_flame_dir() == data.flame_dir({"root": str(tmp_path)})
+    assert (default_flame_dir() / "generic_model.pkl").is_file()
+
+
 def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
     shutil.copytree(other_flame[0], tmp_path / "d")
     (tmp_path / "d/make_data.json").write_text("{")
@@ -364,4 +370,4 @@ def test_show_head_title_names_the_model(other_flame):
 
     _, flame = other_flame
     assert head_title(load_flame_assets(flame)) == f"FLAME-format head model: {flame}"
-    assert "synthetic" in head_title(load_flame_assets())
+    assert "synthetic" in head_title(load_flame_assets(default_flame_dir()))

@@ -12,7 +12,9 @@ from torch.utils.data import Dataset
 
 from dad3dlib import benchmark as BM
 from dad3dlib import evaluate as E
+from dad3dlib import metrics as M
 from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
+from dad3dlib.synthetic_head import default_flame_dir
 
 torch.set_num_threads(1)
 S = 64
@@ -68,7 +70,7 @@ class HeadsFromParams(Dataset):
 
 @pytest.fixture(scope="module")
 def setup():
-    assets = load_flame_assets()  # the project's synthetic head
+    assets = load_flame_assets(default_flame_dir())  # the project's synthetic head
     layer = FlameLayer(assets)
     g = torch.Generator().manual_seed(0)
     n = 5
@@ -93,6 +95,30 @@ def test_gt_as_prediction_is_perfect(setup):
     assert set(agg["by_attribute"]["occlusions"]) == {"true", "false"}
     assert arrays["params_3dmm"].shape == (5, 413) and arrays["crop_affine"].shape == (5, 2, 3)
     assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.num_vertices - len(layer.subset("face"))
+
+
+def test_sample_metrics_computes_exactly_the_registered_metrics(setup):
+    layer, params, data = setup
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
+    pred = E.mesh_views(layer, params[:2], batch["image"].shape[-1], batch["crop_affine"])
+    values, _ = E.sample_metrics(pred, batch, E.Topology(layer))
+    assert tuple(values) == E.METRIC_COLUMNS == tuple(M.METRICS)
+    assert all(v.shape == (2,) for v in values.values())
+
+
+def test_every_list_of_metrics_derives_from_the_records():
+    from dad3dlib import REPO_ROOT, report
+
+    assert list(report.METRICS) == [k for k, m in M.METRICS.items() if "study" in m.scopes]
+    assert all(report.METRICS[k] == (m.label, m.direction == "lower") for k, m in M.METRICS.items() if k in report.METRICS)
+    assert BM.METRICS == M.metric_names("benchmark") and set(BM.SHORT) == set(BM.METRICS)
+    assert all(BM.BENCHMARK_METRICS[k] == M.METRICS[k].benchmark for k in BM.METRICS)
+    notebook = json.loads((REPO_ROOT / "notebooks" / "aggregate.ipynb").read_text())
+    code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    assert "report.ATTRIBUTE_METRICS" in code and not any(f"'{k}'" in code or f'"{k}"' in code for k in M.METRICS)
+    assert report._num("z5_accuracy", 0.5) == "0.500" and report._num("mean_mm", 0.5) == "0.50"
+    with pytest.raises(ValueError, match="benchmark scope and a benchmark function go together"):
+        M.register_metric("nothing", "Nothing", "lower", lambda c: None, scopes=("benchmark",))
 
 
 def test_pose_error_moves_pose_metrics_only(setup):
@@ -180,7 +206,7 @@ def test_submission_scores_perfectly_on_the_benchmark(setup):
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
     pred = E.predict_batch(TableModel(params), layer, batch["image"], batch["crop_affine"])
     entries = E.submission_entries(pred, topo)
-    scorer = BM.Scorer(load_flame_assets().topology)
+    scorer = BM.Scorer(load_flame_assets(default_flame_dir()).topology)
     gts = [_benchmark_gt(data, layer, params, i) for i in range(5)]
     gt = {k: torch.stack([g[k] for g in gts]) for k in BM.GT_KEYS}
     preds = [BM.parse_prediction(e, f"item {i}", scorer.n_vertices) for i, e in enumerate(entries)]

@@ -365,3 +365,16 @@ def test_landmarks_on_real_flame_topology():
     np.testing.assert_allclose(lmk[1, 30].numpy(), (t.static_bary[13][:, None] * verts[1, f].numpy()).sum(0),
                                rtol=1e-6)
     np.testing.assert_allclose(t.lmk_bary.sum(1), 1, atol=1e-5)
+
+
+def test_flame_needs_a_path_and_imports_no_synthetic_head():
+    """No import cycle: the synthetic head (which writes FLAME files) imports flame, never the
+    reverse; "no path given" is resolved by data.flame_dir / synthetic_head.default_flame_dir."""
+    import ast
+
+    tree = ast.parse(Path(flame.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any("synthetic_head" in (m or "") for m in imported)
+    with pytest.raises(TypeError):
+        load_flame_assets()

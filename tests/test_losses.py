@@ -267,3 +267,27 @@ def test_heatmap_loss_option_reaches_heatmaps(flame, name):
     total, terms = DADLoss({"l3d": 0, "l1": 0, "lproj": 0, "awing": 1.0}, subsets, heatmap_loss=name)(pred, batch)
     total.backward()
     assert set(terms) == {"awing"} and torch.count_nonzero(pred["heatmaps"].grad) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: one record per term (config.LOSS_TERMS), its function here
+# --------------------------------------------------------------------------------------------
+def test_each_registered_term_reads_only_its_recorded_prediction(flame):
+    from dad3dlib.config import LOSS_TERMS
+
+    batch, (pred, _) = _batch(flame), _pred(flame)
+    for name, term in LOSS_TERMS.items():
+        alone = DADLoss({k: float(k == name) for k in LOSS_TERMS}, {n: flame.subset(n) for n in ALL_ONE})
+        assert alone.needs == {term.needs}, name
+        total, terms = alone({term.needs: pred[term.needs]}, batch)  # no other prediction given
+        assert list(terms) == [name] and torch.isfinite(total) and total > 0, name
+
+
+def test_every_list_of_loss_terms_derives_from_the_records():
+    from dad3dlib import config, losses, report, train
+
+    assert config.LAMBDAS == tuple(config.LOSS_TERMS) == tuple(losses.TERMS)
+    assert train.DEFAULTS["loss"]["lambdas"] == {k: t.reference_weight for k, t in config.LOSS_TERMS.items()}
+    assert all(f"train/{k}_step" in report.CURVES for k in config.LOSS_TERMS)
+    with pytest.raises(KeyError, match="no record in config.LOSS_TERMS"):
+        losses.register_term("l2d")

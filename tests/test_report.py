@@ -238,8 +238,9 @@ def test_overlay_mesh_lights_a_surface_facing_the_viewer_anywhere(z):
 def head():
     """The synthetic FLAME head: layer, faces, colours (face subset red, the rest blue)."""
     from dad3dlib.flame import FlameLayer, load_flame_assets
+    from dad3dlib.synthetic_head import default_flame_dir
 
-    layer = FlameLayer(load_flame_assets()).eval()
+    layer = FlameLayer(load_flame_assets(default_flame_dir())).eval()
     colors = np.tile(np.array(BLUE, np.float32), (layer.num_vertices, 1))
     colors[layer.subset("face").numpy()] = RED
     return layer, layer.faces.numpy(), colors

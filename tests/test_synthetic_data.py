@@ -15,8 +15,9 @@ from PIL import Image
 
 from dad3dlib import REPO_ROOT
 from dad3dlib import synthetic_data as sd
-from dad3dlib.flame import MODEL_FILE, FlameFormatError, default_flame_dir, landmarks_from_vertices, load_flame_assets
+from dad3dlib.flame import MODEL_FILE, FlameFormatError, landmarks_from_vertices, load_flame_assets
 from dad3dlib.render import project, silhouette
+from dad3dlib.synthetic_head import default_flame_dir
 
 # no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette
 TINY = {"splits": {"train": 5, "val": 2, "test": 2}, "image_sizes": [[160, 160], [176, 144]],
@@ -28,7 +29,7 @@ ATTRIBUTES = {"quality": {"hq", "lq"}, "gender": {"undefined"}, "expression": {"
 
 @pytest.fixture(scope="module")
 def assets():
-    return load_flame_assets()
+    return load_flame_assets(default_flame_dir())
 
 
 @pytest.fixture(scope="module")
