@@ -65,7 +65,7 @@ def test_layout_and_schema(tiny, assets):
 def test_projection_lands_on_the_rendered_head(tiny, assets):
     """The projection formula applied to the written annotation reproduces the rendered silhouette, and
     the landmarks agree with the GL pipeline's own projection."""
-    gen = sd.Generator(None, TINY, seed=3)
+    gen = sd.Generator(default_flame_dir(), TINY, seed=3)
     topo = assets.topology
     for item in gen.chunk("train", 0, TINY["splits"]["train"]):
         ann = json.loads((tiny / item.entry["annotation_path"]).read_text())
