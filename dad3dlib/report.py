@@ -344,7 +344,7 @@ def plot_metrics(runs: pd.DataFrame):
 
 def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None):
     """Training curves of all runs on shared axes, one panel per metric (default: the weighted loss
-    terms per step and the validation metrics)."""
+    terms per step, titled with their display names, and the validation metrics)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -359,7 +359,8 @@ def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None)
         d = curves[curves.metric == m]
         x = "step" if "step" in d and d["step"].notna().any() else "epoch"
         sns.lineplot(data=d, x=x, y="value", hue="ablation", ax=ax, legend=ax is axes.flat[0], errorbar=None)
-        ax.set_title(m, fontsize=9)
+        ax.set_title(next((f"{t.label} ({m})" for k, t in LOSS_TERMS.items() if m == f"train/{k}_step"), m),
+                     fontsize=9)
         ax.set_ylabel("")
         if d["value"].gt(0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 50:
             ax.set_yscale("log")

@@ -272,3 +272,13 @@ def test_predicted_mesh_overlay_from_the_front_shows_the_face(head):
     img = report.overlay_mesh(np.zeros((crop, crop, 3), np.uint8), pv, faces, colors, alpha=1.0).astype(int)
     r, _, b = img[crop // 2, crop // 2]
     assert r > b + 40
+
+
+def test_training_curves_name_each_loss_term_by_its_label():
+    from dad3dlib.config import LOSS_TERMS
+
+    curves = pd.DataFrame([{"ablation": "a", "step": s, "epoch": 0, "metric": m, "value": 1.0 + s}
+                           for m in ("train/l3d_step", "val/nme") for s in range(3)])
+    fig = report.plot_training_curves(curves)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [f"{LOSS_TERMS['l3d'].label} (train/l3d_step)", "val/nme"]
