@@ -2,6 +2,7 @@
 
     python -m dad3dlib evaluate --checkpoint CKPT [--split test] [--data DIR] [--out DIR]
     python -m dad3dlib predict --checkpoint CKPT --data DIR --split test --out SUB.json
+    python -m dad3dlib predict --format now --checkpoint CKPT --images NOW_DIR --out DIR
 
 Per sample (metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
 to the original image), Z5 accuracy with the reference pairing and with the paper's (head
@@ -330,6 +331,24 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     return len(submission)
 
 
+def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, flame_assets=None,
+                device: str = "auto", batch_size: int = 16) -> int:
+    """NoW challenge files for every image of a NoW release folder (:func:`now.export`) with a
+    checkpoint, at its crop size; FLAME from ``flame_assets``, else the checkpoint's data's
+    (:func:`data.flame_dir`). Returns the number of images."""
+    from . import now
+
+    model, params = load_model(checkpoint)
+    if flame_assets is None:
+        try:
+            flame_assets = flame_dir(params["data"])
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
+                                    "name it with --flame-assets") from None
+    layer = FlameLayer(load_flame_assets(flame_assets))
+    return now.export(model, layer, images, out, params["data"]["crop_size"], resolve_device(device), batch_size)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -370,16 +389,27 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
 def main_predict(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dad3dlib predict",
-                                 description="write a DAD-3DHeads benchmark submission JSON for a split")
+                                 description="write a DAD-3DHeads benchmark submission JSON for a split, or "
+                                             "NoW challenge meshes and landmarks for a NoW release folder")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--data", required=True, help="DAD-3DHeads-format root")
+    ap.add_argument("--format", choices=("dad3dheads", "now"), default="dad3dheads",
+                    help="dad3dheads: a submission JSON (--data, --split); now: <subject>/<challenge>/<name>.obj "
+                         "and .npy per image of --images (see dad3dlib/now.py)")
+    ap.add_argument("--data", help="DAD-3DHeads-format root (--format dad3dheads)")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--out", required=True, help="submission JSON to write")
+    ap.add_argument("--images", help="NoW release folder: iphone_pictures/ and detected_face/ (--format now)")
+    ap.add_argument("--out", required=True, help="submission JSON (dad3dheads) or folder (now) to write")
     ap.add_argument("--flame-assets", help="FLAME-format directory (default: the checkpoint's data's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-    n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
+    if args.format == "now":
+        if not args.images:
+            ap.error("--format now needs --images")
+        n = predict_now(args.checkpoint, args.images, args.out, args.flame_assets, args.device, args.batch_size)
+    else:
+        if not args.data:
+            ap.error("--format dad3dheads needs --data")
+        n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
     print(f"wrote {n} predictions to {args.out}")
     return 0
-
