@@ -49,15 +49,20 @@ CACHE_VERSION = 1
 # --------------------------------------------------------------------------------------------
 # Pure functions: crop geometry and targets
 # --------------------------------------------------------------------------------------------
-def crop_affine(bbox, margins, size: int) -> np.ndarray:
+def crop_affine(bbox, margins, size: int, clip_to: tuple[int, int] | None = None) -> np.ndarray:
     """A [2,3] mapping image pixels to crop pixels (continuous coordinates, pixel i covers [i, i+1)).
 
-    bbox (x, y, w, h); margins (left, right, top, bottom) as fractions of w / h; the grown box's
+    bbox (x, y, w, h); margins (left, right, top, bottom) as fractions of w / h; ``clip_to``
+    (width, height): the grown box is cut to the image first (the reference's crop); the box's
     longest side becomes ``size`` and the other is centred (padding on both sides).
     """
     x, y, w, h = (float(v) for v in bbox)
     left, right, top, bottom = margins
     x0, x1, y0, y1 = x - left * w, x + w + right * w, y - top * h, y + h + bottom * h
+    if clip_to is not None:
+        x0, x1, y0, y1 = max(x0, 0.0), min(x1, clip_to[0]), max(y0, 0.0), min(y1, clip_to[1])
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {clip_to[0]}x{clip_to[1]} image")
     s = size / max(x1 - x0, y1 - y0)
     return np.array([[s, 0.0, (size - s * (x1 - x0)) / 2.0 - s * x0],
                      [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
@@ -472,7 +477,7 @@ class DAD3DHeadsDataset(Dataset):
 
     root: the folder holding ``DAD-3DHeadsDataset/`` (or that folder); flame: FlameAssets or
     FlameTopology (faces, landmark embedding); train: random crop margins (5-15 % per side) instead
-    of a fixed 10 %; augment: photometric augmentation (training only); skip_bad: drop invalid items
+    of a fixed 10 %; clip_bbox: cut the grown bbox to the image (:func:`crop_affine`); augment: photometric augmentation (training only); skip_bad: drop invalid items
     and count them in ``skipped`` instead of raising; annotations: False for image + bbox only
     (the real test split), None to decide from the presence of ``<split>/annotations/``;
     cache: False parses every annotation on access (no cache, no validation pass).
@@ -480,8 +485,10 @@ class DAD3DHeadsDataset(Dataset):
 
     def __init__(self, root: str | Path, split: str, crop_size: int, flame: FlameAssets | FlameTopology,
                  train: bool = False, augment: bool = False, skip_bad: bool = False,
-                 annotations: bool | None = None, cache: bool = True, cache_dir: str | Path | None = None):
+                 annotations: bool | None = None, cache: bool = True, cache_dir: str | Path | None = None,
+                 clip_bbox: bool = False):
         self.ds, self.split, self.crop_size = dataset_dir(root), split, int(crop_size)
+        self.clip_bbox = clip_bbox
         self.topology = flame.topology if isinstance(flame, FlameAssets) else flame
         self.train, self.augment = train, augment and train
         self.annotations = (self.ds / split / "annotations").is_dir() if annotations is None else annotations
@@ -546,7 +553,10 @@ class DAD3DHeadsDataset(Dataset):
         height, width = image.shape[:2]
         margins = rng.uniform(*MARGIN_TRAIN, 4) if self.train else (MARGIN_EVAL,) * 4
         bbox = np.asarray(entry["bbox"], np.float64)
-        A = crop_affine(bbox, margins, S)
+        try:
+            A = crop_affine(bbox, margins, S, (width, height) if self.clip_bbox else None)
+        except ValueError as e:
+            raise ValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
         crop = warp_crop(image, A, S)
         if self.augment:
             crop = photometric(rng, crop)

@@ -277,7 +277,7 @@ def _split_dataset(params: dict, split: str, annotations: bool | None = True, as
     d = params["data"]
     assets = assets or load_flame_assets(flame_dir(d))
     return DAD3DHeadsDataset(data_root(d), split, d["crop_size"], assets, skip_bad=d.get("skip_bad", False),
-                             annotations=annotations), assets
+                             annotations=annotations, clip_bbox=d.get("clip_bbox", False)), assets
 
 
 def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str = "test",

@@ -6,21 +6,25 @@ Params (plain nested data; every key but ``data.root`` has a default, see ``DEFA
 
     seed: 1
     model:   {name: dad3dnet, encoder: resnet50, bifpn_filters: 256, bifpn_repeats: 1, hidden: 512,
-              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64}
+              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64,
+              bifpn_levels: 3, bifpn_depthwise_kernel: 3, bifpn_act: silu, bifpn_bn_momentum: 0.1,
+              bifpn_bn_eps: 1.0e-5, bifpn_downsample: maxpool, bifpn_lateral: bn, bifpn_top_inputs: 2}
     loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
     data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
-              skip_bad: false}
+              skip_bad: false, clip_bbox: false}
     optim:   {lr: 1.0e-4, weight_decay: 0, schedule: plateau, plateau_patience: 10, plateau_factor: 0.5,
               min_lr: 1.0e-7, warmup_fraction: 0.1}
     trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
               devices: auto, num_nodes: 1, strategy: auto, val_check_interval: null,
               check_val_every_n_epoch: 1, limit_val_batches: null, log_every_n_steps: 10,
               checkpoint_every_n_steps: null, gradient_clip_val: null, num_threads: null,
-              progress_bar: true, early_stopping_patience: null}
+              progress_bar: true, early_stopping_patience: null, min_epochs: null}
 
 ``model.pose_prior_samples`` > 0 fits the pose head's initial scale/translation to that many training
 samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
-a head at the right size and place. ``data.root``: absolute, relative to the working directory, or
+a head at the right size and place. The ``bifpn_*`` keys choose the BiFPN (model.DAD3DNet; the
+paper preset sets the reference's). ``data.clip_bbox``: clip the grown bbox to the image before
+cropping (the reference does). ``trainer.min_epochs``: no early stop before. ``data.root``: absolute, relative to the working directory, or
 else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
@@ -81,18 +85,25 @@ DEFAULTS: dict = {
     "seed": 1,
     "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
               "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
-              "pose_prior_samples": 64},
+              "pose_prior_samples": 64, "bifpn_levels": 3, "bifpn_depthwise_kernel": 3, "bifpn_act": "silu",
+              "bifpn_bn_momentum": 0.1, "bifpn_bn_eps": 1e-5, "bifpn_downsample": "maxpool",
+              "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
     "loss": {"lambdas": {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
-             "augment": True, "skip_bad": False},
+             "augment": True, "skip_bad": False, "clip_bbox": False},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
               "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
     "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
                 "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
                 "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
                 "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
-                "num_threads": None, "progress_bar": True, "early_stopping_patience": None},
+                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None},
 }
+# Keys added after studies had run, whose defaults reproduce what ran before them: they count in a
+# run's training fingerprint only when set otherwise, so that finished runs stay finished.
+LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
+                        "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
+              "data": ("clip_bbox",), "trainer": ("min_epochs",)}
 MONITOR = "val/nme"
 MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
 
@@ -254,7 +265,7 @@ def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, t
     root = data_root(d)
     flame = flame or load_flame_assets(flame_dir(d))
     return {split: DAD3DHeadsDataset(root, split, d["crop_size"], flame, train=split == "train",
-                                     augment=d["augment"], skip_bad=d["skip_bad"])
+                                     augment=d["augment"], skip_bad=d["skip_bad"], clip_bbox=d["clip_bbox"])
             for split in ("train", "val")}
 
 
@@ -468,7 +479,7 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
         cbs.append(EarlyStopping(MONITOR, patience=t["early_stopping_patience"], mode="min", check_finite=False))
     trainer = L.Trainer(
         accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
-        precision=precision, max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
+        precision=precision, min_epochs=t["min_epochs"], max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
         val_check_interval=t["val_check_interval"], check_val_every_n_epoch=t["check_val_every_n_epoch"],
         limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
         gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,

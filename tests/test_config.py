@@ -172,3 +172,45 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
     assert config.training_fingerprint(config.deep_merge(params, {"trainer": {"max_steps": 7}})) != \
         config.training_fingerprint(params)
+
+
+def test_paper_preset_is_the_reference_recipe():
+    """The official configuration's schedule, stopping and crop (docs/ARCHITECTURE.md, differences)."""
+    from dad3dlib.train import with_defaults
+
+    p = with_defaults(config.run_params("paper"))
+    assert p["optim"]["schedule"] == "plateau"
+    assert (p["optim"]["plateau_patience"], p["optim"]["plateau_factor"], p["optim"]["min_lr"]) == (8, 0.5, 1e-6)
+    assert (p["trainer"]["early_stopping_patience"], p["trainer"]["min_epochs"], p["trainer"]["max_epochs"]) == \
+        (10, 100, 500)
+    assert (p["data"]["crop_size"], p["data"]["batch_size"], p["optim"]["lr"]) == (256, 64, 1e-4)
+    assert p["data"]["clip_bbox"] is True and p["data"]["augment"] is False
+    assert (p["model"]["bifpn_levels"], p["model"]["bifpn_repeats"], p["model"]["bifpn_bn_eps"]) == (5, 2, 4e-5)
+
+
+def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monkeypatch):
+    """Settings added with defaults that reproduce the earlier behaviour leave the fingerprints of
+    existing studies as they were (finished runs are not redone), unless a run sets them otherwise."""
+    from dad3dlib import train
+
+    params = {name: config.run_params(name) for name in ("cpu", "smoke")}
+    now = {name: config.training_fingerprint(p) for name, p in params.items()}
+    before = {s: {k: v for k, v in d.items() if k not in train.LATER_KEYS.get(s, ())} if isinstance(d, dict) else d
+              for s, d in train.DEFAULTS.items()}
+    monkeypatch.setattr(train, "DEFAULTS", before)
+    monkeypatch.setattr(train, "LATER_KEYS", {})
+    assert {name: config.training_fingerprint(p) for name, p in params.items()} == now
+    monkeypatch.undo()
+    for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3)]:
+        assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
+
+
+@pytest.mark.parametrize("value, match", [
+    ("4e-5", r"model.bifpn_bn_eps must be a finite number > 0 \(write 4.0e-5"),
+    (0, r"model.bifpn_bn_eps must be a finite number > 0"),
+])
+def test_bad_bifpn_value_in_a_preset_is_refused_naming_the_files(tmp_path, value, match):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(f"data: {{root: x}}\nmodel: {{bifpn_bn_eps: {value}}}\n")
+    with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: " + match):
+        config.run_params(preset, "baseline")

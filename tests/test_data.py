@@ -99,6 +99,40 @@ def test_train_margins_random_within_5_to_15_percent(root, assets):
     assert grown.min() >= 1.1 - 1e-4 and grown.max() <= 1.3 + 1e-4 and np.ptp(grown) > 0.02
 
 
+def test_clip_bbox_cuts_the_grown_box_to_the_image():
+    """A bbox at the image's left edge: the grown box is cut at x = 0 (the reference's crop), its
+    longest side then fills the crop and the other is centred."""
+    W, H = 200, 120
+    bbox, m = (2.0, 30.0, 40.0, 50.0), (0.1, 0.1, 0.1, 0.1)  # grown: x in [-2, 46], y in [25, 85]
+    A = crop_affine(bbox, m, 64, clip_to=(W, H))
+    x0, x1, y0, y1 = 0.0, 46.0, 25.0, 85.0
+    corners = np.array([[x0, y0], [x1, y1]]) @ A[:, :2].T + A[:, 2]
+    np.testing.assert_allclose(corners[:, 1], [0, 64], atol=1e-9)  # the longest side (60 px) fills the crop
+    np.testing.assert_allclose(corners[:, 0].mean(), 32, atol=1e-9)  # the clipped width centred
+    assert A[0, 0] == 64 / 60
+    unclipped = crop_affine(bbox, m, 64)
+    assert not np.allclose(A, unclipped)
+    np.testing.assert_allclose(crop_affine((50, 30, 40, 50), m, 64, clip_to=(W, H)), crop_affine((50, 30, 40, 50), m, 64))
+    with pytest.raises(ValueError, match=r"bbox \[250, 30, 40, 50\] lies outside the 200x120 image"):
+        crop_affine([250, 30, 40, 50], m, 64, clip_to=(W, H))
+
+
+def test_dataset_clips_the_crop_when_asked(root, assets):
+    plain, clipped = dataset(root, assets), dataset(root, assets, clip_bbox=True)
+    for i in range(len(plain)):
+        h, w = plain.image(i).shape[:2]
+        bbox = plain.items[i]["bbox"]
+        want = crop_affine(bbox, (data.MARGIN_EVAL,) * 4, S, (w, h))
+        np.testing.assert_allclose(clipped[i]["crop_affine"].numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(plain[i]["crop_affine"].numpy(), crop_affine(bbox, (data.MARGIN_EVAL,) * 4, S),
+                                   rtol=1e-6)
+    entries = json.loads((root / "DAD-3DHeadsDataset" / "train" / "train.json").read_text())
+    entries[0]["bbox"] = [1000, 1000, 20, 20]
+    (root / "DAD-3DHeadsDataset" / "train" / "train.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"train: item 'train_000000': bbox \[1000, 1000, 20, 20\] lies outside"):
+        dataset(root, assets, clip_bbox=True, cache_dir=root / "cache2")[0]
+
+
 def test_warp_crop_pixel_convention():
     """The crop pixel of an image point is A·[x, y, 1] (pixel i covers [i, i+1)), also with the
     area pre-shrink of large down-scalings: a blob's centroid maps through A."""

@@ -186,6 +186,16 @@ def test_unknown_schedule_is_refused(flame_dir):
         with_defaults(params)
 
 
+def test_min_epochs_reach_the_trainer(tmp_path, flame_dir):
+    """The reference's official configuration trains at least 100 epochs before early stopping may end it."""
+    from dad3dlib.train import build_trainer
+
+    params = with_defaults(tiny_params(flame_dir, min_epochs=4, early_stopping_patience=1))
+    trainer, _ = build_trainer(params, tmp_path)
+    assert trainer.fit_loop.min_epochs == 4
+    assert build_trainer(with_defaults(tiny_params(flame_dir)), tmp_path)[0].fit_loop.min_epochs is None
+
+
 class AugmentedHeads(RandomHeads):
     """RandomHeads with image noise drawn from the global torch generator in ``__getitem__``, as
     the real data set draws its crop margins and photometric augmentation."""
