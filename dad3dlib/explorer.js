@@ -1,6 +1,6 @@
 /* The report's offline explorer (built by dad3dlib/explorer.py): no dependencies, no network.
  *
- * root: the explorer's <div>, holding its data as <script type="application/json" class="x-data">.
+ * root: the explorer's div element, holding its data as JSON in its script.x-data element.
  * Meshes are in the display frame of each sample's image: pixels, x right, y down, z away from the
  * viewer. The 3D views are a canvas-2D software renderer: back faces culled, the rest painted far
  * to near with flat Lambert shading. Drag a view (or move the yaw slider) to rotate both views

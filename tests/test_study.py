@@ -287,7 +287,7 @@ def test_explorer_fragment_is_compact(smoke_study):
     out, _, _ = smoke_study
     html = (out / "report.html").read_text()
     fragment = re.search(r'<div class="dad3d-explorer".*?</script>\n</div>', html, re.S).group(0)
-    data = json.loads(re.search(r'class="x-data">(.*?)</script>', fragment, re.S).group(1))
+    data = json.loads(re.search(r'<script[^>]*class="x-data"[^>]*>(.*?)</script>', fragment, re.S).group(1))
     n_runs = len({r["run"] for r in json.loads((out / "study.json").read_text())["runs"]})
     assert len(data["samples"]) == 8 and len(data["predictions"]) == n_runs == 6
     assert data["ablations"] == list(dict.fromkeys(report.run_table(out).ablation))
