@@ -637,45 +637,63 @@ def render_head(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, yaw
     return overlay_mesh(white, img_v, faces, colors, alpha=1.0)
 
 
-def explorer(study_dir: str | Path, split: str = "test"):
-    """ipywidgets: pick an ablation and a test sample; see the image, landmarks and the predicted mesh.
-    In a static HTML export the widget renders as nothing; the figures above are the static version."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+def explorer(study_dir: str | Path, n_samples: int = 8, split: str = "test", size: int = 192) -> str:
+    """The offline explorer (:func:`dad3dlib.explorer.explorer_html`, an HTML fragment) of a study's
+    first ``n_samples`` test images: each ablation's first finished seed beside the ground truth,
+    every sample cut around its head and shown at ``size`` pixels. A sentence when no run has
+    finished yet."""
+    import cv2
+    import torch
+
+    from .explorer import explorer_html, submesh
 
     runs = _run_dirs(Path(study_dir))
     if not runs:
-        return None
-    names = list(runs)
-    n = len(np.load(runs[names[0]] / "predictions.npz", allow_pickle=False)["item_id"])
-    out = widgets.Output()
+        return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
+    ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
+    params, layer, pred0 = next(iter(ctx.values()))
+    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
+    items = [str(x) for x in pred0["item_id"][:n_samples]]
+    if not items:
+        return "<p>No test sample to explore.</p>"
+    frames, samples = [], []
+    for item in items:
+        img, gt_v = _sample(params, split, item)
+        box = _crop_box(gt_v)
+        frames.append((np.array(box[:2], np.float64), size / (box[2] - box[0])))
+        with torch.no_grad():
+            gt_l = layer.landmarks68(torch.as_tensor(gt_v[None], dtype=torch.float32))[0, :, :2].numpy()
+        image = cv2.resize(_cut(img, box), (size, size), interpolation=cv2.INTER_AREA)
+        samples.append({"item_id": item, "image": image, "landmarks": _display(gt_l, *frames[-1]),
+                        "vertices": _display(gt_v[keep], *frames[-1])})
+    predictions = {}
+    for d, (_, lay, pred) in ctx.items():
+        index = {str(x): k for k, x in enumerate(pred["item_id"])}
+        per_sample = pd.read_csv(d / "per_sample.csv").set_index("item_id")
+        rows = []
+        for item, frame in zip(items, frames):
+            k = index.get(item)
+            if k is None:
+                rows.append(None)
+                continue
+            pv = predicted_mesh_image(lay, pred["params_3dmm"][k], pred["crop_affine"][k], int(pred["crop_size"]))
+            m = per_sample.loc[item] if item in per_sample.index else {}
+            caption = ", ".join(f"{METRICS[c][0]} {_num(c, m[c])}"
+                                for c in ("nme_reprojection", "mean_mm", "angle_error_deg") if c in m)
+            rows.append({"landmarks": _display(pred["landmarks_2d_image"][k], *frame),
+                         "vertices": _display(pv[keep], *frame), "caption": caption})
+        predictions[d.name] = rows
+    return explorer_html(faces, samples, predictions, {name: d.name for name, d in runs.items()})
 
-    def show(ablation, sample):
-        with out:
-            out.clear_output(wait=True)
-            ctx = _run_context(runs[ablation])
-            params, layer, pred = ctx
-            item = str(pred["item_id"][sample])
-            img, gt_v = _sample(params, split, item)
-            pv = predicted_mesh_image(layer, pred["params_3dmm"][sample], pred["crop_affine"][sample],
-                                      int(pred["crop_size"]))
-            box = _crop_box(gt_v)
-            fig, axes = plt.subplots(1, 3, figsize=(10, 3.5))
-            axes[0].imshow(_cut(img, box))
-            axes[0].scatter(*(pred["landmarks_2d_image"][sample] - np.array(box[:2])).T, s=5, c="red")
-            axes[1].imshow(_cut(overlay_mesh(img, pv, layer.faces.numpy()), box))
-            axes[2].imshow(_cut(overlay_mesh(img, gt_v, layer.faces.numpy(), (0.55, 0.8, 0.55)), box))
-            for ax, t in zip(axes, (f"{item}: predicted landmarks", f"{ablation}: predicted mesh", "ground truth")):
-                ax.set_title(t, fontsize=9)
-                ax.axis("off")
-            plt.show()
 
-    ui = widgets.interactive(show, ablation=widgets.Dropdown(options=names, description="ablation"),
-                             sample=widgets.IntSlider(0, 0, n - 1, description="sample"))
-    display(widgets.VBox([ui.children[0], ui.children[1], out]))
-    show(names[0], 0)
-    return None
+def _display(points: np.ndarray, origin: np.ndarray, scale: float) -> np.ndarray:
+    """Image-pixel points [N,2] or [N,3] (x, y down, z away) -> the display frame of a cut at
+    ``origin`` [2] shown ``scale`` times larger; depth centred on the points' mean."""
+    out = np.asarray(points, np.float64).copy()
+    out[:, :2] = (out[:, :2] - origin) * scale
+    if out.shape[1] == 3:
+        out[:, 2] = (out[:, 2] - out[:, 2].mean()) * scale
+    return out
 
 
 def run_curves(run_dir: str | Path) -> pd.DataFrame:

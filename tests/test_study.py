@@ -1,5 +1,6 @@
 """The study runner: one runner per study directory, records that survive a full disk; the smoke
 study end to end: data → six runs → aggregate → HTML, stopped by Ctrl-C, killed, and resumed."""
+import base64
 import errno
 import json
 import os
@@ -244,22 +245,87 @@ def test_report_html_is_self_contained(smoke_study):
     assert "Findings" in html and "Training noise is unmeasured" in html  # one seed: no verdicts
 
 
-@pytest.mark.slow
-def test_report_in_headless_chromium(smoke_study):
+def _chromium(page: str, shot: Path, profile: Path, height: int) -> str:
+    """Screenshot ``page`` (a URL) in headless Chromium, 1200 px wide; returns its log (stderr), in
+    which each console message is a ':CONSOLE' line. Skips when Chromium is not installed."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium not installed")
-    out, _, _ = smoke_study
-    shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
-    profile = out / "chromium-profile"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}",
-                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={profile}", f"--window-size=1200,{height}", "--force-device-scale-factor=1",
+                          "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+                          page],
+                         capture_output=True, text=True, timeout=120)
+    return res.stderr
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(smoke_study):
+    out, _, _ = smoke_study
+    shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
+    _chromium((out / "report.html").as_uri(), shot, out / "chromium-profile", 2400)
     import cv2
     img = cv2.imread(str(shot))
     assert img is not None, "no screenshot"
     # a rendered report: text and figures, not a blank page
     assert img.std() > 20 and (img < 128).mean() > 0.005
+
+
+EXPLORER_BACKGROUND = (247, 241, 236)  # BGR of explorer.js's BACKGROUND, around each 3D view's head
+
+
+@pytest.mark.slow
+def test_explorer_in_headless_chromium_draws_and_rotates(smoke_study):
+    """The whole report (tall enough to hold it) at yaw 0 and 60 (set by the URL hash): no console
+    message, and both 3D views show a head whose pixels change with the rotation."""
+    import cv2
+
+    out, _, _ = smoke_study
+    shots = {}
+    for yaw in (0, 60):
+        shot = out / f"explorer_yaw{yaw}.png"
+        log = _chromium(f"{(out / 'report.html').as_uri()}#explorer-yaw={yaw}", shot, out / "chromium-profile", 9000)
+        assert not [line for line in log.splitlines() if ":CONSOLE" in line], log[-3000:]
+        shots[yaw] = cv2.imread(str(shot))
+        assert shots[yaw] is not None, "no screenshot"
+    background = (shots[0] == EXPLORER_BACKGROUND).all(-1)
+    rows, cols = np.nonzero(background)
+    assert len(rows), "no explorer view in the screenshot"
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert 400 < x1 - x0 < 700 and 200 < y1 - y0 < 300, "the two 3D views are not where expected"
+    views = {yaw: im[y0:y1, x0:x1] for yaw, im in shots.items()}
+    half = (x1 - x0) // 2
+    for yaw, view in views.items():
+        for name, panel in (("prediction", view[:, :half]), ("ground truth", view[:, half:])):
+            drawn = (panel != EXPLORER_BACKGROUND).any(-1).mean()
+            assert drawn > 0.1, f"yaw {yaw}: the {name} view is blank ({drawn:.3f} drawn)"
+    changed = (np.abs(views[0].astype(int) - views[60].astype(int)).max(-1) > 30).mean()
+    assert changed > 0.05, f"rotating by 60 degrees changed {changed:.3f} of the views' pixels"
+
+
+@pytest.mark.slow
+def test_explorer_fragment_is_compact(smoke_study):
+    """The explorer in report.html holds each mesh once as int16 (aliases share their run's): its size
+    is bounded by that encoding. It does not grow with seeds or test images (first seed, first 8
+    samples), so the default study (the same six distinct runs) adds as much as the smoke study, and
+    the report stays under 15 MB."""
+    import math
+    import re
+
+    out, _, _ = smoke_study
+    html = (out / "report.html").read_text()
+    fragment = re.search(r'<div class="dad3d-explorer".*?</script>\n</div>', html, re.S).group(0)
+    data = json.loads(re.search(r'<script[^>]*class="x-data"[^>]*>(.*?)</script>', fragment, re.S).group(1))
+    n_runs = len({r["run"] for r in json.loads((out / "study.json").read_text())["runs"]})
+    assert len(data["samples"]) == 8 and len(data["predictions"]) == n_runs == 6
+    assert data["ablations"] == list(dict.fromkeys(report.run_table(out).ablation))
+    faces = np.frombuffer(base64.b64decode(data["faces"]["data"]), data["faces"]["dtype"])
+    b64 = lambda n_bytes: 4 * math.ceil(n_bytes / 3)  # noqa: E731
+    meshes = len(data["samples"]) * (1 + n_runs) * b64(6 * (int(faces.max()) + 1))
+    budget = meshes + b64(faces.nbytes) + len(data["samples"]) * (1 + n_runs) * 2500 \
+        + len(data["samples"]) * 16_000 + 40_000  # landmarks and captions; JPEGs; viewer and markup
+    assert len(fragment) <= budget
+    assert len(html) < 15e6
