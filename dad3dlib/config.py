@@ -39,6 +39,7 @@ FIELD_CHECKS = {
                             "a positive multiple of 32 (the encoder's stride)"),
     ("data", "batch_size"): (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data", "num_workers"): (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("data", "holdout_fraction"): (lambda v: _finite(v) and 0 < v < 1, "a number between 0 and 1"),
     ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
 }
