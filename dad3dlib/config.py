@@ -43,6 +43,7 @@ FIELD_CHECKS = {
     ("model", "bifpn_depthwise_kernel"): (lambda v: _integer(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
     ("model", "bifpn_bn_momentum"): (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
     ("model", "bifpn_bn_eps"): (lambda v: _finite(v) and v > 0, "a finite number > 0 (write 4.0e-5: YAML reads 4e-5 as text)"),
+    ("data", "holdout_fraction"): (lambda v: _finite(v) and 0 < v < 1, "a number between 0 and 1"),
     ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
 }

@@ -479,7 +479,7 @@ class DAD3DHeadsDataset(Dataset):
     FlameTopology (faces, landmark embedding); train: random crop margins (5-15 % per side) instead
     of a fixed 10 %; clip_bbox: cut the grown bbox to the image (:func:`crop_affine`); augment: photometric augmentation (training only); skip_bad: drop invalid items
     and count them in ``skipped`` instead of raising; annotations: False for image + bbox only
-    (the real test split), None to decide from the presence of ``<split>/annotations/``;
+    (the real test split), None to decide by :func:`has_annotations`;
     cache: False parses every annotation on access (no cache, no validation pass).
     """
 
@@ -491,7 +491,7 @@ class DAD3DHeadsDataset(Dataset):
         self.clip_bbox = clip_bbox
         self.topology = flame.topology if isinstance(flame, FlameAssets) else flame
         self.train, self.augment = train, augment and train
-        self.annotations = (self.ds / split / "annotations").is_dir() if annotations is None else annotations
+        self.annotations = has_annotations(self.ds, split) if annotations is None else annotations
         self.cached = cache
         self.n_vertices = int(self.topology.faces.max()) + 1
         flame_path = flame.path if isinstance(flame, FlameAssets) else None
@@ -580,3 +580,71 @@ class DAD3DHeadsDataset(Dataset):
             "landmarks_2d_image": torch.tensor(lmk_img, dtype=torch.float32),
         })
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# The split protocol: which split each stage of a run uses
+# --------------------------------------------------------------------------------------------
+HOLDOUT_FRACTION = 0.1  # default data.holdout_fraction
+HOLDOUT_PARTS = {"fit": False, "holdout": True}  # "train-<part>": train without / only its holdout
+
+
+def has_annotations(ds: Path, split: str) -> bool:
+    """Whether a split is labelled: it has an ``annotations/`` folder or an entry with an
+    ``annotation_path`` (the released DAD-3DHeads test split has neither)."""
+    if (ds / split / "annotations").is_dir():
+        return True
+    return any("annotation_path" in e for e in read_split(ds / split / f"{split}.json"))
+
+
+def holdout_fraction(data: dict) -> float:
+    """``data.holdout_fraction`` of a data section, else :data:`HOLDOUT_FRACTION`."""
+    f = data.get("holdout_fraction")
+    return HOLDOUT_FRACTION if f is None else float(f)
+
+
+def split_protocol(data: dict) -> dict:
+    """Which split each stage of a run uses, decided by the data set of a data section:
+    ``{"fit", "select", "evaluate", "submit", "holdout_fraction"}`` (split names of :func:`open_split`).
+
+    Test split labelled (the synthetic data): fit on ``train``; select the checkpoint, step the
+    plateau schedule and stop early on ``val``; evaluate on ``test``; no submission.
+    Test split without annotations (the released DAD-3DHeads), or no test split: select on
+    ``train-holdout``, the items of train whose :func:`holdout_score` is below ``holdout_fraction``;
+    fit on ``train-fit``, the rest; evaluate on ``val``, which training never reads; write a
+    benchmark submission for ``test`` when there is one.
+    """
+    ds = dataset_dir(data_root(data))
+    has_test = (ds / "test" / "test.json").is_file()
+    if has_test and has_annotations(ds, "test"):
+        return {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
+    return {"fit": "train-fit", "select": "train-holdout", "evaluate": "val", "submit": "test" if has_test else None,
+            "holdout_fraction": holdout_fraction(data)}
+
+
+def holdout_score(item_id) -> float:
+    """A number in [0, 1) fixed by an item id: the first 8 bytes of its SHA-256 (the same on every
+    machine and Python, unlike ``hash()``). An item is in the holdout when it is below the fraction."""
+    return int.from_bytes(hashlib.sha256(str(item_id).encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def open_split(data: dict, name: str, flame: FlameAssets | FlameTopology, train: bool = False,
+               annotations: bool | None = True) -> Dataset:
+    """The dataset a split name of :func:`split_protocol` names, on a run's data section
+    ({root, crop_size, augment, skip_bad, clip_bbox, holdout_fraction}): a split of the data set, or
+    ``train-holdout`` / ``train-fit`` (a ``torch.utils.data.Subset`` of train; an empty one is an
+    error naming the split). ``train``, ``annotations``: as :class:`DAD3DHeadsDataset`'s."""
+    split, _, part = name.partition("-")
+    if part and part not in HOLDOUT_PARTS:
+        raise ValueError(f"unknown split '{name}' (a split name, or <split>-fit / <split>-holdout)")
+    dataset = DAD3DHeadsDataset(data_root(data), split, data["crop_size"], flame, train=train,
+                                augment=bool(data.get("augment")), skip_bad=data.get("skip_bad", False),
+                                annotations=annotations, clip_bbox=data.get("clip_bbox", False))
+    if not part:
+        return dataset
+    fraction = holdout_fraction(data)
+    keep = [i for i, e in enumerate(dataset.items) if (holdout_score(e["item_id"]) < fraction) == HOLDOUT_PARTS[part]]
+    if not keep:
+        raise ValueError(f"{dataset.ds / split}: '{name}' is empty (data.holdout_fraction {fraction} of "
+                         f"{len(dataset)} items); change data.holdout_fraction")
+    return torch.utils.data.Subset(dataset, keep)

@@ -5,14 +5,16 @@ Layout of a study directory ``DIR``::
 
     DIR/study.json                 what was asked (preset, ablations, seeds) and the run table
     DIR/runs/<ablation>_s<seed>/   params.yaml, ablation.ipynb (executed), metrics.json,
-                                   per_sample.csv, checkpoints/, provenance.json, error.json
+                                   per_sample.csv, checkpoints/, provenance.json, error.json,
+                                   submission_test.json (when the test split has no annotations)
     DIR/summary.csv, DIR/aggregate.ipynb, DIR/report.html
 
 A run is finished when its ``metrics.json`` exists and was produced from the same params; finished
 runs are skipped, unfinished ones resume from their last checkpoint (the notebook's training
 resumes), a failed run is recorded in ``error.json`` without stopping the others. Ablations with
 identical training params (the plan's ``l3d50_proj0.05`` is the baseline) run once and are
-reported under every name.
+reported under every name. The data set decides which split each stage uses
+(:func:`dad3dlib.data.split_protocol`, recorded in each run's provenance.json and metrics.json).
 
 One runner at a time per study directory (``DIR/study.lock``; a second one is refused, exit 2).
 Ctrl-C stops the study cleanly: no new run starts, the running notebooks stop with their
@@ -148,6 +150,24 @@ def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     return path
 
 
+def finish_run(params: dict, checkpoint: str | Path, run_dir: str | Path, device: str = "auto") -> dict:
+    """The end of a run: evaluate ``checkpoint`` on the evaluation split of the data's split protocol
+    (:func:`dad3dlib.data.split_protocol`); when the protocol has a split to submit (the unlabelled
+    test split), write its benchmark submission (``submission_<split>.json``, ``predict``'s format);
+    then ``metrics.json``, last, since it marks the run finished. Returns the metrics."""
+    from .data import data_root, split_protocol
+    from .evaluate import evaluate_run, predict
+
+    splits, run_dir = split_protocol(params["data"]), Path(run_dir)
+    metrics = evaluate_run(params, checkpoint, run_dir, splits["evaluate"], device)
+    if splits["submit"]:
+        metrics["submission"] = f"submission_{splits['submit']}.json"
+        predict(checkpoint, data_root(params["data"]), splits["submit"], run_dir / metrics["submission"],
+                device=device)
+    write_run_metrics(run_dir, metrics, params)
+    return metrics
+
+
 def recorded_fingerprint(run_dir: Path) -> str | None:
     """The training fingerprint a run directory was started with (provenance.json, else metrics.json)."""
     for name in ("provenance.json", "metrics.json"):
@@ -280,6 +300,8 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     ``stop`` interrupted is "interrupted", not failed: the next study resumes it."""
     import papermill as pm
 
+    from .data import split_protocol
+
     run_dir = study_dir / "runs" / run.name
     start = time.time()
     prov = {**provenance(run), "status": "running", "started_at": start, "device": device}
@@ -287,6 +309,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     try:
         retire_stale(run_dir, run)
         run_dir.mkdir(parents=True, exist_ok=True)
+        prov["splits"] = split_protocol(run.params["data"])
         save_params(run.params, run_dir / "params.yaml")
         (run_dir / "error.json").unlink(missing_ok=True)
         write_record(run_dir / "provenance.json", prov)
@@ -415,19 +438,22 @@ class BackgroundJob:
 
 
 def ensure_references(params: dict, study_dir: Path) -> Path:
-    """The reference predictors (evaluate.REFERENCES) scored on the study's test split, in
-    ``study_dir/references/``; skipped when already measured on the same data, crop and prior."""
+    """The reference predictors (evaluate.REFERENCES) scored on the study's evaluation split
+    (:func:`dad3dlib.data.split_protocol`), in ``study_dir/references/``; skipped when already
+    measured on the same data, split, crop and prior."""
+    from .data import split_protocol
     from .evaluate import evaluate_references
 
     out = study_dir / REFERENCES_DIR
-    key = {"data": training_fingerprint({"data": params["data"]}), "pose_prior_samples":
+    split = split_protocol(params["data"])["evaluate"]
+    key = {"data": training_fingerprint({"data": params["data"]}), "split": split, "pose_prior_samples":
            (params.get("model") or {}).get("pose_prior_samples")}
     try:
         if json.loads((out / "references.json").read_text()).get("key") == key:
             return out
     except (OSError, ValueError):
         pass
-    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out,
+    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out, split,
                         progress=False)  # beside the runs: the study's own bar is the progress
     record = json.loads((out / "references.json").read_text())
     write_json(out / "references.json", {**record, "key": key})

@@ -11,7 +11,7 @@ Params (plain nested data; every key but ``data.root`` has a default, see ``DEFA
               bifpn_bn_eps: 1.0e-5, bifpn_downsample: maxpool, bifpn_lateral: bn, bifpn_top_inputs: 2}
     loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
     data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
-              skip_bad: false, clip_bbox: false}
+              skip_bad: false, clip_bbox: false, holdout_fraction: 0.1}
     optim:   {lr: 1.0e-4, weight_decay: 0, schedule: plateau, plateau_patience: 10, plateau_factor: 0.5,
               min_lr: 1.0e-7, warmup_fraction: 0.1}
     trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
@@ -28,6 +28,9 @@ cropping (the reference does). ``trainer.min_epochs``: no early stop before. ``d
 else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
+The data set decides the splits (:func:`dad3dlib.data.split_protocol`): training fits on train and
+validates (checkpoint, plateau schedule, early stopping) on val, or, when the test split has no
+annotations, on the ``data.holdout_fraction`` of train chosen by item-id hash, fitting on the rest.
 ``optim.schedule``: ``plateau`` (the reference: ReduceLROnPlateau on validation NME, stepped after
 each validation: once per epoch unless ``val_check_interval`` / ``check_val_every_n_epoch`` say otherwise) or
 ``onecycle`` (warm-up over ``warmup_fraction`` of the run to ``lr``, then cosine decay to ~0 at the
@@ -72,8 +75,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import Tensor, nn
 
-from .data import DAD3DHeadsDataset, data_root, flame_dir
 from .board import BOARD_DIR
+from .data import HOLDOUT_FRACTION, flame_dir, open_split, split_protocol
 from .files import atomic_open, write_json
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .losses import DADLoss
@@ -90,7 +93,7 @@ DEFAULTS: dict = {
               "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
     "loss": {"lambdas": {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
-             "augment": True, "skip_bad": False, "clip_bbox": False},
+             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
               "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
     "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
@@ -103,7 +106,7 @@ DEFAULTS: dict = {
 # run's training fingerprint only when set otherwise, so that finished runs stay finished.
 LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
                         "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
-              "data": ("clip_bbox",), "trainer": ("min_epochs",)}
+              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs",)}
 MONITOR = "val/nme"
 MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
 
@@ -259,14 +262,14 @@ def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tenso
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, torch.utils.data.Dataset]:
-    """{"train", "val"} datasets of the data section (dad3dlib.data)."""
+def make_datasets(params: dict, flame: FlameAssets | None = None,
+                  splits: dict | None = None) -> dict[str, torch.utils.data.Dataset]:
+    """{"train", "val"}: the fit and the model-selection datasets of the data section's split
+    protocol (``splits``, default :func:`dad3dlib.data.split_protocol`)."""
     d = params["data"]
-    root = data_root(d)
+    splits = splits or split_protocol(d)
     flame = flame or load_flame_assets(flame_dir(d))
-    return {split: DAD3DHeadsDataset(root, split, d["crop_size"], flame, train=split == "train",
-                                     augment=d["augment"], skip_bad=d["skip_bad"], clip_bbox=d["clip_bbox"])
-            for split in ("train", "val")}
+    return {"train": open_split(d, splits["fit"], flame, train=True), "val": open_split(d, splits["select"], flame)}
 
 
 def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
@@ -540,7 +543,8 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     plateau), recorded with the precision used in ``out_dir/training.json``. A resumed run
     continues exactly as the uninterrupted one would have (:class:`ExactResume`).
 
-    ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks).
+    ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks); else
+    those of :func:`dad3dlib.data.split_protocol`, recorded in training.json with their sizes.
     """
     from .config import save_params
 
@@ -556,7 +560,8 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
         torch.set_num_threads(int(params["trainer"]["num_threads"]))
     L.seed_everything(params["seed"], workers=True, verbose=False)
     flame = load_flame_assets(flame_dir(params["data"]))
-    datasets = datasets or make_datasets(params, flame)
+    splits = None if datasets else split_protocol(params["data"])
+    datasets = datasets or make_datasets(params, flame, splits)
     module = DADModule(params, flame)
     if not resume and params["model"]["pose_prior_samples"]:
         prior = fit_pose_prior(module.model, datasets["train"], params["model"]["pose_prior_samples"],
@@ -568,12 +573,13 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
     chosen, why = evaluation_checkpoint(params, out_dir)
     record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
-              "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why}}
+              "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why},
+              "splits": splits and {**splits, "fit_items": len(datasets["train"]), "select_items": len(datasets["val"])}}
     write_json(out_dir / TRAINING_RECORD, record)
     return chosen
 
 
-TRAINING_RECORD = "training.json"  # precision used, the checkpoint to evaluate (step, why)
+TRAINING_RECORD = "training.json"  # precision used, the checkpoint to evaluate (step, why), the splits
 CHECKPOINT_POLICY = {  # schedule -> (checkpoint file, why)
     "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
     "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),

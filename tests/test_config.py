@@ -77,6 +77,7 @@ def _run_params_file(tmp_path, edit=lambda params: None):
     (lambda p: p["data"].update(crop_size=50), r"data.crop_size must be a positive multiple of 32 .*got 50"),
     (lambda p: p["data"].update(crop_size=0), r"data.crop_size must be a positive multiple of 32 .*got 0"),
     (lambda p: p["data"].update(batch_size=0), r"data.batch_size must be an integer >= 1, got 0"),
+    (lambda p: p["data"].update(holdout_fraction=1), r"data.holdout_fraction must be a number between 0 and 1, got 1"),
     (lambda p: p["optim"].update(lr=0), r"optim.lr must be a finite number > 0, got 0"),
     (lambda p: p["optim"].update(lr=float("nan")), r"optim.lr must be a finite number > 0, got nan"),
     (lambda p: p["optim"].update(lr="1e-4"), r"optim.lr must be a finite number > 0, got '1e-4'"),
@@ -201,7 +202,8 @@ def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monk
     monkeypatch.setattr(train, "LATER_KEYS", {})
     assert {name: config.training_fingerprint(p) for name, p in params.items()} == now
     monkeypatch.undo()
-    for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3)]:
+    for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3),
+                                ("data", "holdout_fraction", 0.2)]:
         assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
 
 

@@ -274,14 +274,53 @@ def test_duplicate_item_ids_are_refused_naming_them_and_the_file(root, assets, c
         dataset(root, assets, cache=cache, skip_bad=True)
 
 
-def test_unannotated_split_gives_image_and_bbox_only(root, assets):
+def as_released(root):
+    """Turn generated data at ``root`` into the released DAD-3DHeads layout: the test split keeps its
+    images and ``test.json`` entries but loses its annotations and every ``annotation_path``; no
+    ``make_data.json``. Returns root."""
     shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
     split = root / "DAD-3DHeadsDataset/test/test.json"
     entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
     split.write_text(json.dumps(entries))
-    ds = dataset(root, assets, split="test")
+    (root / "make_data.json").unlink()
+    return root
+
+
+def test_unannotated_split_gives_image_and_bbox_only(root, assets):
+    ds = dataset(as_released(root), assets, split="test")
     assert not ds.annotations and len(ds) == 2
     assert set(ds[1]) == {"image", "crop_affine", "bbox", "index"}
+
+
+def test_split_protocol_follows_the_test_splits_annotations(root):
+    labelled = data.split_protocol({"root": str(root)})
+    assert labelled == {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
+    as_released(root)
+    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+                                                        "evaluate": "val", "submit": "test", "holdout_fraction": 0.1}
+    assert data.split_protocol({"root": str(root), "holdout_fraction": 0.3})["holdout_fraction"] == 0.3
+    split = root / "DAD-3DHeadsDataset/test/test.json"  # annotations elsewhere, named by the entries
+    split.write_text(json.dumps([{**e, "annotation_path": "x.json"} for e in json.loads(split.read_text())]))
+    assert data.split_protocol({"root": str(root)})["evaluate"] == "test"
+    split.unlink()  # no test split: nothing to submit
+    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+                                                        "evaluate": "val", "submit": None, "holdout_fraction": 0.1}
+
+
+def test_holdout_is_a_fixed_hash_of_the_item_id(root, assets, monkeypatch):
+    """The same items on every machine (SHA-256, pinned here), disjoint from the fit set, together train."""
+    monkeypatch.setattr(data, "_cache_root", lambda: root / "cache")
+    assert data.holdout_score("train_000000") == pytest.approx(0.0736371228882203)
+    d = {"root": str(root), "crop_size": S, "holdout_fraction": 0.35}
+    ids = lambda ds: [ds.dataset.items[i]["item_id"] for i in ds.indices]  # noqa: E731
+    holdout, fit = ids(data.open_split(d, "train-holdout", assets)), ids(data.open_split(d, "train-fit", assets))
+    assert holdout == ["train_000000", "train_000001", "train_000002", "train_000005"]
+    assert fit == ["train_000003", "train_000004"]
+    assert data.open_split(d, "train-fit", assets, train=True).dataset.train
+    with pytest.raises(ValueError, match=r"train: 'train-holdout' is empty \(data.holdout_fraction 0.05 of 6 "):
+        data.open_split({**d, "holdout_fraction": 0.05}, "train-holdout", assets)
+    with pytest.raises(ValueError, match="unknown split 'train-other'"):
+        data.open_split(d, "train-other", assets)
 
 
 def test_dataloader_batches(root, assets):
@@ -360,8 +399,8 @@ def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, t
     assert data.flame_dir({"root": str(root)}) == flame == data.flame_dir({"root": str(root / data.DATASET_DIR)})
     assert data.flame_dir({"root": str(root), "flame_path": "/else"}) == type(flame)("/else")
     params = with_defaults({"data": {"root": str(root), "crop_size": 64}})
-    for ds in [_split_dataset(params, "train")[0], make_datasets(params)["train"],
-               report._dataset(str(root), "train", 64, params["data"])]:
+    fit = make_datasets(params)["train"].dataset  # no test split: training fits on train without its holdout
+    for ds in [_split_dataset(params, "train")[0], fit, report._dataset(str(root), "train", 64, params["data"])]:
         assert ds.n_vertices == 60 and len(ds) == 3
 
 

@@ -24,9 +24,10 @@ REFERENCES = {"constant": ("The mean head at the train split's pose prior.", {"a
                                {"angle_error_deg": 0.0, "nme_reprojection": 1.0})}
 
 
-def write_study(root, seeds=(1, 2, 3), references=True):
+def write_study(root, seeds=(1, 2, 3), references=True, split=None):
     """study.json, runs/<run>/{metrics.json, per_sample.csv} (l3d50_proj0.05 an alias of the
-    baseline), references/ with references.json, as the study and the reference evaluation write them."""
+    baseline), references/ with references.json, as the study and the reference evaluation write them
+    (``split``: the evaluation split they record; None: none, as records from before it was recorded)."""
     rng = np.random.default_rng(0)
     items = [f"test_{i:06d}" for i in range(N)]
     image = {k: v * rng.uniform(0.5, 1.5, N) for k, v in BASE.items()}  # per-image difficulty
@@ -37,23 +38,24 @@ def write_study(root, seeds=(1, 2, 3), references=True):
         for abl in ("baseline", *EFFECTS):
             values = {k: v + np.asarray(EFFECTS.get(abl, {}).get(k, [0] * len(seeds)))[s - 1]
                       for k, v in base.items()}
-            _write_run(root / "runs" / f"{abl}_s{s}", items, values)
+            _write_run(root / "runs" / f"{abl}_s{s}", items, values, split)
             runs.append({"run": f"{abl}_s{s}", "ablation": abl, "seed": s,
                          "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []})
     (root / "study.json").write_text(json.dumps({"preset": "fake", "seeds": len(seeds), "runs": runs}))
     if references:
         for name, (_, shift) in REFERENCES.items():
-            _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE})
-        (root / "references" / "references.json").write_text(
-            json.dumps({name: text for name, (text, _) in REFERENCES.items()}))
+            _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE}, split)
+        record = {"descriptions": {name: text for name, (text, _) in REFERENCES.items()}, "prior": {}}
+        (root / "references" / "references.json").write_text(json.dumps(record | ({"split": split} if split else {})))
     return root
 
 
-def _write_run(d, items, values):
+def _write_run(d, items, values, split=None):
     d.mkdir(parents=True)
     df = pd.DataFrame({"item_id": items, "pose": "front", **values})
     df.to_csv(d / "per_sample.csv", index=False)
-    (d / "metrics.json").write_text(json.dumps({k: float(df[k].mean()) for k in values} | {"n_samples": len(df)}))
+    (d / "metrics.json").write_text(json.dumps({k: float(df[k].mean()) for k in values} | {"n_samples": len(df)}
+                                               | ({"split": split} if split else {})))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +150,24 @@ def test_one_seed_measures_no_training_noise(tmp_path):
     summary = pd.read_csv(report.write_summary(root), index_col="ablation")
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "training noise unmeasured (1 seed)"
     assert summary.loc["no_lproj", ["angle_error_deg_p", "angle_error_deg_p_holm"]].isna().all()
+
+
+def test_the_evaluation_split_is_named_in_summary_and_report(tmp_path):
+    """A study evaluated on val (the released test split has no annotations) says val, not test:
+    summary.csv's split column, the differences' image-only interval, the Findings' method sentence;
+    records from before the split was recorded were evaluated on test."""
+    root = write_study(tmp_path / "val", seeds=(1, 2), split="val")
+    summary = pd.read_csv(report.write_summary(root), index_col="ablation")
+    assert (summary.split == "val").all() and report.evaluation_split(root) == "val"
+    assert summary.loc["constant", "description"] == REFERENCES["constant"][0]
+    d = report.baseline_differences(report.per_sample_table(root))
+    assert "; val images only [" in report.format_differences(d, "val").loc["no_lproj", "Angle error (°)"]
+    text = report.findings(report.run_table(root), d, report.reference_table(root), split="val")
+    assert "paired standard error over the val images" in text and "test" not in text
+    assert report.splits_note(root) == "Runs and reference predictors are evaluated on the **val** split."
+    legacy = write_study(tmp_path / "legacy", seeds=(1,))
+    assert report.evaluation_split(legacy) == "test"
+    assert (pd.read_csv(report.write_summary(legacy)).split == "test").all()
 
 
 def test_equals_reference():

@@ -16,10 +16,13 @@ import pandas as pd
 import pytest
 
 import dad3dlib
-from dad3dlib import report, study
+from dad3dlib import config, data, report, study
+
+from test_data import as_released
 
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
 ABLATIONS = ("baseline", "l3d50_proj0.05", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5", "l3d5_proj0.05")
+SUBMISSION_KEYS = {"68_landmarks_2d", "N_landmarks_3d", "7_landmarks_3d", "rotation_matrix"}
 HOLD_LOCK = "import sys, time; from pathlib import Path; from dad3dlib.study import study_lock\n" \
             "with study_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"
 
@@ -329,3 +332,86 @@ def test_explorer_fragment_is_compact(smoke_study):
         + len(data["samples"]) * 16_000 + 40_000  # landmarks and captions; JPEGs; viewer and markup
     assert len(fragment) <= budget
     assert len(html) < 15e6
+
+
+# --------------------------------------------------------------------------------------------
+# The released layout: a test split without annotations
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The smoke preset's data (24 train, 8 val, 8 test images) in the released DAD-3DHeads layout."""
+    root = tmp_path_factory.mktemp("released") / "data"
+    shutil.copytree(study.ensure_data(config.run_params("smoke")), root)
+    return as_released(root)
+
+
+def _released_params(root: Path) -> dict:
+    return config.run_params("smoke", overrides={"data": {"root": str(root)}, "study": {"make_data": None}})
+
+
+def _item_ids(root: Path, split: str) -> list[str]:
+    return [e["item_id"] for e in json.loads((root / data.DATASET_DIR / split / f"{split}.json").read_text())]
+
+
+def _check_submission(path: Path, root: Path) -> None:
+    """A benchmark submission with an entry, in predict's format, for every test item."""
+    submission = json.loads(path.read_text())
+    assert sorted(submission) == sorted(_item_ids(root, "test"))
+    assert all(set(entry) == SUBMISSION_KEYS and len(entry["68_landmarks_2d"]) == 68 for entry in submission.values())
+
+
+def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits_test(released, tmp_path):
+    """val is out of reach while training runs (any read of it fails); the run then evaluates on
+    val and writes a submission for every test item; the reference predictors' prior comes from the
+    fit split."""
+    from dad3dlib.evaluate import evaluate_references
+    from dad3dlib.flame import load_flame_assets
+    from dad3dlib.train import pose_prior, train
+
+    params, run = _released_params(released), tmp_path / "run"
+    holdout = [i for i in _item_ids(released, "train") if data.holdout_score(i) < data.HOLDOUT_FRACTION]
+    val = released / data.DATASET_DIR / "val"
+    val.rename(val.with_name("val.hidden"))
+    try:
+        checkpoint = train(study.on_device(params, "cpu", 2), run)
+    finally:
+        val.with_name("val.hidden").rename(val)
+    assert json.loads((run / "training.json").read_text())["splits"] == {
+        "fit": "train-fit", "select": "train-holdout", "evaluate": "val", "submit": "test", "holdout_fraction": 0.1,
+        "fit_items": 24 - len(holdout), "select_items": len(holdout)}
+    assert 0 < len(holdout) < 24 and config.load_params(run / "params.yaml")["data"]["holdout_fraction"] == 0.1
+
+    metrics = study.finish_run(params, checkpoint, run, "cpu")
+    assert metrics["split"] == "val" and metrics["n_samples"] == 8
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert recorded["split"] == "val" and recorded["splits"]["select"] == "train-holdout"
+    assert recorded["submission"] == "submission_test.json"
+    _check_submission(run / "submission_test.json", released)
+
+    refs = evaluate_references(params, tmp_path / "refs", names=("constant",))
+    record = json.loads((tmp_path / "refs" / "references.json").read_text())
+    fit = data.open_split(params["data"], "train-fit", load_flame_assets())
+    assert record["split"] == "val" and refs["constant"]["n_samples"] == 8
+    assert record["prior"] == pose_prior(fit, params["model"]["pose_prior_samples"], params["data"]["crop_size"])
+
+
+@pytest.mark.slow
+def test_the_smoke_study_runs_unchanged_on_the_released_layout(released, tmp_path):
+    out = tmp_path / "study"
+    res = subprocess.run(_study_cmd(out) + ["--data", str(released)], cwd=dad3dlib.REPO_ROOT, capture_output=True,
+                         text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = pd.read_csv(out / "summary.csv", index_col="ablation")
+    assert set(summary[summary.kind == "run"].index) == set(ABLATIONS)
+    assert (summary[summary.kind == "reference"].index.size == 4) and (summary.split == "val").all()
+    assert json.loads((out / "references" / "references.json").read_text())["split"] == "val"
+    for r in json.loads((out / "study.json").read_text())["runs"]:
+        d = out / "runs" / r["run"]
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["split"] == "val" and metrics["n_samples"] == 8, r["run"]
+        assert metrics["splits"]["select"] == "train-holdout" and metrics["splits"]["fit"] == "train-fit"
+        assert json.loads((d / "provenance.json").read_text())["splits"]["evaluate"] == "val"
+        _check_submission(d / "submission_test.json", released)
+    html = (out / "report.html").read_text()
+    assert "Traceback" not in html and "evaluated on the <strong>val</strong> split" in html
+    assert "val images only" in html and "submission_test.json" in html
