@@ -172,3 +172,14 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
     assert config.training_fingerprint(config.deep_merge(params, {"trainer": {"max_steps": 7}})) != \
         config.training_fingerprint(params)
+
+
+def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
+    ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
+                                                                     "strategy": "ddp"}})
+    cpu = study.on_device(ddp, "cpu", num_threads=2)["trainer"]
+    assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
+    gpu = study.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
+    assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
+    one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
+    assert (one["devices"], one["num_threads"]) == ([1], 8)
