@@ -656,7 +656,7 @@ def train_in_child(params: dict, out_dir: Path) -> Path:
                     proc.kill()
                 raise
     if proc.returncode:
-        raise RuntimeError(f"training in a child process ({' '.join(cmd[1:4])} --out {out_dir}) failed with exit "
+        raise RuntimeError(f"training in a child process (python -m dad3dlib train --out {out_dir}) failed with exit "
                            f"status {proc.returncode}; its last lines:\n{''.join(tail)}")
     return out_dir / json.loads((out_dir / TRAINING_RECORD).read_text())["checkpoint"]["file"]
 

@@ -335,3 +335,16 @@ def test_shard_sampler_gives_each_validation_sample_to_one_process():
     shares = [list(ShardSampler(7, rank=r, world=2)) for r in (0, 1)]
     assert shares == [[0, 2, 4, 6], [1, 3, 5]] and [len(ShardSampler(7, r, 2)) for r in (0, 1)] == [4, 3]
     assert list(ShardSampler(7)) == list(range(7))  # one process: all, in order
+
+
+def test_an_interactive_session_trains_a_ddp_run_in_a_child_process(tmp_path, flame_dir, datasets, monkeypatch):
+    """Lightning cannot run a Jupyter kernel again to start the other processes: there, a ddp run
+    trains through ``python -m dad3dlib train`` in a child, whose failure is raised with its last lines."""
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    params = tiny_params(flame_dir, accelerator="cpu", devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match="from the params alone"):
+        train(params, tmp_path, datasets)
+    params["data"]["root"] = str(tmp_path / "no_data")
+    with pytest.raises(RuntimeError, match=r"(?s)python -m dad3dlib train --out .* exit status 2.*"
+                                           r"error: .*no_data: data directory not found"):
+        train(params, tmp_path / "run")
