@@ -22,7 +22,7 @@ DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_threads": 1}
 STEPS_PER_EPOCH = 3  # 25 // 2 = 12 samples per process, batches of 4
 
 PROBE = '''
-import json, sys
+import json, sys, time
 from pathlib import Path
 import lightning as L
 from dad3dlib import data
@@ -32,9 +32,10 @@ from dad3dlib.train import train
 params_file, out, builds = sys.argv[1:]
 write = data._write_cache
 
-def counted_write(cache_dir, *args):
+def counted_write(cache_dir, *args):  # and slow: a process starting meanwhile must wait, not build too
     with open(builds, "a") as f:
         f.write(f"{cache_dir}\\n")
+    time.sleep(1.0)
     write(cache_dir, *args)
 
 data._write_cache = counted_write
