@@ -29,6 +29,7 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
+from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
 from .render import project
 
@@ -376,7 +377,18 @@ def _check_vertex_count(ds: Path, annotation: Path, n_vertices: int, flame: Path
 def build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
                 cache_dir: Path | None, flame_dir: Path | None = None) -> SplitIndex:
     """Validate a split and load (or build) its cache. cache_dir None: no cache, arrays in memory.
-    flame_dir: where ``topology`` comes from, for the messages."""
+    flame_dir: where ``topology`` comes from, for the messages. One process at a time builds or
+    reads a cache (``cache_dir/.lock``): others, such as the processes of a multi-process training
+    run, wait for the first builder and then read its cache."""
+    if cache_dir is None:
+        return _build_index(ds, split, topology, annotations, skip_bad, None, flame_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache_dir / ".lock"):
+        return _build_index(ds, split, topology, annotations, skip_bad, cache_dir, flame_dir)
+
+
+def _build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
+                 cache_dir: Path | None, flame_dir: Path | None) -> SplitIndex:
     split_file = ds / split / f"{split}.json"
     entries = read_split(split_file)
     files = _files(ds, split, entries, annotations)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -43,7 +42,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
-from .files import atomic_write, write_json
+from .files import atomic_write, exclusive_lock, write_json
 from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
 
@@ -120,14 +119,21 @@ def write_record(path: Path, obj) -> None:
 
 
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
-    """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>")."""
+    """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>") with
+    ``num_threads`` CPU threads. A run over several processes (``trainer.devices`` > 1 or
+    ``trainer.num_nodes`` > 1, e.g. strategy ddp) keeps its devices, takes only the kind of device
+    ("cpu" or a GPU) from ``device``, and shares ``num_threads`` out among its processes."""
     trainer = dict(params.get("trainer") or {})
+    devices = trainer.get("devices", 1)
+    local = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 1 else 1
+    several = local > 1 or int(trainer.get("num_nodes") or 1) > 1
     if device == "cpu":
-        trainer.update(accelerator="cpu", devices=1)
+        trainer.update(accelerator="cpu", **({} if several else {"devices": 1}))
     elif device.startswith("cuda"):
-        trainer.update(accelerator="gpu", devices=[int(device.split(":")[1])] if ":" in device else 1)
+        trainer.update(accelerator="gpu", **({} if several else
+                                             {"devices": [int(device.split(":")[1])] if ":" in device else 1}))
     if num_threads:
-        trainer["num_threads"] = int(num_threads)
+        trainer["num_threads"] = max(1, int(num_threads) // local)  # per process, on each machine
     return {**params, "trainer": trainer}
 
 
@@ -204,12 +210,12 @@ def study_lock(study_dir: Path):
     """Hold ``study_dir`` for one runner: an exclusive ``flock`` on ``study_dir/study.lock``, which
     records the holder's pid. The system drops the lock when its holder exits, however it exits, so
     the file left by a killed runner blocks nobody. Raises StudyBusy naming the holder."""
-    with open(study_dir / "study.lock", "a+") as f:
+    lock = study_dir / "study.lock"
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = stack.enter_context(exclusive_lock(lock, wait=False))
         except BlockingIOError:
-            f.seek(0)
-            raise StudyBusy(f"{study_dir}: in use by another study runner (pid {f.read().strip() or '?'}); "
+            raise StudyBusy(f"{study_dir}: in use by another study runner (pid {lock.read_text().strip() or '?'}); "
                             "wait for it to end or stop it, then run this command again") from None
         f.seek(0)
         f.truncate()

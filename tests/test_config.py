@@ -216,3 +216,14 @@ def test_bad_bifpn_value_in_a_preset_is_refused_naming_the_files(tmp_path, value
     preset.write_text(f"data: {{root: x}}\nmodel: {{bifpn_bn_eps: {value}}}\n")
     with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: " + match):
         config.run_params(preset, "baseline")
+
+
+def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
+    ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
+                                                                     "strategy": "ddp"}})
+    cpu = study.on_device(ddp, "cpu", num_threads=2)["trainer"]
+    assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
+    gpu = study.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
+    assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
+    one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
+    assert (one["devices"], one["num_threads"]) == ([1], 8)

@@ -2,6 +2,9 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,16 +181,58 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(root, assets):
     cache = root / "cache"
     ds = dataset(root, assets)
     assert isinstance(ds.index.vertices, np.memmap)
-    assert len(list(cache.iterdir())) == 1
-    first = next(cache.iterdir())
-    assert dataset(root, assets).index.vertices is not None and next(cache.iterdir()) == first
+    caches = lambda: [p for p in cache.iterdir() if p.name != ".lock"]  # noqa: E731
+    assert len(caches()) == 1
+    first = caches()[0]
+    assert dataset(root, assets).index.vertices is not None and caches() == [first]
     path = root / ds.items[3]["annotation_path"]
     ann = json.loads(path.read_text())
     ann["vertices"][0][0] += 0.001
     path.write_text(json.dumps(ann))
     ds2 = dataset(root, assets)
     assert ds2.index.vertices[3, 0, 0] == pytest.approx(ds.index.vertices[3, 0, 0] + 0.001, abs=1e-6)
-    assert [p.name for p in cache.iterdir()] != [first.name] and len(list(cache.iterdir())) == 1
+    assert [p.name for p in caches()] != [first.name] and len(caches()) == 1
+
+
+BUILD_CACHE = """
+import sys, time
+from pathlib import Path
+from dad3dlib import data
+from dad3dlib.flame import load_flame_assets
+
+root, cache, log = sys.argv[1:]
+write = data._write_cache
+
+def slow_write(*args):  # a long build: another process must wait for it, not build too
+    with open(log, "a") as f:
+        f.write("built\\n")
+    time.sleep(1.0)
+    write(*args)
+
+data._write_cache = slow_write
+assets = load_flame_assets()
+print("ready", flush=True)
+while not Path(log + ".go").exists():
+    time.sleep(0.01)
+print(len(data.DAD3DHeadsDataset(root, "train", 64, assets, cache_dir=cache)), flush=True)
+"""
+
+
+def test_processes_starting_together_build_the_cache_once(root, tmp_path):
+    """Two processes (as the processes of one training run) open a split with no cache at the same
+    moment: one builds the cache, the other waits for it and reads it."""
+    log = tmp_path / "builds.txt"
+    cmd = [sys.executable, "-c", BUILD_CACHE, str(root), str(root / "cache"), str(log)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        Path(f"{log}.go").touch()
+        assert [p.stdout.readline().strip() for p in procs] == ["6", "6"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert log.read_text().splitlines() == ["built"]
 
 
 def test_cached_and_uncached_samples_agree(root, assets):

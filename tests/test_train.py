@@ -339,3 +339,40 @@ def test_resuming_with_another_network_or_loss_is_refused(tmp_path, flame_dir, d
     train(more, tmp_path, datasets)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
+
+
+def test_epoch_sampler_shares_one_order_among_processes():
+    """Every process draws the same order, cut to a multiple of the process count, and takes
+    every world-th item: equal shares, no sample twice, the remainder left out; a resumed
+    process skips the part of its share it had done."""
+    from dad3dlib.train import EpochSampler
+
+    one = list(EpochSampler(25, seed=7))
+    shares = [list(EpochSampler(25, seed=7, rank=r, world=2)) for r in (0, 1)]
+    assert [len(s) for s in shares] == [12, 12] == [len(EpochSampler(25, 7, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(one[:24])
+    assert not {i for i, _ in shares[0]} & {i for i, _ in shares[1]}
+    resumed = EpochSampler(25, seed=7, rank=1, world=2)
+    resumed.skip = 8
+    assert list(resumed) == shares[1][8:]
+
+
+def test_shard_sampler_gives_each_validation_sample_to_one_process():
+    from dad3dlib.train import ShardSampler
+
+    shares = [list(ShardSampler(7, rank=r, world=2)) for r in (0, 1)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]] and [len(ShardSampler(7, r, 2)) for r in (0, 1)] == [4, 3]
+    assert list(ShardSampler(7)) == list(range(7))  # one process: all, in order
+
+
+def test_an_interactive_session_trains_a_ddp_run_in_a_child_process(tmp_path, flame_dir, datasets, monkeypatch):
+    """Lightning cannot run a Jupyter kernel again to start the other processes: there, a ddp run
+    trains through ``python -m dad3dlib train`` in a child, whose failure is raised with its last lines."""
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    params = tiny_params(flame_dir, accelerator="cpu", devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match="from the params alone"):
+        train(params, tmp_path, datasets)
+    params["data"]["root"] = str(tmp_path / "no_data")
+    with pytest.raises(RuntimeError, match=r"(?s)python -m dad3dlib train --out .* exit status 2.*"
+                                           r"error: .*no_data: data directory not found"):
+        train(params, tmp_path / "run")
