@@ -147,9 +147,12 @@ def test_validation_means_equal_one_process_validating_the_same_checkpoint(ddp, 
 
 @pytest.mark.slow
 def test_one_process_writes_the_outputs(ddp):
-    assert ddp.files == ["checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/version_0/hparams.yaml",
-                         "logs/version_0/metrics.csv", "params.yaml", "probe_0.json", "probe_1.json",
-                         "training.json"]
+    events = [f for f in ddp.files if f.startswith("tensorboard/events.out.tfevents.")]
+    assert len(events) == 1  # one TensorBoard writer
+    assert [f for f in ddp.files if f not in events] == [
+        "checkpoints/best.ckpt", "checkpoints/last.ckpt", "logs/version_0/hparams.yaml",
+        "logs/version_0/metrics.csv", "params.yaml", "probe_0.json", "probe_1.json", "progress.json",
+        "tensorboard/hparams.yaml", "training.json"]
     assert ddp.training["processes"] == 2 and ddp.training["checkpoint"]["step"] == STEPS_PER_EPOCH
 
 
