@@ -288,14 +288,24 @@ class Interrupt:
 
 def ipc_kernel_manager():
     """The kernel manager class of the study's notebooks: kernels talk to papermill over Unix
-    sockets in Jupyter's private (0700) runtime directory instead of plain-text TCP on localhost."""
+    sockets instead of plain-text TCP on localhost, each kernel under a name of its own in Jupyter's
+    runtime directory (created owner-only), so that concurrent kernels never share a socket."""
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
     from traitlets import default
 
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return str(runtime / f"dad3d-{uuid.uuid4().hex[:16]}-ipc")
 
     return IPCKernelManager
 

@@ -55,6 +55,36 @@ def test_study_command_on_a_held_directory_exits_2_naming_the_holder(tmp_path, m
                    "or stop it, then run this command again"]
 
 
+def test_concurrent_notebooks_have_kernels_of_their_own_over_ipc(tmp_path):
+    """Two notebooks executed at once (as with --jobs 2): each kernel on Unix sockets of its own in
+    Jupyter's runtime directory, none in the working directory, both notebooks complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nbformat
+    import papermill as pm
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(sum(range(10**5)))")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    managers = []
+
+    class Recording(study.ipc_kernel_manager()):
+        async def start_kernel(self, **kw):
+            managers.append(self)
+            await super().start_kernel(**kw)
+
+    def run(i):
+        pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / f"out{i}.ipynb"), kernel_name="python3",
+                            progress_bar=False, cwd=str(tmp_path), kernel_manager_class=Recording)
+        return nbformat.read(tmp_path / f"out{i}.ipynb", as_version=4).cells[0].outputs[0]["text"]
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(run, range(2))) == ["4999950000\n"] * 2
+    assert [m.transport for m in managers] == ["ipc", "ipc"]
+    assert managers[0].ip != managers[1].ip and all(Path(m.ip).parent.is_absolute() for m in managers)
+    assert not [p for p in tmp_path.iterdir() if "ipc" in p.name]  # nothing in the working directory
+
+
 def test_a_full_disk_fails_the_run_without_crashing_the_runner(tmp_path, monkeypatch, capsys):
     """Nothing can be written under the study directory: the run is failed, and each record the
     runner cannot write is one line on stderr naming it."""
