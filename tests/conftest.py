@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dad3dlib.flame import FlameAssets, FlameModel, FlameTopology
+from dad3dlib.flame import FlameAssets, FlameModel, FlameTopology, matrix_to_rot6d, pack_3dmm
 
 
 def tiny_flame_assets(n_vertices: int = 30, n_faces: int = 20, seed: int = 0) -> FlameAssets:
@@ -34,6 +35,17 @@ def tiny_flame_assets(n_vertices: int = 30, n_faces: int = 20, seed: int = 0) ->
         dynamic_bary=norm_rows(rng.uniform(0.1, 1, (1, 17, 3))),
         subsets={"face": np.arange(10), "face_w_ears": np.arange(20), "head": np.arange(5, V)})
     return FlameAssets(topology=topo, model=model, path=None)
+
+
+def random_3dmm(R: torch.Tensor, g: torch.Generator, scale: float = 5.0) -> torch.Tensor:
+    """3DMM vectors [B,413] (:func:`dad3dlib.flame.pack_3dmm`) of heads turned by R [B,3,3]: shape,
+    expression and jaw ~ N(0, 0.5²), translation x, y uniform in ±0.1 (z 0), scale uniform in
+    [scale, scale + 1); drawn from ``g`` in that order."""
+    n = len(R)
+    coeffs = torch.randn(n, 403, generator=g) * 0.5
+    translation = torch.cat([(torch.rand(n, 2, generator=g) - 0.5) * 0.2, torch.zeros(n, 1)], 1)
+    return pack_3dmm(coeffs[:, :300], coeffs[:, 300:400], coeffs[:, 400:], matrix_to_rot6d(R), translation,
+                     scale + torch.rand(n, 1, generator=g))
 
 
 def as_released(root: Path) -> Path:

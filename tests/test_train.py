@@ -15,11 +15,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from conftest import tiny_flame_assets
+from conftest import random_3dmm, tiny_flame_assets
 from dad3dlib.board import BOARD_DIR
 from dad3dlib.config import run_params
 from dad3dlib.progress import read_progress
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.flame import FlameLayer, load_flame_assets, save_flame_assets
 from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
                             with_defaults)
 
@@ -37,9 +37,7 @@ class RandomHeads(Dataset):
         c, s = torch.cos(yaw), torch.sin(yaw)
         z, o = torch.zeros(n), torch.ones(n)
         R = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, -o, z], -1), torch.stack([s, z, -c], -1)], 1)
-        params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
-                            (torch.rand(n, 2, generator=g) - 0.5) * 0.2, z[:, None],
-                            5 + torch.rand(n, 1, generator=g)], 1)
+        params = random_3dmm(R, g, scale=5.0)
         self.params = params
         with torch.no_grad():
             verts = flame.reproject(params, S)
