@@ -159,6 +159,16 @@ def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monk
         assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
 
 
+def test_a_preset_with_an_eval_section_is_refused_naming_it(tmp_path):
+    """Nothing reads an ``eval`` section (the data's split protocol picks the split, data.batch_size
+    the evaluation's batch): a preset setting one is refused, not silently ignored."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data: {root: x}\neval: {refine_iters: 3}\n")
+    with pytest.raises(ParamsError) as e:
+        config.run_params(preset, "baseline")
+    assert str(e.value).startswith(f"{preset}: unknown section(s) ['eval']") and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("value, match", [
     ("4e-5", r"model.bifpn_bn_eps must be a finite number > 0 \(write 4.0e-5"),
     (0, r"model.bifpn_bn_eps must be a finite number > 0"),
