@@ -19,10 +19,10 @@ from .files import atomic_write
 
 PARAMS_DIR = REPO_ROOT / "params"
 LAMBDAS = ("l3d", "l1", "lproj", "awing")  # λ1 L_3D, λ2 L_1, λ3 L_proj, λ4 L_AWing
-SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "eval",
-            "study", "launcher"}
+SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "study",
+            "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
-MAPPINGS = ("data", "model", "loss", "optim", "trainer", "eval", "study", "launcher")
+MAPPINGS = ("data", "model", "loss", "optim", "trainer", "study", "launcher")
 
 
 def _integer(v) -> bool:

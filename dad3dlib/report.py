@@ -468,7 +468,50 @@ def overlay_mesh(image: np.ndarray, vertices_img: np.ndarray, faces: np.ndarray,
     return out
 
 
-_RENDERERS: dict = {}
+class FileCache:
+    """Values built from files, reused while those files are unchanged: :meth:`get` rebuilds a key's
+    value when the size or modification time of a file it was built from differs from last time
+    (a directory counts by the entries directly in it); :meth:`clear` forgets every value."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key, paths, build):
+        """The value of ``key``: ``build()``'s result, rebuilt when ``paths`` changed."""
+        stamp = _stamp(paths)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = self._entries[key] = (stamp, build())
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _stamp(paths) -> tuple:
+    """(path, mtime_ns, size) of each file of ``paths`` (a directory: its entries); missing ones left out."""
+    out = []
+    for p in map(Path, paths):
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+_RENDERERS: dict = {}  # (width, height) -> Renderer, which depends on nothing else
+_LAYERS = FileCache()  # FLAME directory -> FlameLayer
+_DATASETS = FileCache()  # (root, split, crop size, FLAME directory, skip_bad) -> DAD3DHeadsDataset
+
+
+def clear_caches() -> None:
+    """Forget the renderers, FLAME layers and data sets the figures keep between calls (entries
+    already follow changes to the files they were read from; this frees their memory)."""
+    _RENDERERS.clear()
+    _LAYERS.clear()
+    _DATASETS.clear()
 
 
 def _renderer(w: int, h: int):
@@ -503,15 +546,11 @@ def _run_context(run_dir: Path):
     return params, layer, pred
 
 
-_LAYERS: dict = {}
-
-
 def _layer(flame_dir):
-    from .flame import FlameLayer, load_flame_assets
+    from .flame import FlameLayer, default_flame_dir, load_flame_assets
 
-    if flame_dir not in _LAYERS:
-        _LAYERS[flame_dir] = FlameLayer(load_flame_assets(flame_dir)).eval()
-    return _LAYERS[flame_dir]
+    path = Path(flame_dir) if flame_dir is not None else default_flame_dir()
+    return _LAYERS.get(str(path), [path], lambda: FlameLayer(load_flame_assets(path)).eval())
 
 
 def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray, crop_size: int) -> np.ndarray:
@@ -540,18 +579,19 @@ def _sample(params: dict, split: str, item_id: str):
     return img, np.concatenate([xy, z[:, None]], axis=1)
 
 
-_DATASETS: dict = {}
-
-
 def _dataset(root: str, split: str, crop_size: int, data: dict):
-    from .data import DAD3DHeadsDataset, flame_dir
-    from .flame import load_flame_assets
+    from .data import DAD3DHeadsDataset, dataset_dir, flame_dir
+    from .flame import default_flame_dir, load_flame_assets
 
-    key = (root, split)
-    if key not in _DATASETS:
-        assets = load_flame_assets(flame_dir(data), require_model=False)
-        _DATASETS[key] = DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=data.get("skip_bad", False))
-    return _DATASETS[key]
+    flame = flame_dir(data) or default_flame_dir()
+    skip_bad = data.get("skip_bad", False)
+
+    def build():
+        assets = load_flame_assets(flame, require_model=False)
+        return DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=skip_bad)
+
+    split_file = dataset_dir(root) / split / f"{split}.json"
+    return _DATASETS.get((str(root), split, crop_size, str(flame), skip_bad), [flame, split_file], build)
 
 
 def _crop_box(vertices_img: np.ndarray, margin: float = 0.15) -> tuple[int, int, int, int]:

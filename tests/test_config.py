@@ -25,12 +25,6 @@ def test_ablation_weights_match_the_brief(ablation, lambdas):
     assert p["ablation"] == ablation and p["seed"] == 3 and p["preset"] == "smoke"
 
 
-def test_identical_configurations_run_once():
-    runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
-    assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
-    assert runs[0].aliases == ["l3d50_proj0.05"] and runs[1].aliases == []
-
-
 def test_unknown_ablation_lists_the_available_ones():
     with pytest.raises(ParamsError, match=r"unknown ablation 'no_such'.*baseline"):
         config.run_params("smoke", "no_such")
@@ -105,48 +99,6 @@ def test_bad_preset_value_is_refused_naming_the_files(tmp_path):
         config.run_params(preset, "baseline")
 
 
-def test_missing_real_data_dir_is_a_clear_error(tmp_path):
-    p = config.run_params("smoke", "baseline", overrides={"data": {"root": str(tmp_path / "nowhere")},
-                                                           "study": {"make_data": None}})
-    with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
-        study.ensure_data(p)
-
-
-def test_study_cli_reports_bad_input(tmp_path, capsys):
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
-    assert "unknown ablation 'bogus'" in capsys.readouterr().err
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
-    assert "not found" in capsys.readouterr().err
-
-
-def test_concurrent_jobs_come_from_the_flag_else_the_preset():
-    cpu, smoke = config.run_params("cpu"), config.run_params("smoke")
-    assert study.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
-    assert study.study_jobs(smoke) == 1 and study.study_jobs(cpu, 3) == 3
-    with pytest.raises(ParamsError, match="jobs must be a positive integer, got 0"):
-        study.study_jobs(cpu, 0)
-    with pytest.raises(ParamsError, match="got 'two'"):
-        study.study_jobs({"study": {"jobs": "two"}})
-    with pytest.raises(ParamsError, match="got 0"):
-        study.study_jobs({"study": {"jobs": 0}})
-
-
-def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
-    run = study.plan_runs("smoke", ["baseline"], seeds=[1])[0]
-    run_dir = tmp_path / "runs" / run.name
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("an older model")
-    study.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
-    moved = study.retire_stale(run_dir, run)
-    assert moved == tmp_path / "runs" / f"{run.name}.stale-0123abcd"
-    assert not run_dir.exists() and (moved / "checkpoints" / "last.ckpt").read_text() == "an older model"
-    run_dir.mkdir()
-    study.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
-    assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
-    study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
-    assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
-
-
 def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, tmp_path):
     params = config.run_params("smoke")
     before = config.training_fingerprint(params)
@@ -207,6 +159,16 @@ def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monk
         assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
 
 
+def test_a_preset_with_an_eval_section_is_refused_naming_it(tmp_path):
+    """Nothing reads an ``eval`` section (the data's split protocol picks the split, data.batch_size
+    the evaluation's batch): a preset setting one is refused, not silently ignored."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data: {root: x}\neval: {refine_iters: 3}\n")
+    with pytest.raises(ParamsError) as e:
+        config.run_params(preset, "baseline")
+    assert str(e.value).startswith(f"{preset}: unknown section(s) ['eval']") and "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize("value, match", [
     ("4e-5", r"model.bifpn_bn_eps must be a finite number > 0 \(write 4.0e-5"),
     (0, r"model.bifpn_bn_eps must be a finite number > 0"),
@@ -216,14 +178,3 @@ def test_bad_bifpn_value_in_a_preset_is_refused_naming_the_files(tmp_path, value
     preset.write_text(f"data: {{root: x}}\nmodel: {{bifpn_bn_eps: {value}}}\n")
     with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: " + match):
         config.run_params(preset, "baseline")
-
-
-def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
-    ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
-                                                                     "strategy": "ddp"}})
-    cpu = study.on_device(ddp, "cpu", num_threads=2)["trainer"]
-    assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
-    gpu = study.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
-    assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
-    one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
-    assert (one["devices"], one["num_threads"]) == ([1], 8)

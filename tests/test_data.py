@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import as_released, tiny_flame_assets
 from dad3dlib import data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
@@ -319,18 +320,6 @@ def test_duplicate_item_ids_are_refused_naming_them_and_the_file(root, assets, c
         dataset(root, assets, cache=cache, skip_bad=True)
 
 
-def as_released(root):
-    """Turn generated data at ``root`` into the released DAD-3DHeads layout: the test split keeps its
-    images and ``test.json`` entries but loses its annotations and every ``annotation_path``; no
-    ``make_data.json``. Returns root."""
-    shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
-    split = root / "DAD-3DHeadsDataset/test/test.json"
-    entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
-    split.write_text(json.dumps(entries))
-    (root / "make_data.json").unlink()
-    return root
-
-
 def test_unannotated_split_gives_image_and_bbox_only(root, assets):
     ds = dataset(as_released(root), assets, split="test")
     assert not ds.annotations and len(ds) == 2
@@ -421,8 +410,6 @@ def test_show_data_writes_the_grid(root, tmp_path):
 @pytest.fixture(scope="module")
 def other_flame(tmp_path_factory):
     """(data made with --flame-assets DIR, DIR): a tiny FLAME model of 60 vertices."""
-    from test_losses import tiny_flame_assets
-
     from dad3dlib.flame import save_flame_assets
 
     tmp = tmp_path_factory.mktemp("other_flame")
@@ -457,8 +444,6 @@ def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
 
 
 def test_flame_vertex_count_mismatch_is_one_line(other_flame, tmp_path, capsys, monkeypatch):
-    from test_losses import tiny_flame_assets
-
     from dad3dlib.flame import save_flame_assets
     from dad3dlib.viz import main_show_data
 

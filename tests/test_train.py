@@ -15,15 +15,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from conftest import random_3dmm, tiny_flame_assets
 from dad3dlib.board import BOARD_DIR
 from dad3dlib.config import run_params
 from dad3dlib.progress import read_progress
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.flame import FlameLayer, load_flame_assets, save_flame_assets
 from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
                             with_defaults)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_losses import tiny_flame_assets  # noqa: E402
 
 S = 64
 
@@ -38,9 +37,7 @@ class RandomHeads(Dataset):
         c, s = torch.cos(yaw), torch.sin(yaw)
         z, o = torch.zeros(n), torch.ones(n)
         R = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, -o, z], -1), torch.stack([s, z, -c], -1)], 1)
-        params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
-                            (torch.rand(n, 2, generator=g) - 0.5) * 0.2, z[:, None],
-                            5 + torch.rand(n, 1, generator=g)], 1)
+        params = random_3dmm(R, g, scale=5.0)
         self.params = params
         with torch.no_grad():
             verts = flame.reproject(params, S)
@@ -214,8 +211,7 @@ def resume_params(flame_dir: Path, **trainer) -> dict:
 
 
 KILL_SCRIPT = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
+import os, signal
 import lightning as L
 from dad3dlib.flame import FlameLayer, load_flame_assets
 from dad3dlib.train import train
@@ -281,10 +277,10 @@ def test_killed_run_resumes_exactly(tmp_path, flame_dir, augmented, uninterrupte
     """kill -9 one step after a checkpoint, resume in a fresh process: the same final weights,
     optimiser and schedule state as the uninterrupted run (RNG states, sampler order and position,
     plateau steps all restored)."""
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), flame=str(flame_dir), out=str(tmp_path),
-                                kill_at=kill_at, every=every)
+    script = KILL_SCRIPT.format(flame=str(flame_dir), out=str(tmp_path), kill_at=kill_at, every=every)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
+                          timeout=300, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path})
     assert proc.returncode == -9, proc.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == saved
