@@ -5,9 +5,9 @@
 
 For each configuration: training images/s of a full step (network forward, FLAME canonical +
 reprojection, the four losses, backward, Adam), and per batch the time of the FLAME layer
-(forward + backward) and of the losses (forward + backward). ``cpu`` takes the model/data sections
-of ``params/presets/cpu.yaml`` when present; ``paper`` is the reference configuration (resnet50,
-BiFPN 256, 256x256, batch 64). ``--precision auto`` is what training uses: the network in bf16
+(forward + backward) and of the losses (forward + backward). A configuration takes the model/data
+sections of ``params/presets/<name>.yaml`` (``paper``: the reference network and recipe); ``cpu``
+has a built-in fallback. ``--precision auto`` is what training uses: the network in bf16
 autocast on a GPU and on a CPU with native bfloat16 (FLAME and losses in fp32), channels-last
 memory format; compare with ``--precision 32-true``. On a GPU utilisation is sampled with nvidia-smi. The FLAME layer is a random model of FLAME's sizes
 (5023 vertices, 9976 faces; timing depends only on sizes) unless ``--flame`` names a FLAME-format
@@ -36,7 +36,6 @@ from dad3dlib.losses import DADLoss  # noqa: E402
 from dad3dlib.model import cpu_has_native_bf16, create_model  # noqa: E402
 
 FLAME_V, FLAME_F = 5023, 9976
-PAPER = {"model": {"encoder": "resnet50", "bifpn_filters": 256}, "data": {"crop_size": 256, "batch_size": 64}}
 CPU_FALLBACK = {"model": {"encoder": "resnet18", "bifpn_filters": 64}, "data": {"crop_size": 128, "batch_size": 32}}
 LAMBDAS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
 
@@ -60,9 +59,6 @@ def flame_sized_assets(seed: int = 0) -> FlameAssets:
 def configs(names: list[str]) -> dict[str, dict]:
     out = {}
     for name in names:
-        if name == "paper":
-            out[name] = PAPER
-            continue
         preset = REPO_ROOT / "params" / "presets" / f"{name}.yaml"
         if preset.is_file():
             import yaml

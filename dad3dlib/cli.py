@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "show-data": ("dad3dlib.viz", "a grid of data samples with overlays and loader crops"),
     "train": ("dad3dlib.train", "train DAD-3DNet from a params file"),
     "evaluate": ("dad3dlib.evaluate", "evaluate a checkpoint on a data split"),
-    "predict": ("dad3dlib.evaluate", "write a reference-format submission JSON"),
+    "predict": ("dad3dlib.evaluate", "write a DAD-3DHeads submission JSON or NoW challenge meshes"),
     "benchmark": ("dad3dlib.benchmark", "score a submission with the DAD-3DHeads benchmark metrics"),
     "study": ("dad3dlib.study", "run the ablation study (papermill) and build the report"),
 }

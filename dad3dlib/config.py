@@ -39,10 +39,10 @@ LOSS_TERMS = {t.name: t for t in (LossTerm("l3d", "L_3D", 50.0, "vertices_canoni
                                   LossTerm("lproj", "L_proj", 0.05, "vertices_reprojected"),
                                   LossTerm("awing", "L_AWing", 1.0, "heatmaps"))}
 LAMBDAS = tuple(LOSS_TERMS)
-SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "eval",
-            "study", "launcher"}
+SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "study",
+            "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
-MAPPINGS = ("data", "model", "loss", "optim", "trainer", "eval", "study", "launcher")
+MAPPINGS = ("data", "model", "loss", "optim", "trainer", "study", "launcher")
 
 
 def _integer(v) -> bool:
@@ -59,6 +59,11 @@ FIELD_CHECKS = {
                             "a positive multiple of 32 (the encoder's stride)"),
     ("data", "batch_size"): (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
     ("data", "num_workers"): (lambda v: _integer(v) and v >= 0, "an integer >= 0"),
+    ("model", "bifpn_repeats"): (lambda v: _integer(v) and v >= 1, "an integer >= 1"),
+    ("model", "bifpn_depthwise_kernel"): (lambda v: _integer(v) and v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    ("model", "bifpn_bn_momentum"): (lambda v: _finite(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    ("model", "bifpn_bn_eps"): (lambda v: _finite(v) and v > 0, "a finite number > 0 (write 4.0e-5: YAML reads 4e-5 as text)"),
+    ("data", "holdout_fraction"): (lambda v: _finite(v) and 0 < v < 1, "a number between 0 and 1"),
     ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
 }
@@ -188,11 +193,15 @@ PLACEMENT_KEYS = ("accelerator", "devices", "num_threads")  # trainer keys the s
 def training_fingerprint(params: dict) -> str:
     """A short hash of everything that changes what a run trains (not its name, nor where it runs:
     :data:`PLACEMENT_KEYS`). Params count with their defaults filled in (a run's ``params.yaml``
-    rewritten by training hashes as the params it was started with). Data under outputs/ counts by
+    rewritten by training hashes as the params it was started with); keys added later
+    (``train.LATER_KEYS``) count only when they differ from their defaults. Data under outputs/ counts by
     its path relative to outputs/, so a moved checkout keeps its finished runs."""
-    from .train import with_defaults
+    from .train import DEFAULTS, LATER_KEYS, with_defaults
 
     params = with_defaults(params)
+    for section, keys in LATER_KEYS.items():
+        params[section] = {k: v for k, v in params[section].items()
+                           if k not in keys or v != DEFAULTS[section][k]}
     params["trainer"] = {k: v for k, v in params["trainer"].items() if k not in PLACEMENT_KEYS}
     keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study", "launcher")}
     root = (keep.get("data") or {}).get("root")

@@ -29,6 +29,7 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
+from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
 from .render import project
 
@@ -49,15 +50,20 @@ CACHE_VERSION = 1
 # --------------------------------------------------------------------------------------------
 # Pure functions: crop geometry and targets
 # --------------------------------------------------------------------------------------------
-def crop_affine(bbox, margins, size: int) -> np.ndarray:
+def crop_affine(bbox, margins, size: int, clip_to: tuple[int, int] | None = None) -> np.ndarray:
     """A [2,3] mapping image pixels to crop pixels (continuous coordinates, pixel i covers [i, i+1)).
 
-    bbox (x, y, w, h); margins (left, right, top, bottom) as fractions of w / h; the grown box's
+    bbox (x, y, w, h); margins (left, right, top, bottom) as fractions of w / h; ``clip_to``
+    (width, height): the grown box is cut to the image first (the reference's crop); the box's
     longest side becomes ``size`` and the other is centred (padding on both sides).
     """
     x, y, w, h = (float(v) for v in bbox)
     left, right, top, bottom = margins
     x0, x1, y0, y1 = x - left * w, x + w + right * w, y - top * h, y + h + bottom * h
+    if clip_to is not None:
+        x0, x1, y0, y1 = max(x0, 0.0), min(x1, clip_to[0]), max(y0, 0.0), min(y1, clip_to[1])
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {clip_to[0]}x{clip_to[1]} image")
     s = size / max(x1 - x0, y1 - y0)
     return np.array([[s, 0.0, (size - s * (x1 - x0)) / 2.0 - s * x0],
                      [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
@@ -374,7 +380,18 @@ def _check_vertex_count(ds: Path, annotation: Path, n_vertices: int, flame: Path
 def build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
                 cache_dir: Path | None, flame_dir: Path | None = None) -> SplitIndex:
     """Validate a split and load (or build) its cache. cache_dir None: no cache, arrays in memory.
-    flame_dir: where ``topology`` comes from, for the messages."""
+    flame_dir: where ``topology`` comes from, for the messages. One process at a time builds or
+    reads a cache (``cache_dir/.lock``): others, such as the processes of a multi-process training
+    run, wait for the first builder and then read its cache."""
+    if cache_dir is None:
+        return _build_index(ds, split, topology, annotations, skip_bad, None, flame_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(cache_dir / ".lock"):
+        return _build_index(ds, split, topology, annotations, skip_bad, cache_dir, flame_dir)
+
+
+def _build_index(ds: Path, split: str, topology: FlameTopology, annotations: bool, skip_bad: bool,
+                 cache_dir: Path | None, flame_dir: Path | None) -> SplitIndex:
     split_file = ds / split / f"{split}.json"
     entries = read_split(split_file)
     files = _files(ds, split, entries, annotations)
@@ -475,19 +492,21 @@ class DAD3DHeadsDataset(Dataset):
 
     root: the folder holding ``DAD-3DHeadsDataset/`` (or that folder); flame: FlameAssets or
     FlameTopology (faces, landmark embedding); train: random crop margins (5-15 % per side) instead
-    of a fixed 10 %; augment: photometric augmentation (training only); skip_bad: drop invalid items
+    of a fixed 10 %; clip_bbox: cut the grown bbox to the image (:func:`crop_affine`); augment: photometric augmentation (training only); skip_bad: drop invalid items
     and count them in ``skipped`` instead of raising; annotations: False for image + bbox only
-    (the real test split), None to decide from the presence of ``<split>/annotations/``;
+    (the real test split), None to decide by :func:`has_annotations`;
     cache: False parses every annotation on access (no cache, no validation pass).
     """
 
     def __init__(self, root: str | Path, split: str, crop_size: int, flame: FlameAssets | FlameTopology,
                  train: bool = False, augment: bool = False, skip_bad: bool = False,
-                 annotations: bool | None = None, cache: bool = True, cache_dir: str | Path | None = None):
+                 annotations: bool | None = None, cache: bool = True, cache_dir: str | Path | None = None,
+                 clip_bbox: bool = False):
         self.ds, self.split, self.crop_size = dataset_dir(root), split, int(crop_size)
+        self.clip_bbox = clip_bbox
         self.topology = flame.topology if isinstance(flame, FlameAssets) else flame
         self.train, self.augment = train, augment and train
-        self.annotations = (self.ds / split / "annotations").is_dir() if annotations is None else annotations
+        self.annotations = has_annotations(self.ds, split) if annotations is None else annotations
         self.cached = cache
         self.n_vertices = int(self.topology.faces.max()) + 1
         flame_path = flame.path if isinstance(flame, FlameAssets) else None
@@ -549,7 +568,10 @@ class DAD3DHeadsDataset(Dataset):
         height, width = image.shape[:2]
         margins = rng.uniform(*MARGIN_TRAIN, 4) if self.train else (MARGIN_EVAL,) * 4
         bbox = np.asarray(entry["bbox"], np.float64)
-        A = crop_affine(bbox, margins, S)
+        try:
+            A = crop_affine(bbox, margins, S, (width, height) if self.clip_bbox else None)
+        except ValueError as e:
+            raise ValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
         crop = warp_crop(image, A, S)
         if self.augment:
             crop = photometric(rng, crop)
@@ -573,3 +595,71 @@ class DAD3DHeadsDataset(Dataset):
             "landmarks_2d_image": torch.tensor(lmk_img, dtype=torch.float32),
         })
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# The split protocol: which split each stage of a run uses
+# --------------------------------------------------------------------------------------------
+HOLDOUT_FRACTION = 0.1  # default data.holdout_fraction
+HOLDOUT_PARTS = {"fit": False, "holdout": True}  # "train-<part>": train without / only its holdout
+
+
+def has_annotations(ds: Path, split: str) -> bool:
+    """Whether a split is labelled: it has an ``annotations/`` folder or an entry with an
+    ``annotation_path`` (the released DAD-3DHeads test split has neither)."""
+    if (ds / split / "annotations").is_dir():
+        return True
+    return any("annotation_path" in e for e in read_split(ds / split / f"{split}.json"))
+
+
+def holdout_fraction(data: dict) -> float:
+    """``data.holdout_fraction`` of a data section, else :data:`HOLDOUT_FRACTION`."""
+    f = data.get("holdout_fraction")
+    return HOLDOUT_FRACTION if f is None else float(f)
+
+
+def split_protocol(data: dict) -> dict:
+    """Which split each stage of a run uses, decided by the data set of a data section:
+    ``{"fit", "select", "evaluate", "submit", "holdout_fraction"}`` (split names of :func:`open_split`).
+
+    Test split labelled (the synthetic data): fit on ``train``; select the checkpoint, step the
+    plateau schedule and stop early on ``val``; evaluate on ``test``; no submission.
+    Test split without annotations (the released DAD-3DHeads), or no test split: select on
+    ``train-holdout``, the items of train whose :func:`holdout_score` is below ``holdout_fraction``;
+    fit on ``train-fit``, the rest; evaluate on ``val``, which training never reads; write a
+    benchmark submission for ``test`` when there is one.
+    """
+    ds = dataset_dir(data_root(data))
+    has_test = (ds / "test" / "test.json").is_file()
+    if has_test and has_annotations(ds, "test"):
+        return {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
+    return {"fit": "train-fit", "select": "train-holdout", "evaluate": "val", "submit": "test" if has_test else None,
+            "holdout_fraction": holdout_fraction(data)}
+
+
+def holdout_score(item_id) -> float:
+    """A number in [0, 1) fixed by an item id: the first 8 bytes of its SHA-256 (the same on every
+    machine and Python, unlike ``hash()``). An item is in the holdout when it is below the fraction."""
+    return int.from_bytes(hashlib.sha256(str(item_id).encode()).digest()[:8], "big") / 2.0 ** 64
+
+
+def open_split(data: dict, name: str, flame: FlameAssets | FlameTopology, train: bool = False,
+               annotations: bool | None = True) -> Dataset:
+    """The dataset a split name of :func:`split_protocol` names, on a run's data section
+    ({root, crop_size, augment, skip_bad, clip_bbox, holdout_fraction}): a split of the data set, or
+    ``train-holdout`` / ``train-fit`` (a ``torch.utils.data.Subset`` of train; an empty one is an
+    error naming the split). ``train``, ``annotations``: as :class:`DAD3DHeadsDataset`'s."""
+    split, _, part = name.partition("-")
+    if part and part not in HOLDOUT_PARTS:
+        raise ValueError(f"unknown split '{name}' (a split name, or <split>-fit / <split>-holdout)")
+    dataset = DAD3DHeadsDataset(data_root(data), split, data["crop_size"], flame, train=train,
+                                augment=bool(data.get("augment")), skip_bad=data.get("skip_bad", False),
+                                annotations=annotations, clip_bbox=data.get("clip_bbox", False))
+    if not part:
+        return dataset
+    fraction = holdout_fraction(data)
+    keep = [i for i, e in enumerate(dataset.items) if (holdout_score(e["item_id"]) < fraction) == HOLDOUT_PARTS[part]]
+    if not keep:
+        raise ValueError(f"{dataset.ds / split}: '{name}' is empty (data.holdout_fraction {fraction} of "
+                         f"{len(dataset)} items); change data.holdout_fraction")
+    return torch.utils.data.Subset(dataset, keep)

@@ -1,7 +1,8 @@
 """Evaluation of a trained DAD-3DNet on a data split, and reference-format predictions.
 
-    python -m dad3dlib evaluate --checkpoint CKPT [--split test] [--data DIR] [--out DIR]
+    python -m dad3dlib evaluate --checkpoint CKPT [--split SPLIT] [--data DIR] [--out DIR]
     python -m dad3dlib predict --checkpoint CKPT --data DIR --split test --out SUB.json
+    python -m dad3dlib predict --format now --checkpoint CKPT --images NOW_DIR --out DIR
 
 Per sample (metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
 to the original image), Z5 accuracy with the reference pairing and with the paper's (head
@@ -26,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .data import data_root, flame_dir
+from .data import data_root, flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
                     load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
@@ -221,20 +222,23 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
 
 
-def evaluate_references(params: dict, out_dir: str | Path, split: str = "test", names=tuple(REFERENCES),
+def evaluate_references(params: dict, out_dir: str | Path, split: str | None = None, names=tuple(REFERENCES),
                         progress: bool = True) -> dict:
-    """Evaluate the reference predictors on ``split`` of a run's data, the pose prior fitted as
-    training fits it (:func:`train.pose_prior` of the first ``model.pose_prior_samples`` training
-    samples, here at the evaluation crop, so that it is deterministic). Writes
+    """Evaluate the reference predictors on ``split`` of a run's data (None: the evaluation split of
+    :func:`dad3dlib.data.split_protocol`), the pose prior fitted as training fits it
+    (:func:`train.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
+    split, never the evaluation split; here at the evaluation crop, so that it is deterministic). Writes
     ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
     description, the prior and the data it was measured on); returns {name: aggregate}."""
     from .train import pose_prior
 
     params = with_defaults(params)
     d = params["data"]
+    splits = split_protocol(d)
+    split = split or splits["evaluate"]
     dataset, assets = _split_dataset(params, split)
-    train_split, _ = _split_dataset(params, "train", assets=assets)
-    prior = pose_prior(train_split, params["model"]["pose_prior_samples"] or 64, d["crop_size"])
+    fit, _ = _split_dataset(params, splits["fit"], assets=assets)
+    prior = pose_prior(fit, params["model"]["pose_prior_samples"] or 64, d["crop_size"])
     layer = FlameLayer(assets).eval()
     out, results = Path(out_dir), {}
     for name in names:
@@ -260,25 +264,26 @@ def save_evaluation(out_dir: str | Path, df, agg: dict, arrays: dict) -> None:
 
 
 def _split_dataset(params: dict, split: str, annotations: bool | None = True, assets=None):
-    """(dataset, FLAME assets) of a run's data section (``assets``: already loaded ones)."""
-    from .data import DAD3DHeadsDataset
-
+    """(dataset, FLAME assets) of a split (:func:`dad3dlib.data.open_split`) of a run's data section
+    (``assets``: already loaded ones)."""
     d = params["data"]
     assets = assets or load_flame_assets(flame_dir(d))
-    return DAD3DHeadsDataset(data_root(d), split, d["crop_size"], assets, skip_bad=d.get("skip_bad", False),
-                             annotations=annotations), assets
+    return open_split(d, split, assets, annotations=annotations), assets
 
 
-def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str = "test",
+def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str | None = None,
                  device: str = "auto", batch_size: int | None = None, refine_iters: int = 0) -> dict:
-    """Evaluate a run's checkpoint on ``split`` of its data; writes per_sample.csv, evaluation.json
-    and predictions.npz into ``out_dir`` and returns the aggregate (flat metrics + by_attribute)."""
+    """Evaluate a run's checkpoint on ``split`` of its data (None: the evaluation split of
+    :func:`dad3dlib.data.split_protocol`); writes per_sample.csv, evaluation.json and predictions.npz
+    into ``out_dir`` and returns the aggregate (flat metrics + by_attribute + ``split``)."""
     params = with_defaults(params)
+    split = split or split_protocol(params["data"])["evaluate"]
     dataset, assets = _split_dataset(params, split)
     d = params["data"]
     df, agg, arrays = evaluate(checkpoint, dataset, FlameLayer(assets), batch_size or d["batch_size"], device,
                                refine_iters, num_workers=d["num_workers"])
-    save_evaluation(out_dir, df, agg, arrays)
+    agg["split"] = split
+    save_evaluation(out_dir, df, agg, {**arrays, "split": np.str_(split)})
     return agg
 
 
@@ -320,11 +325,30 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     return len(submission)
 
 
+def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, flame_assets=None,
+                device: str = "auto", batch_size: int = 16) -> int:
+    """NoW challenge files for every image of a NoW release folder (:func:`now.export`) with a
+    checkpoint, at its crop size; FLAME from ``flame_assets``, else the checkpoint's data's
+    (:func:`data.flame_dir`). Returns the number of images."""
+    from . import now
+
+    model, params = load_model(checkpoint)
+    if flame_assets is None:
+        try:
+            flame_assets = flame_dir(params["data"])
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
+                                    "name it with --flame-assets") from None
+    layer = FlameLayer(load_flame_assets(flame_assets))
+    return now.export(model, layer, images, out, params["data"]["crop_size"], resolve_device(device), batch_size)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def format_aggregate(agg: dict) -> str:
-    lines = [f"{agg['n_samples']} samples"] + [f"  {m:<20}{agg[m]:12.4f}" for m in METRIC_COLUMNS]
+    lines = [f"{agg['n_samples']} samples" + (f" of {agg['split']}" if agg.get("split") else "")]
+    lines += [f"  {m:<20}{agg[m]:12.4f}" for m in METRIC_COLUMNS]
     for attr, values in agg["by_attribute"].items():
         lines.append(f"\n{attr:<22}" + "".join(f"{m[:10]:>11}" for m in ("n",) + METRIC_COLUMNS))
         for value, row in values.items():
@@ -336,7 +360,7 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dad3dlib evaluate",
                                  description="evaluate a checkpoint on a data split (per-sample CSV, JSON, npz)")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", help="default: test, or val when the test split has no annotations")
     ap.add_argument("--data", help="DAD-3DHeads-format root (default: the checkpoint's)")
     ap.add_argument("--flame-assets", help="FLAME-format directory (default: the checkpoint's data's)")
     ap.add_argument("--out", help="output directory (default: next to the checkpoint, eval_<split>)")
@@ -350,8 +374,9 @@ def main_evaluate(argv: list[str] | None = None) -> int:
         data["root"] = str(Path(args.data).resolve())
     if args.flame_assets:
         data["flame_path"] = str(Path(args.flame_assets).resolve())
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{args.split}"
-    agg = evaluate_run({**params, "data": data}, args.checkpoint, out, args.split, args.device,
+    split = args.split or split_protocol(data)["evaluate"]
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{split}"
+    agg = evaluate_run({**params, "data": data}, args.checkpoint, out, split, args.device,
                        args.batch_size, args.refine_iters)
     print(format_aggregate(agg))
     print(f"\nwrote {out}/per_sample.csv, evaluation.json, predictions.npz")
@@ -360,16 +385,27 @@ def main_evaluate(argv: list[str] | None = None) -> int:
 
 def main_predict(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dad3dlib predict",
-                                 description="write a DAD-3DHeads benchmark submission JSON for a split")
+                                 description="write a DAD-3DHeads benchmark submission JSON for a split, or "
+                                             "NoW challenge meshes and landmarks for a NoW release folder")
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--data", required=True, help="DAD-3DHeads-format root")
+    ap.add_argument("--format", choices=("dad3dheads", "now"), default="dad3dheads",
+                    help="dad3dheads: a submission JSON (--data, --split); now: <subject>/<challenge>/<name>.obj "
+                         "and .npy per image of --images (see dad3dlib/now.py)")
+    ap.add_argument("--data", help="DAD-3DHeads-format root (--format dad3dheads)")
     ap.add_argument("--split", default="test")
-    ap.add_argument("--out", required=True, help="submission JSON to write")
+    ap.add_argument("--images", help="NoW release folder: iphone_pictures/ and detected_face/ (--format now)")
+    ap.add_argument("--out", required=True, help="submission JSON (dad3dheads) or folder (now) to write")
     ap.add_argument("--flame-assets", help="FLAME-format directory (default: the checkpoint's data's)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
-    n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
+    if args.format == "now":
+        if not args.images:
+            ap.error("--format now needs --images")
+        n = predict_now(args.checkpoint, args.images, args.out, args.flame_assets, args.device, args.batch_size)
+    else:
+        if not args.data:
+            ap.error("--format dad3dheads needs --data")
+        n = predict(args.checkpoint, args.data, args.split, args.out, args.flame_assets, args.device, args.batch_size)
     print(f"wrote {n} predictions to {args.out}")
     return 0
-

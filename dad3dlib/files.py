@@ -5,12 +5,14 @@ truncated mix, whatever stops the writer (a full disk, a kill, a power cut).
         torch.save(obj, f)
     atomic_write(path, text_or_bytes)
     write_json(path, obj)
+    with exclusive_lock(path): ...    # one process at a time (``flock``)
 
 Parent directories are created. The one home for writing a file that others read.
 """
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import threading
@@ -49,3 +51,13 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
 def write_json(path: str | Path, obj) -> None:
     """``obj`` as indented JSON (non-JSON values as their str), atomically (:func:`atomic_open`)."""
     atomic_write(path, json.dumps(obj, indent=2, default=str))
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, wait: bool = True):
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; yields the open
+    file (text, read/write). ``wait`` False: raise BlockingIOError at once when another process
+    holds it. The system drops the lock when its holder exits, however it exits."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        yield f

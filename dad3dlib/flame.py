@@ -204,7 +204,7 @@ def _load_embeddings(path: Path) -> tuple[np.ndarray, ...]:
     try:
         dynamic = np.load(path / DYNAMIC_FILE, allow_pickle=False)
     except ValueError:  # the published file is a pickled dict inside .npy
-        dynamic = _load_npy_dict(path / DYNAMIC_FILE)
+        dynamic = load_npy_dict(path / DYNAMIC_FILE)
     except OSError as e:
         raise FlameFormatError(f"{path / DYNAMIC_FILE}: cannot read ({e})") from e
     out = []
@@ -221,8 +221,10 @@ def _load_embeddings(path: Path) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def _load_npy_dict(path: Path) -> dict:
-    """A dict saved with ``np.save`` (a 0-d object array, pickled inside .npy), read restrictedly."""
+def load_npy_dict(path: Path) -> dict:
+    """A dict saved with ``np.save`` (a 0-d object array, pickled inside .npy: FLAME's dynamic
+    embedding, NoW's face boxes), read through :class:`_RestrictedUnpickler`; FlameFormatError
+    naming the file for anything else."""
     with open(path, "rb") as f:
         try:
             major, _ = np.lib.format.read_magic(f)

@@ -68,6 +68,9 @@ def run_job(run, study_dir: Path, threads: int | None) -> dict:
 
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus == 1 else "auto" if gpus > 1 else "cpu"
+    if gpus > 1:  # one task with several GPUs: Lightning must start the run's processes itself, which
+        # it does under SLURM only in "interactive" mode (otherwise it expects one srun task per GPU)
+        os.environ["SLURM_JOB_NAME"] = "interactive"
     threads = threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
     return execute_run(run, study_dir, device, threads)
 

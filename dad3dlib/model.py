@@ -1,7 +1,8 @@
 """DAD-3DNet (docs/ARCHITECTURE.md): timm encoder, BiFPN, heatmap head, fusion, shape/pose/landmark heads.
 
 The encoder is any timm CNN created with ``features_only=True`` (never downloaded: weights come
-only from a local file). It runs to its stride-16 stage; a BiFPN fuses its stride-4/8/16 maps; a
+only from a local file). It runs to its stride-16 stage; a BiFPN fuses its stride-4/8/16 maps (and,
+with ``bifpn_levels=5`` as the reference, two coarser levels made from them); a
 3x3 conv on the fused stride-4 map gives 68 heatmap logits. The sigmoid heatmaps (resized to
 stride 16), the BiFPN stride-16 map and the encoder stride-16 map are concatenated, a 1x1 conv maps
 them back to the encoder's channels and the result multiplies the encoder's stride-16 features.
@@ -142,17 +143,35 @@ def load_encoder_weights(enc: nn.Module, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# BiFPN over strides 4, 8, 16
+# BiFPN: the light 3-level pyramid (default) or the reference's 5-level one (docs/ARCHITECTURE.md)
 # --------------------------------------------------------------------------------------------
-class SeparableConvBlock(nn.Sequential):
-    """Depthwise 3x3 + pointwise 1x1 + BN + SiLU, channels kept."""
+BIFPN_ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+BIFPN_DOWNSAMPLING = {  # x [B,F,h,w] -> [B,F,h',w'] at the size of the next coarser level
+    "maxpool": lambda x, size: F.adaptive_max_pool2d(x, size),
+    "nearest": lambda x, size: F.interpolate(x, size=size, mode="nearest"),  # the reference's
+}
+BIFPN_LATERALS = ("bn", "bias")  # 1x1 input convs: without bias + BatchNorm, or with bias (the reference)
+LEVEL_NAMES = {3: ("fine", "mid", "coarse"), 5: ("p3", "p4", "p5", "p6", "p7")}  # finest first
 
-    def __init__(self, channels: int):
+
+def _choice(setting: str, value, known) -> None:
+    if value not in known:
+        raise ValueError(f"model.{setting} must be one of {sorted(known)}, got {value!r}")
+
+
+class SeparableConvBlock(nn.Sequential):
+    """Depthwise k x k + pointwise 1x1 + BN + activation, channels kept: [B,C,h,w] -> [B,C,h,w].
+
+    The reference's block has k = 1 (a per-channel scale before the pointwise conv) and ReLU.
+    """
+
+    def __init__(self, channels: int, kernel: int = 3, act: str = "silu", bn_momentum: float = 0.1,
+                 bn_eps: float = 1e-5):
         super().__init__(
-            nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False),
+            nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
             nn.Conv2d(channels, channels, 1, bias=False),
-            nn.BatchNorm2d(channels),
-            nn.SiLU(inplace=True),
+            nn.BatchNorm2d(channels, eps=bn_eps, momentum=bn_momentum),
+            BIFPN_ACTIVATIONS[act](inplace=True),
         )
 
 
@@ -171,46 +190,92 @@ class WeightedSum(nn.Module):
 
 
 class BiFPNLayer(nn.Module):
-    """One bidirectional pass over three levels [fine, mid, coarse], each [B,F,h_l,w_l]."""
+    """One bidirectional pass over L levels x_0 (finest) .. x_{L-1}, each [B,F,h_l,w_l].
 
-    def __init__(self, filters: int):
+    Top-down: td_{L-1} = x_{L-1}; td_l = block(fuse(x_l, up(td_{l+1}))) for l = L-2 .. 0.
+    Bottom-up: out_0 = td_0; out_l = block(fuse(x_l, td_l, down(out_{l-1}))) for 0 < l < L-1;
+    the top node fuses (x_{L-1}, down(out_{L-2})), or with ``top_inputs=3`` (the reference)
+    (x_{L-1}, td_{L-1}, down(out_{L-2})), i.e. its input twice, with two weights.
+    Upsampling is nearest-neighbour; downsampling is :data:`BIFPN_DOWNSAMPLING` [``downsample``].
+    Modules are named after ``names`` (one per level, finest first): fusions ``td_<level>``,
+    ``bu_<level>``; blocks ``conv.td_<level>`` and ``conv.out_<level>``.
+    """
+
+    def __init__(self, filters: int, names: tuple[str, ...], block: dict, downsample: str = "maxpool",
+                 top_inputs: int = 2):
         super().__init__()
-        self.td_mid, self.td_fine = WeightedSum(2), WeightedSum(2)
-        self.bu_mid, self.bu_coarse = WeightedSum(3), WeightedSum(2)
-        self.conv = nn.ModuleDict({k: SeparableConvBlock(filters)
-                                   for k in ("td_mid", "out_fine", "out_mid", "out_coarse")})
+        _choice("bifpn_downsample", downsample, BIFPN_DOWNSAMPLING)
+        _choice("bifpn_top_inputs", top_inputs, (2, 3))
+        self.names, self.down, self.top_inputs = names, BIFPN_DOWNSAMPLING[downsample], top_inputs
+        top = len(names) - 1
+        blocks = []  # in the order of construction (and of the initializer's random draws)
+        for l in range(top - 1, -1, -1):  # top-down nodes, coarse to fine; the finest is an output
+            self.add_module(f"td_{names[l]}", WeightedSum(2))
+            blocks.append(self._td_block(l))
+        for l in range(1, top + 1):
+            self.add_module(f"bu_{names[l]}", WeightedSum(3 if l < top else top_inputs))
+            blocks.append(f"out_{names[l]}")
+        self.conv = nn.ModuleDict({k: SeparableConvBlock(filters, **block) for k in blocks})
 
-    @staticmethod
-    def _up(x: Tensor, ref: Tensor) -> Tensor:
-        return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
-
-    @staticmethod
-    def _down(x: Tensor, ref: Tensor) -> Tensor:
-        return F.adaptive_max_pool2d(x, ref.shape[-2:])
+    def _td_block(self, l: int) -> str:
+        return f"out_{self.names[l]}" if l == 0 else f"td_{self.names[l]}"
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        fine, mid, coarse = feats
-        mid_td = self.conv["td_mid"](self.td_mid([mid, self._up(coarse, mid)]))
-        fine_out = self.conv["out_fine"](self.td_fine([fine, self._up(mid_td, fine)]))
-        mid_out = self.conv["out_mid"](self.bu_mid([mid, mid_td, self._down(fine_out, mid)]))
-        coarse_out = self.conv["out_coarse"](self.bu_coarse([coarse, self._down(mid_out, coarse)]))
-        return [fine_out, mid_out, coarse_out]
+        names, top = self.names, len(self.names) - 1
+        td = [None] * top + [feats[top]]
+        for l in range(top - 1, -1, -1):
+            up = F.interpolate(td[l + 1], size=feats[l].shape[-2:], mode="nearest")
+            td[l] = self.conv[self._td_block(l)](getattr(self, f"td_{names[l]}")([feats[l], up]))
+        out = [td[0]]
+        for l in range(1, top + 1):
+            down = self.down(out[l - 1], feats[l].shape[-2:])
+            inputs = [feats[l], td[l], down] if l < top or self.top_inputs == 3 else [feats[l], down]
+            out.append(self.conv[f"out_{names[l]}"](getattr(self, f"bu_{names[l]}")(inputs)))
+        return out
 
 
 class BiFPN(nn.Module):
-    """1x1 lateral projections to ``filters`` channels, then ``repeats`` BiFPN layers.
+    """Input column, then ``repeats`` :class:`BiFPNLayer` over ``levels`` levels of ``filters`` channels.
 
-    feats: three maps [B,C_l,h_l,w_l] (strides 4, 8, 16) -> three maps [B,filters,h_l,w_l]
+    Input column: a 1x1 conv of each of the stride-4, 8, 16 maps (``lateral``: ``bn`` = without
+    bias + BatchNorm; ``bias`` = with bias, the reference). ``levels=5`` (the reference) adds P6, a
+    3x3 stride-2 conv (with bias) of the stride-16 encoder map, and P7, a 3x3 stride-2 conv
+    (with bias) + BN + activation of P6 (the order of the reference's code).
+    ``block``: :class:`SeparableConvBlock` settings (kernel, act, bn_momentum, bn_eps), which the
+    input column's BatchNorms and activation share.
+
+    feats: three maps [B,C_l,h_l,w_l] (strides 4, 8, 16) -> ``levels`` maps [B,filters,h_l,w_l]
+    (strides 4, 8, 16[, 32, 64]); h_l = ceil(h_{l-1} / 2) above stride 16.
     """
 
-    def __init__(self, in_channels: list[int], filters: int = 256, repeats: int = 1):
+    def __init__(self, in_channels: list[int], filters: int = 256, repeats: int = 1, levels: int = 3,
+                 block: dict | None = None, downsample: str = "maxpool", lateral: str = "bn",
+                 top_inputs: int = 2):
         super().__init__()
+        block = {"kernel": 3, "act": "silu", "bn_momentum": 0.1, "bn_eps": 1e-5, **(block or {})}
+        _choice("bifpn_levels", levels, LEVEL_NAMES)
+        _choice("bifpn_lateral", lateral, BIFPN_LATERALS)
+        _choice("bifpn_act", block["act"], BIFPN_ACTIVATIONS)
+        if not (isinstance(block["kernel"], int) and block["kernel"] >= 1 and block["kernel"] % 2):
+            raise ValueError(f"model.bifpn_depthwise_kernel must be an odd integer >= 1, got {block['kernel']!r}")
+        bn = lambda: nn.BatchNorm2d(filters, eps=block["bn_eps"], momentum=block["bn_momentum"])  # noqa: E731
         self.lateral = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, filters, 1, bias=False), nn.BatchNorm2d(filters)) for c in in_channels)
-        self.layers = nn.Sequential(*(BiFPNLayer(filters) for _ in range(repeats)))
+            nn.Sequential(nn.Conv2d(c, filters, 1, bias=False), bn()) if lateral == "bn" else nn.Conv2d(c, filters, 1)
+            for c in in_channels)
+        if levels == 5:
+            self.p6 = nn.Conv2d(in_channels[-1], filters, 3, stride=2, padding=1)
+            self.p7 = nn.Sequential(nn.Conv2d(filters, filters, 3, stride=2, padding=1), bn(),
+                                    BIFPN_ACTIVATIONS[block["act"]](inplace=True))
+        self.levels = levels
+        self.layers = nn.Sequential(*(BiFPNLayer(filters, LEVEL_NAMES[levels], block, downsample, top_inputs)
+                                      for _ in range(repeats)))
 
     def forward(self, feats: list[Tensor]) -> list[Tensor]:
-        return self.layers([lat(f) for lat, f in zip(self.lateral, feats)])
+        x = [lat(f) for lat, f in zip(self.lateral, feats)]
+        if self.levels == 5:
+            x.append(self.p6(feats[-1]))
+            x.append(self.p7(x[-1]))
+        return self.layers(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,15 +294,27 @@ class DAD3DNet(nn.Module):
     ``init_scale``: the weak-perspective scale s of the initial pose prediction (a frontal head at
     the crop centre); with FLAME metres and crop coordinates in [-1,1], a head filling the crop has
     s ~ 8-10. :meth:`set_pose_prior` replaces it with values fitted on data.
+
+    BiFPN settings (:class:`BiFPN`; defaults: the light pyramid, the paper preset: the reference's):
+    ``bifpn_levels`` 3 | 5, ``bifpn_repeats`` layers, ``bifpn_depthwise_kernel`` k of the blocks'
+    depthwise conv, ``bifpn_act`` silu | relu, ``bifpn_bn_momentum`` / ``bifpn_bn_eps`` of its
+    BatchNorms (PyTorch's convention: momentum is the weight of the new batch), ``bifpn_downsample``
+    maxpool | nearest, ``bifpn_lateral`` bn | bias, ``bifpn_top_inputs`` 2 | 3.
     """
 
     def __init__(self, encoder: str = "resnet50", bifpn_filters: int = 256, bifpn_repeats: int = 1,
                  hidden: int = 512, dropout: float = 0.3, init_scale: float = 8.0,
-                 pretrained_path: str | Path | None = None):
+                 pretrained_path: str | Path | None = None, bifpn_levels: int = 3,
+                 bifpn_depthwise_kernel: int = 3, bifpn_act: str = "silu", bifpn_bn_momentum: float = 0.1,
+                 bifpn_bn_eps: float = 1e-5, bifpn_downsample: str = "maxpool", bifpn_lateral: str = "bn",
+                 bifpn_top_inputs: int = 2):
         super().__init__()
         self.encoder = SplitEncoder(encoder, pretrained_path)
         ch = self.encoder.channels
-        self.bifpn = BiFPN([ch[4], ch[8], ch[16]], bifpn_filters, bifpn_repeats)
+        block = {"kernel": bifpn_depthwise_kernel, "act": bifpn_act, "bn_momentum": bifpn_bn_momentum,
+                 "bn_eps": bifpn_bn_eps}
+        self.bifpn = BiFPN([ch[4], ch[8], ch[16]], bifpn_filters, bifpn_repeats, bifpn_levels, block,
+                           bifpn_downsample, bifpn_lateral, bifpn_top_inputs)
         self.heatmap_head = nn.Conv2d(bifpn_filters, N_LANDMARKS, 3, padding=1)
         self.fusion = nn.Conv2d(N_LANDMARKS + bifpn_filters + ch[16], ch[16], 1)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -264,7 +341,7 @@ class DAD3DNet(nn.Module):
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         f4, f8, f16 = self.encoder.forward_to_16(image)
-        p4, _, p16 = self.bifpn([f4, f8, f16])
+        p4, _, p16, *_ = self.bifpn([f4, f8, f16])
         heatmaps = self.heatmap_head(p4)
         hm16 = F.interpolate(torch.sigmoid(heatmaps), size=f16.shape[-2:], mode="bilinear", align_corners=False)
         fused = f16 * self.fusion(torch.cat([hm16, p16, f16], dim=1))
@@ -289,8 +366,9 @@ def cpu_has_native_bf16() -> bool:
 
 def create_model(cfg: dict) -> nn.Module:
     """A model from plain config data: ``{"name": "dad3dnet", "encoder": ..., "bifpn_filters": ...,
-    "bifpn_repeats": ..., "hidden": ..., "dropout": ..., "init_scale": ..., "pretrained_path": ...}``
-    (every key but ``encoder`` optional)."""
+    "bifpn_repeats": ..., "bifpn_levels": ..., ..., "hidden": ..., "dropout": ..., "init_scale": ...,
+    "pretrained_path": ...}`` (the keyword arguments of :class:`DAD3DNet`; every key but ``encoder``
+    optional)."""
     cfg = dict(cfg)
     name = cfg.pop("name", "dad3dnet")
     if name not in MODELS:

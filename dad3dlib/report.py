@@ -19,9 +19,10 @@ from .metrics import metric_names
 
 # name: (label, lower is better), the registered metrics in the study scope (metrics.METRICS)
 METRICS = {k: (REGISTRY[k].label, REGISTRY[k].lower_is_better) for k in metric_names("study")}
-ATTRIBUTE_METRICS = metric_names("attributes")  # plotted by image attribute
+ATTRIBUTE_METRICS = metric_names("attributes")  # plotted by image attribute, the explorer's captions
 CURVES = ("train/loss_step", *(f"train/{k}_step" for k in LOSS_TERMS), "val/loss", "val/nme", "val/angle_error")
 ATTRIBUTES = ("pose", "occlusions", "quality", "expression", "standard light")
+UNRECORDED_SPLIT = "test"  # the split of runs whose records predate the split protocol (always test)
 
 
 def _runs(study_dir: Path) -> list[dict]:
@@ -29,7 +30,8 @@ def _runs(study_dir: Path) -> list[dict]:
 
 
 def run_table(study_dir: str | Path) -> pd.DataFrame:
-    """One row per (ablation, seed) — aliases of a shared run get its numbers — with status and metrics."""
+    """One row per (ablation, seed) — aliases of a shared run get its numbers — with status, the split
+    it was evaluated on and metrics."""
     study_dir = Path(study_dir)
     rows = []
     for r in _runs(study_dir):
@@ -41,6 +43,7 @@ def run_table(study_dir: str | Path) -> pd.DataFrame:
             status = "failed"
         for name in [r["ablation"], *r["aliases"]]:
             rows.append({"ablation": name, "seed": r["seed"], "run": r["run"], "status": status,
+                         "split": metrics.get("split", UNRECORDED_SPLIT) if metrics else None,
                          **{k: metrics.get(k, np.nan) for k in METRICS}})
     return pd.DataFrame(rows)
 
@@ -61,13 +64,15 @@ def per_sample_table(study_dir: str | Path) -> pd.DataFrame:
 
 def reference_table(study_dir: str | Path) -> pd.DataFrame:
     """One row per reference predictor (``references/<name>/metrics.json``, evaluated on the same
-    test split as the runs), in the order of ``references/references.json`` ({name: one-sentence
-    description}): kind 'reference', description and the metrics. Empty when there are none; a
+    split as the runs), in the order of ``references/references.json`` ({"descriptions": {name:
+    one-sentence description}, "split", ...}, as :func:`dad3dlib.evaluate.evaluate_references`
+    writes it): kind 'reference', split, description and the metrics. Empty when there are none; a
     file that cannot be read is named in a warning and skipped."""
     ref_dir = Path(study_dir) / "references"
     if not ref_dir.is_dir():
         return pd.DataFrame()
-    descriptions = _read_json(ref_dir / "references.json") or {}
+    record = _read_json(ref_dir / "references.json") or {}
+    descriptions = record.get("descriptions", {})
     names = list(descriptions) + sorted(d.name for d in ref_dir.iterdir() if d.is_dir() and d.name not in descriptions)
     rows = []
     for name in names:
@@ -75,7 +80,8 @@ def reference_table(study_dir: str | Path) -> pd.DataFrame:
             continue
         metrics = _read_json(ref_dir / name / "metrics.json")
         if metrics is not None:
-            rows.append({"ablation": name, "kind": "reference", "description": str(descriptions.get(name, "")),
+            rows.append({"ablation": name, "kind": "reference", "split": record.get("split", UNRECORDED_SPLIT),
+                         "description": str(descriptions.get(name, "")),
                          **{k: metrics.get(k, np.nan) for k in METRICS}})
     return pd.DataFrame(rows).set_index("ablation") if rows else pd.DataFrame()
 
@@ -99,13 +105,13 @@ def _read_json(path: Path):
 
 
 def summary_table(runs: pd.DataFrame, references: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per ablation (kind 'run'): number of seeds, and per metric the mean over seeds and the seed
-    spread (``_sd``, ``_min``, ``_max``; SD NaN with one seed); then the reference predictors
-    (kind 'reference', with their description; see :func:`reference_table`)."""
+    """Per ablation (kind 'run'): number of seeds, the evaluation split, and per metric the mean over
+    seeds and the seed spread (``_sd``, ``_min``, ``_max``; SD NaN with one seed); then the reference
+    predictors (kind 'reference', with their description; see :func:`reference_table`)."""
     done = runs[runs.status == "finished"]
     order = list(dict.fromkeys(runs.ablation))
     g = done.groupby("ablation", sort=False)
-    out = pd.DataFrame({"kind": "run", "seeds": g.size()})
+    out = pd.DataFrame({"kind": "run", "seeds": g.size(), "split": g["split"].agg(_names)})
     for k in METRICS:
         out[k], out[k + "_sd"], out[k + "_min"], out[k + "_max"] = g[k].mean(), g[k].std(), g[k].min(), g[k].max()
     out["description"] = ""
@@ -113,6 +119,39 @@ def summary_table(runs: pd.DataFrame, references: pd.DataFrame | None = None) ->
     if references is not None and not references.empty:
         out = pd.concat([out, references.reindex(columns=out.columns)])
     return out.astype({"seeds": "Int64"}).rename_axis("ablation")
+
+
+def _names(values) -> str:
+    """The distinct values of a column, in order, comma-separated."""
+    return ", ".join(dict.fromkeys(str(v) for v in values if isinstance(v, str)))
+
+
+def evaluation_split(study_dir: str | Path) -> str:
+    """The split a study's runs and reference predictors were evaluated on (comma-separated if they
+    differ; :data:`UNRECORDED_SPLIT` when nothing is finished yet)."""
+    runs, refs = run_table(study_dir), reference_table(study_dir)
+    return _names([*runs.get("split", []), *refs.get("split", [])]) or UNRECORDED_SPLIT
+
+
+def splits_note(study_dir: str | Path) -> str:
+    """One markdown paragraph: the split the study was evaluated on and, as its first finished run
+    recorded them (``metrics.json``'s ``splits``), the splits training fitted and selected on and the
+    benchmark submission each run wrote."""
+    study_dir = Path(study_dir)
+    text = f"Runs and reference predictors are evaluated on the **{evaluation_split(study_dir)}** split."
+    for r in _runs(study_dir):
+        s = (_read_json(study_dir / "runs" / r["run"] / "metrics.json") or {}).get("splits")
+        if not isinstance(s, dict):
+            continue
+        text += (f" Training fitted on `{s['fit']}` ({s.get('fit_items', '?')} images) and validated on `{s['select']}` "
+                 f"({s.get('select_items', '?')} images; what the validation decides, where a run uses it: the "
+                 "checkpoint, the plateau schedule, early stopping)")
+        if s.get("holdout_fraction"):
+            text += (f", {s['holdout_fraction']:.0%} of train chosen by a hash of the item id; the `{s['submit']}` "
+                     f"split has no annotations, so each run's directory holds a benchmark submission for it "
+                     f"(`submission_{s['submit']}.json`)")
+        return text + "."
+    return text
 
 
 def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline") -> pd.DataFrame:
@@ -166,10 +205,10 @@ def _cube(indexed: pd.DataFrame, seeds: list, items: list, metrics: list[str]) -
     return indexed.reindex(grid)[metrics].to_numpy().reshape(len(seeds), len(items), len(metrics)).transpose(2, 0, 1)
 
 
-def format_differences(differences: pd.DataFrame) -> pd.DataFrame:
+def format_differences(differences: pd.DataFrame, split: str = UNRECORDED_SPLIT) -> pd.DataFrame:
     """:func:`baseline_differences` as one row per ablation and one labelled column per metric, each
-    cell 'Δ [lo, hi] verdict; test images only [img_lo, img_hi]' (no seed-level interval with one
-    seed)."""
+    cell 'Δ [lo, hi] verdict; <split> images only [img_lo, img_hi]' (no seed-level interval with one
+    seed; ``split``: the evaluation split, :func:`evaluation_split`)."""
     if differences.empty:
         return pd.DataFrame()
 
@@ -177,7 +216,7 @@ def format_differences(differences: pd.DataFrame) -> pd.DataFrame:
         if r.alias:
             return r.verdict
         interval = f" {_interval(r.metric, r.lo, r.hi)}" if np.isfinite(r.lo) else ""
-        images = f"; test images only {_interval(r.metric, r.img_lo, r.img_hi)}" if np.isfinite(r.img_lo) else ""
+        images = f"; {split} images only {_interval(r.metric, r.img_lo, r.img_hi)}" if np.isfinite(r.img_lo) else ""
         return f"{_num(r.metric, r.delta, True)}{interval} {r.verdict}{images}"
 
     table = differences.assign(cell=[cell(r) for r in differences.itertuples()]).pivot(
@@ -219,13 +258,15 @@ def equals_reference(seed_values: np.ndarray, reference: float, se_img: float = 
 
 
 def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataFrame | None = None,
-             baseline: str = "baseline", per_sample: pd.DataFrame | None = None) -> str:
+             baseline: str = "baseline", per_sample: pd.DataFrame | None = None,
+             split: str = UNRECORDED_SPLIT) -> str:
     """The report's "Findings" (markdown): an opening sentence on what the verdicts can say, then one
     sentence per ablation (aliases of the baseline left out) naming the metrics whose difference from
     the baseline is distinguishable from training noise, with the effect and its 95 % interval, and
-    the reference predictors it equals on those metrics (:func:`equals_reference`, with the test-image
+    the reference predictors it equals on those metrics (:func:`equals_reference`, with the image-level
     standard error of the ablation's mean from ``per_sample`` when given). With one seed every change
-    is listed, as not yet distinguishable from training noise."""
+    is listed, as not yet distinguishable from training noise. ``split``: the evaluation split
+    (:func:`evaluation_split`), named in the text."""
     if differences.empty:
         return f"No finished `{baseline}` run to compare with yet."
     seeds = int(differences.seeds.max())
@@ -238,8 +279,8 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
         _, quantile, _ = stats.t_interval(0.0, 1.0, seeds - 1)
         lines = [f"Differences from `{baseline}` beyond training noise: 95 % intervals whose training-noise part "
                  f"is a Student t over the {seeds} seeds (± {quantile:.2f} standard errors of the per-seed "
-                 f"differences, {seeds - 1} degrees of freedom) and whose test-image part is the paired standard "
-                 f"error over the test images, the two margins added in quadrature; verdicts Holm-corrected over "
+                 f"differences, {seeds - 1} degrees of freedom) and whose image part is the paired standard "
+                 f"error over the {split} images, the two margins added in quadrature; verdicts Holm-corrected over "
                  f"{tested} comparisons. With few seeds only large, consistent effects can be told from training "
                  "noise; not distinguishable does not mean equal."]
     done = runs[runs.status == "finished"]
@@ -423,7 +464,50 @@ def overlay_mesh(image: np.ndarray, vertices_img: np.ndarray, faces: np.ndarray,
     return out
 
 
-_RENDERERS: dict = {}
+class FileCache:
+    """Values built from files, reused while those files are unchanged: :meth:`get` rebuilds a key's
+    value when the size or modification time of a file it was built from differs from last time
+    (a directory counts by the entries directly in it); :meth:`clear` forgets every value."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key, paths, build):
+        """The value of ``key``: ``build()``'s result, rebuilt when ``paths`` changed."""
+        stamp = _stamp(paths)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = self._entries[key] = (stamp, build())
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _stamp(paths) -> tuple:
+    """(path, mtime_ns, size) of each file of ``paths`` (a directory: its entries); missing ones left out."""
+    out = []
+    for p in map(Path, paths):
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+_RENDERERS: dict = {}  # (width, height) -> Renderer, which depends on nothing else
+_LAYERS = FileCache()  # FLAME directory -> FlameLayer
+_DATASETS = FileCache()  # (root, split, crop size, FLAME directory, skip_bad) -> DAD3DHeadsDataset
+
+
+def clear_caches() -> None:
+    """Forget the renderers, FLAME layers and data sets the figures keep between calls (entries
+    already follow changes to the files they were read from; this frees their memory)."""
+    _RENDERERS.clear()
+    _LAYERS.clear()
+    _DATASETS.clear()
 
 
 def _renderer(w: int, h: int):
@@ -446,25 +530,23 @@ def _run_dirs(study_dir: Path) -> dict[str, Path]:
 
 
 def _run_context(run_dir: Path):
-    """(params, FlameLayer, predictions dict) of a finished run."""
+    """(params, FlameLayer, predictions dict) of a finished run; the predictions' ``split`` is the
+    split they were made on."""
     from .config import load_params
     from .data import flame_dir
 
     params = load_params(run_dir / "params.yaml")
     layer = _layer(flame_dir(params["data"]))
     pred = dict(np.load(run_dir / "predictions.npz", allow_pickle=False))
+    pred["split"] = str(pred.get("split", UNRECORDED_SPLIT))
     return params, layer, pred
-
-
-_LAYERS: dict = {}
 
 
 def _layer(flame_dir):
     from .flame import FlameLayer, load_flame_assets
 
-    if flame_dir not in _LAYERS:
-        _LAYERS[flame_dir] = FlameLayer(load_flame_assets(flame_dir)).eval()
-    return _LAYERS[flame_dir]
+    path = Path(flame_dir)
+    return _LAYERS.get(str(path), [path], lambda: FlameLayer(load_flame_assets(path)).eval())
 
 
 def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray, crop_size: int) -> np.ndarray:
@@ -493,18 +575,19 @@ def _sample(params: dict, split: str, item_id: str):
     return img, np.concatenate([xy, z[:, None]], axis=1)
 
 
-_DATASETS: dict = {}
-
-
 def _dataset(root: str, split: str, crop_size: int, data: dict):
-    from .data import DAD3DHeadsDataset, flame_dir
+    from .data import DAD3DHeadsDataset, dataset_dir, flame_dir
     from .flame import load_flame_assets
 
-    key = (root, split)
-    if key not in _DATASETS:
-        assets = load_flame_assets(flame_dir(data), require_model=False)
-        _DATASETS[key] = DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=data.get("skip_bad", False))
-    return _DATASETS[key]
+    flame = flame_dir(data)
+    skip_bad = data.get("skip_bad", False)
+
+    def build():
+        assets = load_flame_assets(flame, require_model=False)
+        return DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=skip_bad)
+
+    split_file = dataset_dir(root) / split / f"{split}.json"
+    return _DATASETS.get((str(root), split, crop_size, str(flame), skip_bad), [flame, split_file], build)
 
 
 def _crop_box(vertices_img: np.ndarray, margin: float = 0.15) -> tuple[int, int, int, int]:
@@ -521,8 +604,9 @@ def _cut(img: np.ndarray, box) -> np.ndarray:
     return img[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
 
 
-def plot_predictions(run_dir: str | Path, params: dict | None = None, n: int = 8, split: str = "test"):
-    """A run's first ``n`` test images: GT landmarks (green), predicted landmarks (red), predicted mesh."""
+def plot_predictions(run_dir: str | Path, params: dict | None = None, n: int = 8):
+    """A run's first ``n`` evaluation images: GT landmarks (green), predicted landmarks (red), predicted
+    mesh."""
     import matplotlib.pyplot as plt
     import torch
 
@@ -535,7 +619,7 @@ def plot_predictions(run_dir: str | Path, params: dict | None = None, n: int = 8
     fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.2 * cols, 3.2 * -(-n // cols)), squeeze=False)
     for ax, i in zip(axes.flat, range(n)):
         item = str(pred["item_id"][i])
-        img, gt_v = _sample(params, split, item)
+        img, gt_v = _sample(params, pred["split"], item)
         pv = predicted_mesh_image(layer, pred["params_3dmm"][i], pred["crop_affine"][i], int(pred["crop_size"]))
         box = _crop_box(gt_v)
         ax.imshow(_cut(overlay_mesh(img, pv, faces, alpha=0.45), box))
@@ -551,8 +635,8 @@ def plot_predictions(run_dir: str | Path, params: dict | None = None, n: int = 8
     return fig
 
 
-def plot_mesh_comparison(study_dir: str | Path, n_items: int = 4, split: str = "test"):
-    """Rows: the same test images; columns: image, GT mesh, each ablation's predicted mesh."""
+def plot_mesh_comparison(study_dir: str | Path, n_items: int = 4):
+    """Rows: the same evaluation images; columns: image, GT mesh, each ablation's predicted mesh."""
     import matplotlib.pyplot as plt
 
     runs = _run_dirs(Path(study_dir))
@@ -565,7 +649,7 @@ def plot_mesh_comparison(study_dir: str | Path, n_items: int = 4, split: str = "
     cols = 2 + len(ctx)
     fig, axes = plt.subplots(len(items), cols, figsize=(2.4 * cols, 2.5 * len(items)), squeeze=False)
     for r, item in enumerate(items):
-        img, gt_v = _sample(params, split, item)
+        img, gt_v = _sample(params, pred0["split"], item)
         box = _crop_box(gt_v)
         panels = [("image", img), ("ground truth", overlay_mesh(img, gt_v, faces, (0.55, 0.8, 0.55)))]
         for name, (_, lay, pred) in ctx.items():
@@ -633,45 +717,63 @@ def render_head(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, yaw
     return overlay_mesh(white, img_v, faces, colors, alpha=1.0)
 
 
-def explorer(study_dir: str | Path, split: str = "test"):
-    """ipywidgets: pick an ablation and a test sample; see the image, landmarks and the predicted mesh.
-    In a static HTML export the widget renders as nothing; the figures above are the static version."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
+def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192) -> str:
+    """The offline explorer (:func:`dad3dlib.explorer.explorer_html`, an HTML fragment) of a study's
+    first ``n_samples`` evaluation images: each ablation's first finished seed beside the ground truth,
+    every sample cut around its head and shown at ``size`` pixels. A sentence when no run has
+    finished yet."""
+    import cv2
+    import torch
+
+    from .explorer import explorer_html, submesh
 
     runs = _run_dirs(Path(study_dir))
     if not runs:
-        return None
-    names = list(runs)
-    n = len(np.load(runs[names[0]] / "predictions.npz", allow_pickle=False)["item_id"])
-    out = widgets.Output()
+        return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
+    ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
+    params, layer, pred0 = next(iter(ctx.values()))
+    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
+    items = [str(x) for x in pred0["item_id"][:n_samples]]
+    if not items:
+        return "<p>No evaluation sample to explore.</p>"
+    frames, samples = [], []
+    for item in items:
+        img, gt_v = _sample(params, pred0["split"], item)
+        box = _crop_box(gt_v)
+        frames.append((np.array(box[:2], np.float64), size / (box[2] - box[0])))
+        with torch.no_grad():
+            gt_l = layer.landmarks68(torch.as_tensor(gt_v[None], dtype=torch.float32))[0, :, :2].numpy()
+        image = cv2.resize(_cut(img, box), (size, size), interpolation=cv2.INTER_AREA)
+        samples.append({"item_id": item, "image": image, "landmarks": _display(gt_l, *frames[-1]),
+                        "vertices": _display(gt_v[keep], *frames[-1])})
+    predictions = {}
+    for d, (_, lay, pred) in ctx.items():
+        index = {str(x): k for k, x in enumerate(pred["item_id"])}
+        per_sample = pd.read_csv(d / "per_sample.csv").set_index("item_id")
+        rows = []
+        for item, frame in zip(items, frames):
+            k = index.get(item)
+            if k is None:
+                rows.append(None)
+                continue
+            pv = predicted_mesh_image(lay, pred["params_3dmm"][k], pred["crop_affine"][k], int(pred["crop_size"]))
+            m = per_sample.loc[item] if item in per_sample.index else {}
+            caption = ", ".join(f"{METRICS[c][0]} {_num(c, m[c])}"
+                                for c in ATTRIBUTE_METRICS if c in m)
+            rows.append({"landmarks": _display(pred["landmarks_2d_image"][k], *frame),
+                         "vertices": _display(pv[keep], *frame), "caption": caption})
+        predictions[d.name] = rows
+    return explorer_html(faces, samples, predictions, {name: d.name for name, d in runs.items()})
 
-    def show(ablation, sample):
-        with out:
-            out.clear_output(wait=True)
-            ctx = _run_context(runs[ablation])
-            params, layer, pred = ctx
-            item = str(pred["item_id"][sample])
-            img, gt_v = _sample(params, split, item)
-            pv = predicted_mesh_image(layer, pred["params_3dmm"][sample], pred["crop_affine"][sample],
-                                      int(pred["crop_size"]))
-            box = _crop_box(gt_v)
-            fig, axes = plt.subplots(1, 3, figsize=(10, 3.5))
-            axes[0].imshow(_cut(img, box))
-            axes[0].scatter(*(pred["landmarks_2d_image"][sample] - np.array(box[:2])).T, s=5, c="red")
-            axes[1].imshow(_cut(overlay_mesh(img, pv, layer.faces.numpy()), box))
-            axes[2].imshow(_cut(overlay_mesh(img, gt_v, layer.faces.numpy(), (0.55, 0.8, 0.55)), box))
-            for ax, t in zip(axes, (f"{item}: predicted landmarks", f"{ablation}: predicted mesh", "ground truth")):
-                ax.set_title(t, fontsize=9)
-                ax.axis("off")
-            plt.show()
 
-    ui = widgets.interactive(show, ablation=widgets.Dropdown(options=names, description="ablation"),
-                             sample=widgets.IntSlider(0, 0, n - 1, description="sample"))
-    display(widgets.VBox([ui.children[0], ui.children[1], out]))
-    show(names[0], 0)
-    return None
+def _display(points: np.ndarray, origin: np.ndarray, scale: float) -> np.ndarray:
+    """Image-pixel points [N,2] or [N,3] (x, y down, z away) -> the display frame of a cut at
+    ``origin`` [2] shown ``scale`` times larger; depth centred on the points' mean."""
+    out = np.asarray(points, np.float64).copy()
+    out[:, :2] = (out[:, :2] - origin) * scale
+    if out.shape[1] == 3:
+        out[:, 2] = (out[:, 2] - out[:, 2].mean()) * scale
+    return out
 
 
 def run_curves(run_dir: str | Path) -> pd.DataFrame:

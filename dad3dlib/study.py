@@ -5,14 +5,16 @@ Layout of a study directory ``DIR``::
 
     DIR/study.json                 what was asked (preset, ablations, seeds) and the run table
     DIR/runs/<ablation>_s<seed>/   params.yaml, ablation.ipynb (executed), metrics.json,
-                                   per_sample.csv, checkpoints/, provenance.json, error.json
+                                   per_sample.csv, checkpoints/, provenance.json, error.json,
+                                   submission_test.json (when the test split has no annotations)
     DIR/summary.csv, DIR/aggregate.ipynb, DIR/report.html
 
 A run is finished when its ``metrics.json`` exists and was produced from the same params; finished
 runs are skipped, unfinished ones resume from their last checkpoint (the notebook's training
 resumes), a failed run is recorded in ``error.json`` without stopping the others. Ablations with
 identical training params (the plan's ``l3d50_proj0.05`` is the baseline) run once and are
-reported under every name.
+reported under every name. The data set decides which split each stage uses
+(:func:`dad3dlib.data.split_protocol`, recorded in each run's provenance.json and metrics.json).
 
 One runner at a time per study directory (``DIR/study.lock``; a second one is refused, exit 2).
 Ctrl-C stops the study cleanly: no new run starts, the running notebooks stop with their
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import platform
@@ -41,7 +42,7 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
-from .files import atomic_write, write_json
+from .files import atomic_write, exclusive_lock, write_json
 from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
 
@@ -118,14 +119,21 @@ def write_record(path: Path, obj) -> None:
 
 
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
-    """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>")."""
+    """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>") with
+    ``num_threads`` CPU threads. A run over several processes (``trainer.devices`` > 1 or
+    ``trainer.num_nodes`` > 1, e.g. strategy ddp) keeps its devices, takes only the kind of device
+    ("cpu" or a GPU) from ``device``, and shares ``num_threads`` out among its processes."""
     trainer = dict(params.get("trainer") or {})
+    devices = trainer.get("devices", 1)
+    local = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 1 else 1
+    several = local > 1 or int(trainer.get("num_nodes") or 1) > 1
     if device == "cpu":
-        trainer.update(accelerator="cpu", devices=1)
+        trainer.update(accelerator="cpu", **({} if several else {"devices": 1}))
     elif device.startswith("cuda"):
-        trainer.update(accelerator="gpu", devices=[int(device.split(":")[1])] if ":" in device else 1)
+        trainer.update(accelerator="gpu", **({} if several else
+                                             {"devices": [int(device.split(":")[1])] if ":" in device else 1}))
     if num_threads:
-        trainer["num_threads"] = int(num_threads)
+        trainer["num_threads"] = max(1, int(num_threads) // local)  # per process, on each machine
     return {**params, "trainer": trainer}
 
 
@@ -146,6 +154,24 @@ def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     write_json(path, {**metrics, **training, "ablation": params["ablation"], "seed": params["seed"],
                       "fingerprint": training_fingerprint(params)})
     return path
+
+
+def finish_run(params: dict, checkpoint: str | Path, run_dir: str | Path, device: str = "auto") -> dict:
+    """The end of a run: evaluate ``checkpoint`` on the evaluation split of the data's split protocol
+    (:func:`dad3dlib.data.split_protocol`); when the protocol has a split to submit (the unlabelled
+    test split), write its benchmark submission (``submission_<split>.json``, ``predict``'s format);
+    then ``metrics.json``, last, since it marks the run finished. Returns the metrics."""
+    from .data import data_root, split_protocol
+    from .evaluate import evaluate_run, predict
+
+    splits, run_dir = split_protocol(params["data"]), Path(run_dir)
+    metrics = evaluate_run(params, checkpoint, run_dir, splits["evaluate"], device)
+    if splits["submit"]:
+        metrics["submission"] = f"submission_{splits['submit']}.json"
+        predict(checkpoint, data_root(params["data"]), splits["submit"], run_dir / metrics["submission"],
+                device=device)
+    write_run_metrics(run_dir, metrics, params)
+    return metrics
 
 
 def recorded_fingerprint(run_dir: Path) -> str | None:
@@ -184,12 +210,12 @@ def study_lock(study_dir: Path):
     """Hold ``study_dir`` for one runner: an exclusive ``flock`` on ``study_dir/study.lock``, which
     records the holder's pid. The system drops the lock when its holder exits, however it exits, so
     the file left by a killed runner blocks nobody. Raises StudyBusy naming the holder."""
-    with open(study_dir / "study.lock", "a+") as f:
+    lock = study_dir / "study.lock"
+    with contextlib.ExitStack() as stack:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            f = stack.enter_context(exclusive_lock(lock, wait=False))
         except BlockingIOError:
-            f.seek(0)
-            raise StudyBusy(f"{study_dir}: in use by another study runner (pid {f.read().strip() or '?'}); "
+            raise StudyBusy(f"{study_dir}: in use by another study runner (pid {lock.read_text().strip() or '?'}); "
                             "wait for it to end or stop it, then run this command again") from None
         f.seek(0)
         f.truncate()
@@ -262,14 +288,24 @@ class Interrupt:
 
 def ipc_kernel_manager():
     """The kernel manager class of the study's notebooks: kernels talk to papermill over Unix
-    sockets in Jupyter's private (0700) runtime directory instead of plain-text TCP on localhost."""
+    sockets instead of plain-text TCP on localhost, each kernel under a name of its own in Jupyter's
+    runtime directory (created owner-only), so that concurrent kernels never share a socket."""
+    import uuid
+
     from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.paths import jupyter_runtime_dir
     from traitlets import default
 
     class IPCKernelManager(AsyncKernelManager):
         @default("transport")
         def _transport_default(self) -> str:
             return "ipc"
+
+        @default("ip")
+        def _ip_default(self) -> str:
+            runtime = Path(jupyter_runtime_dir())
+            runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return str(runtime / f"dad3d-{uuid.uuid4().hex[:16]}-ipc")
 
     return IPCKernelManager
 
@@ -280,6 +316,8 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     ``stop`` interrupted is "interrupted", not failed: the next study resumes it."""
     import papermill as pm
 
+    from .data import split_protocol
+
     run_dir = study_dir / "runs" / run.name
     start = time.time()
     prov = {**provenance(run), "status": "running", "started_at": start, "device": device}
@@ -287,6 +325,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     try:
         retire_stale(run_dir, run)
         run_dir.mkdir(parents=True, exist_ok=True)
+        prov["splits"] = split_protocol(run.params["data"])
         save_params(run.params, run_dir / "params.yaml")
         (run_dir / "error.json").unlink(missing_ok=True)
         write_record(run_dir / "provenance.json", prov)
@@ -416,19 +455,22 @@ class BackgroundJob:
 
 
 def ensure_references(params: dict, study_dir: Path) -> Path:
-    """The reference predictors (evaluate.REFERENCES) scored on the study's test split, in
-    ``study_dir/references/``; skipped when already measured on the same data, crop and prior."""
+    """The reference predictors (evaluate.REFERENCES) scored on the study's evaluation split
+    (:func:`dad3dlib.data.split_protocol`), in ``study_dir/references/``; skipped when already
+    measured on the same data, split, crop and prior."""
+    from .data import split_protocol
     from .evaluate import evaluate_references
 
     out = study_dir / REFERENCES_DIR
-    key = {"data": training_fingerprint({"data": params["data"]}), "pose_prior_samples":
+    split = split_protocol(params["data"])["evaluate"]
+    key = {"data": training_fingerprint({"data": params["data"]}), "split": split, "pose_prior_samples":
            (params.get("model") or {}).get("pose_prior_samples")}
     try:
         if json.loads((out / "references.json").read_text()).get("key") == key:
             return out
     except (OSError, ValueError):
         pass
-    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out,
+    evaluate_references({**params, "trainer": {**(params.get("trainer") or {}), "num_threads": None}}, out, split,
                         progress=False)  # beside the runs: the study's own bar is the progress
     record = json.loads((out / "references.json").read_text())
     write_json(out / "references.json", {**record, "key": key})

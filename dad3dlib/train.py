@@ -6,24 +6,31 @@ Params (plain nested data; every key but ``data.root`` has a default, see ``DEFA
 
     seed: 1
     model:   {name: dad3dnet, encoder: resnet50, bifpn_filters: 256, bifpn_repeats: 1, hidden: 512,
-              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64}
+              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64,
+              bifpn_levels: 3, bifpn_depthwise_kernel: 3, bifpn_act: silu, bifpn_bn_momentum: 0.1,
+              bifpn_bn_eps: 1.0e-5, bifpn_downsample: maxpool, bifpn_lateral: bn, bifpn_top_inputs: 2}
     loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
     data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
-              skip_bad: false}
+              skip_bad: false, clip_bbox: false, holdout_fraction: 0.1}
     optim:   {lr: 1.0e-4, weight_decay: 0, schedule: plateau, plateau_patience: 10, plateau_factor: 0.5,
               min_lr: 1.0e-7, warmup_fraction: 0.1}
     trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
               devices: auto, num_nodes: 1, strategy: auto, val_check_interval: null,
               check_val_every_n_epoch: 1, limit_val_batches: null, log_every_n_steps: 10,
               checkpoint_every_n_steps: null, gradient_clip_val: null, num_threads: null,
-              progress_bar: true, early_stopping_patience: null}
+              progress_bar: true, early_stopping_patience: null, min_epochs: null}
 
 ``model.pose_prior_samples`` > 0 fits the pose head's initial scale/translation to that many training
 samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
-a head at the right size and place. ``data.root``: absolute, relative to the working directory, or
+a head at the right size and place. The ``bifpn_*`` keys choose the BiFPN (model.DAD3DNet; the
+paper preset sets the reference's). ``data.clip_bbox``: clip the grown bbox to the image before
+cropping (the reference does). ``trainer.min_epochs``: no early stop before. ``data.root``: absolute, relative to the working directory, or
 else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
+The data set decides the splits (:func:`dad3dlib.data.split_protocol`): training fits on train and
+validates (checkpoint, plateau schedule, early stopping) on val, or, when the test split has no
+annotations, on the ``data.holdout_fraction`` of train chosen by item-id hash, fitting on the rest.
 ``optim.schedule``: ``plateau`` (the reference: ReduceLROnPlateau on validation NME, stepped after
 each validation: once per epoch unless ``val_check_interval`` / ``check_val_every_n_epoch`` say otherwise) or
 ``onecycle`` (warm-up over ``warmup_fraction`` of the run to ``lr``, then cosine decay to ~0 at the
@@ -40,12 +47,28 @@ rate per step, validation NME / angle error / loss terms per validation; one ver
 ``best.ckpt``, saying so, when ``last.ckpt`` is unreadable), exactly: a run killed and resumed ends
 with the same weights as an uninterrupted one on the same machine (:class:`ExactResume`).
 
-Several GPUs / nodes (DDP through Lightning's standard launchers): set ``trainer.devices`` (GPUs
-per node), ``trainer.num_nodes`` and ``trainer.strategy: ddp``. One node: run the command as usual,
-Lightning starts one process per GPU. Several nodes: run the same command on every node with
-``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and ``WORLD_SIZE``) set, or under SLURM
-(``srun``, detected automatically), or with ``torchrun --nnodes N --nproc-per-node G -m dad3dlib
-train ...``. ``data.batch_size`` is per process.
+Several processes (DDP through Lightning's standard launchers; gloo on CPUs): set ``trainer.devices``
+(processes per node: GPUs, or CPU processes with ``accelerator: cpu``), ``trainer.num_nodes`` and
+``trainer.strategy: ddp``. One node: run the command as usual, Lightning starts one process per
+device (running the command again). Several nodes: run the same command on every node with
+``MASTER_ADDR``, ``MASTER_PORT``, ``NODE_RANK`` (and ``WORLD_SIZE``) set, or under SLURM (``srun``,
+detected automatically), or with ``torchrun --nnodes N --nproc-per-node G -m dad3dlib train ...``.
+From a Jupyter kernel (the study's notebook), which Lightning cannot run again, :func:`train` runs
+the command as a child process and waits for it. With P processes in all:
+
+- ``data.batch_size`` is per process: a step averages the gradients of P × batch_size samples;
+  ``optim.lr`` is used as given (not scaled with P). ``trainer.num_threads`` is per process.
+- Each epoch, every process takes its share ``order[rank::P]`` of the same seeded random order,
+  cut to a multiple of P first, so all step alike: each sample is seen at most once per epoch,
+  and the ``n mod P`` samples at the end of that epoch's order are left out (others each epoch).
+- Validation: process r takes samples ``r, r+P, ...`` (no padding, no repeats); the logged means
+  are weighted sums and counts reduced over the processes, so ``val/nme`` (which picks
+  ``best.ckpt``) equals a one-process validation of the same weights.
+- The pose prior is fitted once, by rank 0, and sent to the others; the data cache is built by
+  one process while the others wait (:func:`dad3dlib.data.build_index`); checkpoints, logs,
+  ``training.json`` and the printed lines come from rank 0 only.
+- Resuming continues from the checkpoint's step with each process's remaining share of the
+  interrupted epoch; unlike one process, it is not checked to be bit-exact.
 
 Nothing here imports pytorch3d, papermill or moderngl.
 """
@@ -54,10 +77,15 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
+import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import lightning as L
@@ -66,10 +94,11 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from .data import DAD3DHeadsDataset, data_root, flame_dir
 from .board import BOARD_DIR
+from .data import HOLDOUT_FRACTION, flame_dir, open_split, split_protocol
 from .files import atomic_open, write_json
 from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
 from .config import LOSS_TERMS
@@ -82,18 +111,25 @@ DEFAULTS: dict = {
     "seed": 1,
     "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
               "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
-              "pose_prior_samples": 64},
+              "pose_prior_samples": 64, "bifpn_levels": 3, "bifpn_depthwise_kernel": 3, "bifpn_act": "silu",
+              "bifpn_bn_momentum": 0.1, "bifpn_bn_eps": 1e-5, "bifpn_downsample": "maxpool",
+              "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
     "loss": {"lambdas": {k: t.reference_weight for k, t in LOSS_TERMS.items()}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
-             "augment": True, "skip_bad": False},
+             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
               "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
     "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
                 "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
                 "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
                 "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
-                "num_threads": None, "progress_bar": True, "early_stopping_patience": None},
+                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None},
 }
+# Keys added after studies had run, whose defaults reproduce what ran before them: they count in a
+# run's training fingerprint only when set otherwise, so that finished runs stay finished.
+LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
+                        "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
+              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs",)}
 MONITOR = "val/nme"
 MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
 
@@ -165,8 +201,10 @@ class DADModule(L.LightningModule):
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
 
-    def on_fit_start(self) -> None:
-        self.model.to(memory_format=torch.channels_last)  # faster convolutions, bf16 above all
+    def setup(self, stage: str) -> None:
+        # faster convolutions, bf16 above all; here, before DDP wraps the model (its gradient
+        # buckets take the parameters' layout then)
+        self.model.to(memory_format=torch.channels_last)
 
     def _predict(self, batch: dict, needs: set[str]) -> dict[str, Tensor]:
         """Network outputs plus the FLAME views in ``needs`` (fp32, outside autocast)."""
@@ -190,24 +228,36 @@ class DADModule(L.LightningModule):
             self.log(f"train/{k}", v, on_step=True, on_epoch=True, batch_size=B, sync_dist=True)
         return total
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums: dict[str, Tensor] = {}  # name -> [sum over this process's samples, count]
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         pred = self._predict(batch, self.loss.needs | {"vertices_reprojected"})
         total, terms = self.loss(pred, batch)
-        metrics = batch_metrics(pred, batch, self.flame)
+        with torch.autocast(self.device.type, enabled=False):  # fp32, whatever the network's precision
+            metrics = batch_metrics(pred, batch, self.flame)
         B = batch["image"].shape[0]
-        self.log("val/loss", total, batch_size=B, sync_dist=True)
-        for k, v in terms.items():
-            self.log(f"val/{k}", v, batch_size=B, sync_dist=True)
-        for k, v in metrics.items():
-            self.log(f"val/{k}", v.mean(), batch_size=B, sync_dist=True, prog_bar=k in ("nme", "angle_error"))
+        sums = {"loss": total * B, **{k: v * B for k, v in terms.items()}, **{k: v.sum() for k, v in metrics.items()}}
+        for k, v in sums.items():
+            acc = self._val_sums.setdefault(k, torch.zeros(2, dtype=torch.float64, device=self.device))
+            acc += torch.stack([v.detach().double(), acc.new_tensor(B)])
 
     def on_validation_epoch_end(self) -> None:
-        """Step the plateau schedule here, before this validation's checkpoints are written, so that
-        they hold its state after the step (Lightning steps it after them, and not again on resume)."""
-        sched, value = self.lr_schedulers(), self.trainer.callback_metrics.get(MONITOR)
-        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and value is not None \
+        """Log the validation means over the samples of all processes: sums and counts reduced
+        over the processes, then divided (Lightning's own mean over processes truncates its
+        integer counts, so unequal shares would be weighted wrongly). Then step the plateau
+        schedule, before this validation's checkpoints are written, so that they hold its state
+        after the step (Lightning steps it after them, and not again on resume)."""
+        keys = ["loss", *self.loss.weights, "nme", "angle_error"]  # the same on every process, even one without samples
+        zero = torch.zeros(2, dtype=torch.float64, device=self.device)
+        sums = self.trainer.strategy.reduce(torch.stack([self._val_sums.get(k, zero) for k in keys]), reduce_op="sum")
+        means = {f"val/{k}": s / n for k, (s, n) in zip(keys, sums) if n > 0}
+        for k, v in means.items():
+            self.log(k, v.float(), prog_bar=k in ("val/nme", "val/angle_error"), sync_dist=True)  # equal: a no-op
+        sched = self.lr_schedulers()
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau) and MONITOR in means \
                 and not self.trainer.sanity_checking:
-            sched.step(value)
+            sched.step(means[MONITOR])
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         if not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):  # see on_validation_epoch_end
@@ -249,19 +299,20 @@ def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tenso
 # --------------------------------------------------------------------------------------------
 # Data
 # --------------------------------------------------------------------------------------------
-def make_datasets(params: dict, flame: FlameAssets | None = None) -> dict[str, torch.utils.data.Dataset]:
-    """{"train", "val"} datasets of the data section (dad3dlib.data)."""
+def make_datasets(params: dict, flame: FlameAssets | None = None,
+                  splits: dict | None = None) -> dict[str, torch.utils.data.Dataset]:
+    """{"train", "val"}: the fit and the model-selection datasets of the data section's split
+    protocol (``splits``, default :func:`dad3dlib.data.split_protocol`)."""
     d = params["data"]
-    root = data_root(d)
+    splits = splits or split_protocol(d)
     flame = flame or load_flame_assets(flame_dir(d))
-    return {split: DAD3DHeadsDataset(root, split, d["crop_size"], flame, train=split == "train",
-                                     augment=d["augment"], skip_bad=d["skip_bad"])
-            for split in ("train", "val")}
+    return {"train": open_split(d, splits["fit"], flame, train=True), "val": open_split(d, splits["select"], flame)}
 
 
 def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
     """Train (shuffled by an :class:`EpochSampler` seeded from ``params["seed"]``, samples drawn
-    through :class:`SeededSamples`) and val loaders. Neither draws from the global torch generator."""
+    through :class:`SeededSamples`) and val (in order, :class:`ShardSampler`) loaders, each taking
+    this process's share of the samples. Neither draws from the global torch generator."""
     d, seed = params["data"], params["seed"]
     common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"],
               "persistent_workers": d["num_workers"] > 0, "pin_memory": torch.cuda.is_available()}
@@ -269,29 +320,59 @@ def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.Dat
     return {"train": torch.utils.data.DataLoader(SeededSamples(datasets["train"]), drop_last=True,
                                                  sampler=EpochSampler(len(datasets["train"]), seed),
                                                  generator=private(), **common),
-            "val": torch.utils.data.DataLoader(datasets["val"], shuffle=False, generator=private(), **common)}
+            "val": torch.utils.data.DataLoader(datasets["val"], sampler=ShardSampler(len(datasets["val"])),
+                                               generator=private(), **common)}
+
+
+def process_rank(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
+    """(rank, number of processes): the given values, else those of the default process group
+    (several training processes), else (0, 1)."""
+    if rank is None or world is None:
+        group = torch.distributed.is_available() and torch.distributed.is_initialized()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if group else (0, 1)
+    return rank, world
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Samples ``rank, rank + world, ...`` of ``n``, in order: each sample on exactly one process,
+    none repeated (shares differ by at most one). rank, world None: :func:`process_rank`'s."""
+
+    def __init__(self, n: int, rank: int | None = None, world: int | None = None):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __len__(self) -> int:
+        rank, world = process_rank(self.rank, self.world)
+        return len(range(rank, self.n, world))
+
+    def __iter__(self):
+        rank, world = process_rank(self.rank, self.world)
+        return iter(range(rank, self.n, world))
 
 
 class EpochSampler(torch.utils.data.Sampler):
     """A random order of ``n`` samples per epoch, from its own generator, with a seed per position
-    for the sample's random draws: yields (index, seed). ``skip`` items of the next epoch are left
-    out (a run resumed within an epoch); ``epoch_start`` is the generator's state before the
-    current epoch was drawn."""
+    for the sample's random draws: yields (index, seed). On several processes (rank, world; None:
+    :func:`process_rank`'s) every process draws the same order, cuts it to a multiple of world and
+    takes ``order[rank::world]``, so all have n // world items. ``skip`` items of this process's
+    next epoch are left out (a run resumed within an epoch); ``epoch_start`` is the generator's
+    state before the current epoch was drawn."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.skip = n, 0
+    def __init__(self, n: int, seed: int, rank: int | None = None, world: int | None = None):
+        self.n, self.skip, self.rank, self.world = n, 0, rank, world
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_start = self.generator.get_state()
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // process_rank(self.rank, self.world)[1]
 
     def __iter__(self):
+        rank, world = process_rank(self.rank, self.world)
         self.epoch_start = self.generator.get_state()
         order = torch.randperm(self.n, generator=self.generator).tolist()
         seeds = torch.randint(0, 2 ** 62, (self.n,), generator=self.generator).tolist()
+        end = self.n - self.n % world
         skip, self.skip = self.skip, 0
-        yield from zip(order[skip:], seeds[skip:])
+        yield from list(zip(order[:end], seeds[:end]))[rank::world][skip:]
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -325,13 +406,28 @@ def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dic
 
 
 @torch.no_grad()
-def fit_pose_prior(model: nn.Module, dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
-    """Set the pose head's bias to :func:`pose_prior` of the first ``n`` samples (rotation stays
-    frontal). Returns the prior."""
-    prior = pose_prior(dataset, n, crop_size)
+def set_pose_prior(model: nn.Module, prior: dict) -> None:
+    """Set the pose head's bias to a :func:`pose_prior` (rotation stays frontal)."""
     rot6d = model.pose_head[-1].bias[:6].clone()
     model.set_pose_prior(rot6d, torch.tensor([prior["tx"], prior["ty"]]), prior["scale"])
-    return prior
+
+
+class PosePrior(L.Callback):
+    """Fit :func:`pose_prior` of the first ``n`` samples of ``dataset`` into the network when
+    training starts: once, on rank 0, and sent to every other process, so that all start alike
+    (and it is printed once). ``prior``: the prior set."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, n: int, crop_size: int):
+        self.dataset, self.n, self.crop_size, self.prior = dataset, n, crop_size, None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        prior = pose_prior(self.dataset, self.n, self.crop_size) if trainer.is_global_zero else None
+        self.prior = trainer.strategy.broadcast(prior, src=0)
+        set_pose_prior(pl_module.model, self.prior)
+        if trainer.is_global_zero:
+            print(f"pose prior from data: {self.prior}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +458,8 @@ class ExactResume(L.Callback):
     continues exactly like the uninterrupted run on the same machine: the global RNG states and
     the train sampler's generator and position within the epoch. (Lightning restores weights,
     optimiser, schedulers, loops and callbacks, not these.) A run on several processes resumes
-    at the start of the interrupted epoch's remaining steps, not bit-exactly."""
+    with each process's remaining share of the interrupted epoch (the RNG states are rank 0's);
+    that it continues bit-exactly is checked for one process only."""
 
     KEY = "exact_resume"
 
@@ -380,7 +477,7 @@ class ExactResume(L.Callback):
         if state is None:  # written before this existed: resumes, not bit-exactly
             return
         set_rng_states(state["rng"])
-        if state["skip"] and trainer.world_size == 1:  # within an epoch: redraw it, skip what was done
+        if state["skip"]:  # within an epoch: redraw it, skip what was done (each process its share)
             self.sampler.generator.set_state(state["epoch_start"])
             self.sampler.skip = state["skip"]
         else:
@@ -469,14 +566,15 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
         cbs.append(EarlyStopping(MONITOR, patience=t["early_stopping_patience"], mode="min", check_finite=False))
     trainer = L.Trainer(
         accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
-        precision=precision, max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
+        precision=precision, min_epochs=t["min_epochs"], max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
         val_check_interval=t["val_check_interval"], check_val_every_n_epoch=t["check_val_every_n_epoch"],
         limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
         gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,
         logger=[CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]),
                 TensorBoardLogger(out_dir, name=BOARD_DIR, version="", default_hp_metric=False)],
         default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
-        enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()])
+        enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False)  # make_loaders' samplers share the data out themselves
     return trainer, best
 
 
@@ -528,14 +626,22 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     """Train (or resume, from :func:`resume_checkpoint`) and return the checkpoint to evaluate
     (:func:`evaluation_checkpoint`: the last step for one-cycle, the lowest validation NME for
     plateau), recorded with the precision used in ``out_dir/training.json``. A resumed run
-    continues exactly as the uninterrupted one would have (:class:`ExactResume`).
+    continues exactly as the uninterrupted one would have (:class:`ExactResume`). Several
+    processes: see the module's docstring; in a Jupyter kernel such a run trains in a child
+    process (:func:`train_in_child`).
 
-    ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks).
+    ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks); else
+    those of :func:`dad3dlib.data.split_protocol`, recorded in training.json with their sizes.
     """
     from .config import save_params
 
     params = with_defaults(params)
     out_dir = Path(out_dir)
+    if _in_kernel() and _relaunches_command(params["trainer"]):
+        if datasets is not None or callbacks:
+            raise ValueError("params: trainer.strategy 'ddp' starts its processes by running a command; from an "
+                             "interactive session it trains from the params alone (no datasets or callbacks)")
+        return train_in_child(params, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.ckpt"
     resume = resume_checkpoint(last.parent)
@@ -546,24 +652,71 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
         torch.set_num_threads(int(params["trainer"]["num_threads"]))
     L.seed_everything(params["seed"], workers=True, verbose=False)
     flame = load_flame_assets(flame_dir(params["data"]))
-    datasets = datasets or make_datasets(params, flame)
+    splits = None if datasets else split_protocol(params["data"])
+    datasets = datasets or make_datasets(params, flame, splits)
     module = DADModule(params, flame)
-    if not resume and params["model"]["pose_prior_samples"]:
-        prior = fit_pose_prior(module.model, datasets["train"], params["model"]["pose_prior_samples"],
-                               params["data"]["crop_size"])
-        print(f"pose prior from data: {prior}")
+    n_prior = params["model"]["pose_prior_samples"]
+    prior = [PosePrior(datasets["train"], n_prior, params["data"]["crop_size"])] if n_prior and not resume else []
     loaders = make_loaders(datasets, params)
     exact = ExactResume(loaders["train"].sampler, params["data"]["batch_size"])
-    trainer, best = build_trainer(params, out_dir, [exact, *callbacks])
+    trainer, best = build_trainer(params, out_dir, [exact, *prior, *callbacks])
+    if params["trainer"]["num_threads"] and trainer.world_size > 1:  # the other processes' threads
+        os.environ["OMP_NUM_THREADS"] = str(int(params["trainer"]["num_threads"]))  # (Lightning's default otherwise)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
     chosen, why = evaluation_checkpoint(params, out_dir)
-    record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
-              "checkpoint": {"file": str(chosen.relative_to(out_dir)), "step": _checkpoint_step(chosen), "why": why}}
-    write_json(out_dir / TRAINING_RECORD, record)
+    if trainer.is_global_zero:
+        record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
+                  "processes": trainer.world_size, "checkpoint": {"file": str(chosen.relative_to(out_dir)),
+                                                                  "step": _checkpoint_step(chosen), "why": why},
+                  "splits": splits and {**splits, "fit_items": len(datasets["train"]),
+                                        "select_items": len(datasets["val"])}}
+        write_json(out_dir / TRAINING_RECORD, record)
     return chosen
 
 
-TRAINING_RECORD = "training.json"  # precision used, the checkpoint to evaluate (step, why)
+def _in_kernel() -> bool:
+    """Whether this is an interactive session (a Jupyter kernel, a REPL), which Lightning cannot
+    run again to start a run's other processes."""
+    return hasattr(sys, "ps1") or bool(sys.flags.interactive)
+
+
+def _relaunches_command(t: dict) -> bool:
+    """Whether the trainer section's strategy starts its processes by running the command again
+    (Lightning's ``ddp`` family, not its spawn, fork or notebook variants)."""
+    s = str(t["strategy"])
+    return s.startswith("ddp") and not any(w in s for w in ("spawn", "fork", "notebook"))
+
+
+def train_in_child(params: dict, out_dir: Path) -> Path:
+    """:func:`train` as ``python -m dad3dlib train`` in a child process, whose output is passed on,
+    and the checkpoint to evaluate from its training.json. Ctrl-C (which reaches the child too: it
+    is in this process group) lets the child stop, with its checkpoints, before raising."""
+    from .config import save_params
+
+    tail: deque[str] = deque(maxlen=20)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_params(params, Path(tmp) / "params.yaml")
+        cmd = [sys.executable, "-m", "dad3dlib", "train", "--params", str(Path(tmp) / "params.yaml"),
+               "--out", str(out_dir)]
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+            try:
+                for line in proc.stdout:
+                    print(line, end="", flush=True)
+                    tail.append(line)
+                proc.wait()
+            except KeyboardInterrupt:
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+    if proc.returncode:
+        raise RuntimeError(f"training in a child process (python -m dad3dlib train --out {out_dir}) failed with exit "
+                           f"status {proc.returncode}; its last lines:\n{''.join(tail)}")
+    return out_dir / json.loads((out_dir / TRAINING_RECORD).read_text())["checkpoint"]["file"]
+
+
+TRAINING_RECORD = "training.json"  # precision used, processes, the checkpoint to evaluate (step, why), the splits
 CHECKPOINT_POLICY = {  # schedule -> (checkpoint file, why)
     "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
     "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),
@@ -626,7 +779,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out) if args.out else OUTPUTS_DIR / "runs" / Path(args.params).stem
     best = train(load_params(args.params), out)
-    print(f"best checkpoint: {best}")
+    rank_zero_only(print)(f"best checkpoint: {best}")  # once, from rank 0 of several processes
     return 0
 
 

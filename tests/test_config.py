@@ -25,12 +25,6 @@ def test_ablation_weights_match_the_brief(ablation, lambdas):
     assert p["ablation"] == ablation and p["seed"] == 3 and p["preset"] == "smoke"
 
 
-def test_identical_configurations_run_once():
-    runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
-    assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
-    assert runs[0].aliases == ["l3d50_proj0.05"] and runs[1].aliases == []
-
-
 def test_unknown_ablation_lists_the_available_ones():
     with pytest.raises(ParamsError, match=r"unknown ablation 'no_such'.*baseline"):
         config.run_params("smoke", "no_such")
@@ -77,6 +71,7 @@ def _run_params_file(tmp_path, edit=lambda params: None):
     (lambda p: p["data"].update(crop_size=50), r"data.crop_size must be a positive multiple of 32 .*got 50"),
     (lambda p: p["data"].update(crop_size=0), r"data.crop_size must be a positive multiple of 32 .*got 0"),
     (lambda p: p["data"].update(batch_size=0), r"data.batch_size must be an integer >= 1, got 0"),
+    (lambda p: p["data"].update(holdout_fraction=1), r"data.holdout_fraction must be a number between 0 and 1, got 1"),
     (lambda p: p["optim"].update(lr=0), r"optim.lr must be a finite number > 0, got 0"),
     (lambda p: p["optim"].update(lr=float("nan")), r"optim.lr must be a finite number > 0, got nan"),
     (lambda p: p["optim"].update(lr="1e-4"), r"optim.lr must be a finite number > 0, got '1e-4'"),
@@ -102,48 +97,6 @@ def test_bad_preset_value_is_refused_naming_the_files(tmp_path):
     preset.write_text("data: {root: x, crop_size: 50}\n")
     with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: data.crop_size must be"):
         config.run_params(preset, "baseline")
-
-
-def test_missing_real_data_dir_is_a_clear_error(tmp_path):
-    p = config.run_params("smoke", "baseline", overrides={"data": {"root": str(tmp_path / "nowhere")},
-                                                           "study": {"make_data": None}})
-    with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
-        study.ensure_data(p)
-
-
-def test_study_cli_reports_bad_input(tmp_path, capsys):
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
-    assert "unknown ablation 'bogus'" in capsys.readouterr().err
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
-    assert "not found" in capsys.readouterr().err
-
-
-def test_concurrent_jobs_come_from_the_flag_else_the_preset():
-    cpu, smoke = config.run_params("cpu"), config.run_params("smoke")
-    assert study.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
-    assert study.study_jobs(smoke) == 1 and study.study_jobs(cpu, 3) == 3
-    with pytest.raises(ParamsError, match="jobs must be a positive integer, got 0"):
-        study.study_jobs(cpu, 0)
-    with pytest.raises(ParamsError, match="got 'two'"):
-        study.study_jobs({"study": {"jobs": "two"}})
-    with pytest.raises(ParamsError, match="got 0"):
-        study.study_jobs({"study": {"jobs": 0}})
-
-
-def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
-    run = study.plan_runs("smoke", ["baseline"], seeds=[1])[0]
-    run_dir = tmp_path / "runs" / run.name
-    (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "last.ckpt").write_text("an older model")
-    study.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
-    moved = study.retire_stale(run_dir, run)
-    assert moved == tmp_path / "runs" / f"{run.name}.stale-0123abcd"
-    assert not run_dir.exists() and (moved / "checkpoints" / "last.ckpt").read_text() == "an older model"
-    run_dir.mkdir()
-    study.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
-    assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
-    study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
-    assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
 
 
 def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, tmp_path):
@@ -172,3 +125,56 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
     assert config.training_fingerprint(config.deep_merge(params, {"trainer": {"max_steps": 7}})) != \
         config.training_fingerprint(params)
+
+
+def test_paper_preset_is_the_reference_recipe():
+    """The official configuration's schedule, stopping and crop (docs/ARCHITECTURE.md, differences)."""
+    from dad3dlib.train import with_defaults
+
+    p = with_defaults(config.run_params("paper"))
+    assert p["optim"]["schedule"] == "plateau"
+    assert (p["optim"]["plateau_patience"], p["optim"]["plateau_factor"], p["optim"]["min_lr"]) == (8, 0.5, 1e-6)
+    assert (p["trainer"]["early_stopping_patience"], p["trainer"]["min_epochs"], p["trainer"]["max_epochs"]) == \
+        (10, 100, 500)
+    assert (p["data"]["crop_size"], p["data"]["batch_size"], p["optim"]["lr"]) == (256, 64, 1e-4)
+    assert p["data"]["clip_bbox"] is True and p["data"]["augment"] is False
+    assert (p["model"]["bifpn_levels"], p["model"]["bifpn_repeats"], p["model"]["bifpn_bn_eps"]) == (5, 2, 4e-5)
+
+
+def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monkeypatch):
+    """Settings added with defaults that reproduce the earlier behaviour leave the fingerprints of
+    existing studies as they were (finished runs are not redone), unless a run sets them otherwise."""
+    from dad3dlib import train
+
+    params = {name: config.run_params(name) for name in ("cpu", "smoke")}
+    now = {name: config.training_fingerprint(p) for name, p in params.items()}
+    before = {s: {k: v for k, v in d.items() if k not in train.LATER_KEYS.get(s, ())} if isinstance(d, dict) else d
+              for s, d in train.DEFAULTS.items()}
+    monkeypatch.setattr(train, "DEFAULTS", before)
+    monkeypatch.setattr(train, "LATER_KEYS", {})
+    assert {name: config.training_fingerprint(p) for name, p in params.items()} == now
+    monkeypatch.undo()
+    for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3),
+                                ("data", "holdout_fraction", 0.2)]:
+        assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
+
+
+def test_a_preset_with_an_eval_section_is_refused_naming_it(tmp_path):
+    """Nothing reads an ``eval`` section (the data's split protocol picks the split, data.batch_size
+    the evaluation's batch): a preset setting one is refused, not silently ignored."""
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data: {root: x}\neval: {refine_iters: 3}\n")
+    with pytest.raises(ParamsError) as e:
+        config.run_params(preset, "baseline")
+    assert str(e.value).startswith(f"{preset}: unknown section(s) ['eval']") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("value, match", [
+    ("4e-5", r"model.bifpn_bn_eps must be a finite number > 0 \(write 4.0e-5"),
+    (0, r"model.bifpn_bn_eps must be a finite number > 0"),
+])
+def test_bad_bifpn_value_in_a_preset_is_refused_naming_the_files(tmp_path, value, match):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(f"data: {{root: x}}\nmodel: {{bifpn_bn_eps: {value}}}\n")
+    with pytest.raises(ParamsError, match=r"mine.yaml \+ .*baseline.yaml: " + match):
+        config.run_params(preset, "baseline")

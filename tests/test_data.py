@@ -2,11 +2,15 @@
 import json
 import math
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import as_released, tiny_flame_assets
 from dad3dlib import data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
@@ -100,6 +104,40 @@ def test_train_margins_random_within_5_to_15_percent(root, assets):
     assert grown.min() >= 1.1 - 1e-4 and grown.max() <= 1.3 + 1e-4 and np.ptp(grown) > 0.02
 
 
+def test_clip_bbox_cuts_the_grown_box_to_the_image():
+    """A bbox at the image's left edge: the grown box is cut at x = 0 (the reference's crop), its
+    longest side then fills the crop and the other is centred."""
+    W, H = 200, 120
+    bbox, m = (2.0, 30.0, 40.0, 50.0), (0.1, 0.1, 0.1, 0.1)  # grown: x in [-2, 46], y in [25, 85]
+    A = crop_affine(bbox, m, 64, clip_to=(W, H))
+    x0, x1, y0, y1 = 0.0, 46.0, 25.0, 85.0
+    corners = np.array([[x0, y0], [x1, y1]]) @ A[:, :2].T + A[:, 2]
+    np.testing.assert_allclose(corners[:, 1], [0, 64], atol=1e-9)  # the longest side (60 px) fills the crop
+    np.testing.assert_allclose(corners[:, 0].mean(), 32, atol=1e-9)  # the clipped width centred
+    assert A[0, 0] == 64 / 60
+    unclipped = crop_affine(bbox, m, 64)
+    assert not np.allclose(A, unclipped)
+    np.testing.assert_allclose(crop_affine((50, 30, 40, 50), m, 64, clip_to=(W, H)), crop_affine((50, 30, 40, 50), m, 64))
+    with pytest.raises(ValueError, match=r"bbox \[250, 30, 40, 50\] lies outside the 200x120 image"):
+        crop_affine([250, 30, 40, 50], m, 64, clip_to=(W, H))
+
+
+def test_dataset_clips_the_crop_when_asked(root, assets):
+    plain, clipped = dataset(root, assets), dataset(root, assets, clip_bbox=True)
+    for i in range(len(plain)):
+        h, w = plain.image(i).shape[:2]
+        bbox = plain.items[i]["bbox"]
+        want = crop_affine(bbox, (data.MARGIN_EVAL,) * 4, S, (w, h))
+        np.testing.assert_allclose(clipped[i]["crop_affine"].numpy(), want, rtol=1e-6)
+        np.testing.assert_allclose(plain[i]["crop_affine"].numpy(), crop_affine(bbox, (data.MARGIN_EVAL,) * 4, S),
+                                   rtol=1e-6)
+    entries = json.loads((root / "DAD-3DHeadsDataset" / "train" / "train.json").read_text())
+    entries[0]["bbox"] = [1000, 1000, 20, 20]
+    (root / "DAD-3DHeadsDataset" / "train" / "train.json").write_text(json.dumps(entries))
+    with pytest.raises(ValueError, match=r"train: item 'train_000000': bbox \[1000, 1000, 20, 20\] lies outside"):
+        dataset(root, assets, clip_bbox=True, cache_dir=root / "cache2")[0]
+
+
 def test_warp_crop_pixel_convention():
     """The crop pixel of an image point is A·[x, y, 1] (pixel i covers [i, i+1)), also with the
     area pre-shrink of large down-scalings: a blob's centroid maps through A."""
@@ -145,16 +183,59 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(root, assets):
     cache = root / "cache"
     ds = dataset(root, assets)
     assert isinstance(ds.index.vertices, np.memmap)
-    assert len(list(cache.iterdir())) == 1
-    first = next(cache.iterdir())
-    assert dataset(root, assets).index.vertices is not None and next(cache.iterdir()) == first
+    caches = lambda: [p for p in cache.iterdir() if p.name != ".lock"]  # noqa: E731
+    assert len(caches()) == 1
+    first = caches()[0]
+    assert dataset(root, assets).index.vertices is not None and caches() == [first]
     path = root / ds.items[3]["annotation_path"]
     ann = json.loads(path.read_text())
     ann["vertices"][0][0] += 0.001
     path.write_text(json.dumps(ann))
     ds2 = dataset(root, assets)
     assert ds2.index.vertices[3, 0, 0] == pytest.approx(ds.index.vertices[3, 0, 0] + 0.001, abs=1e-6)
-    assert [p.name for p in cache.iterdir()] != [first.name] and len(list(cache.iterdir())) == 1
+    assert [p.name for p in caches()] != [first.name] and len(caches()) == 1
+
+
+BUILD_CACHE = """
+import sys, time
+from pathlib import Path
+from dad3dlib import data
+from dad3dlib.flame import load_flame_assets
+from dad3dlib.synthetic_head import default_flame_dir
+
+root, cache, log = sys.argv[1:]
+write = data._write_cache
+
+def slow_write(*args):  # a long build: another process must wait for it, not build too
+    with open(log, "a") as f:
+        f.write("built\\n")
+    time.sleep(1.0)
+    write(*args)
+
+data._write_cache = slow_write
+assets = load_flame_assets(default_flame_dir())
+print("ready", flush=True)
+while not Path(log + ".go").exists():
+    time.sleep(0.01)
+print(len(data.DAD3DHeadsDataset(root, "train", 64, assets, cache_dir=cache)), flush=True)
+"""
+
+
+def test_processes_starting_together_build_the_cache_once(root, tmp_path):
+    """Two processes (as the processes of one training run) open a split with no cache at the same
+    moment: one builds the cache, the other waits for it and reads it."""
+    log = tmp_path / "builds.txt"
+    cmd = [sys.executable, "-c", BUILD_CACHE, str(root), str(root / "cache"), str(log)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+        Path(f"{log}.go").touch()
+        assert [p.stdout.readline().strip() for p in procs] == ["6", "6"]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert log.read_text().splitlines() == ["built"]
 
 
 def test_cached_and_uncached_samples_agree(root, assets):
@@ -242,13 +323,40 @@ def test_duplicate_item_ids_are_refused_naming_them_and_the_file(root, assets, c
 
 
 def test_unannotated_split_gives_image_and_bbox_only(root, assets):
-    shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
-    split = root / "DAD-3DHeadsDataset/test/test.json"
-    entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
-    split.write_text(json.dumps(entries))
-    ds = dataset(root, assets, split="test")
+    ds = dataset(as_released(root), assets, split="test")
     assert not ds.annotations and len(ds) == 2
     assert set(ds[1]) == {"image", "crop_affine", "bbox", "index"}
+
+
+def test_split_protocol_follows_the_test_splits_annotations(root):
+    labelled = data.split_protocol({"root": str(root)})
+    assert labelled == {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
+    as_released(root)
+    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+                                                        "evaluate": "val", "submit": "test", "holdout_fraction": 0.1}
+    assert data.split_protocol({"root": str(root), "holdout_fraction": 0.3})["holdout_fraction"] == 0.3
+    split = root / "DAD-3DHeadsDataset/test/test.json"  # annotations elsewhere, named by the entries
+    split.write_text(json.dumps([{**e, "annotation_path": "x.json"} for e in json.loads(split.read_text())]))
+    assert data.split_protocol({"root": str(root)})["evaluate"] == "test"
+    split.unlink()  # no test split: nothing to submit
+    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+                                                        "evaluate": "val", "submit": None, "holdout_fraction": 0.1}
+
+
+def test_holdout_is_a_fixed_hash_of_the_item_id(root, assets, monkeypatch):
+    """The same items on every machine (SHA-256, pinned here), disjoint from the fit set, together train."""
+    monkeypatch.setattr(data, "_cache_root", lambda: root / "cache")
+    assert data.holdout_score("train_000000") == pytest.approx(0.0736371228882203)
+    d = {"root": str(root), "crop_size": S, "holdout_fraction": 0.35}
+    ids = lambda ds: [ds.dataset.items[i]["item_id"] for i in ds.indices]  # noqa: E731
+    holdout, fit = ids(data.open_split(d, "train-holdout", assets)), ids(data.open_split(d, "train-fit", assets))
+    assert holdout == ["train_000000", "train_000001", "train_000002", "train_000005"]
+    assert fit == ["train_000003", "train_000004"]
+    assert data.open_split(d, "train-fit", assets, train=True).dataset.train
+    with pytest.raises(ValueError, match=r"train: 'train-holdout' is empty \(data.holdout_fraction 0.05 of 6 "):
+        data.open_split({**d, "holdout_fraction": 0.05}, "train-holdout", assets)
+    with pytest.raises(ValueError, match="unknown split 'train-other'"):
+        data.open_split(d, "train-other", assets)
 
 
 def test_dataloader_batches(root, assets):
@@ -304,8 +412,6 @@ def test_show_data_writes_the_grid(root, tmp_path):
 @pytest.fixture(scope="module")
 def other_flame(tmp_path_factory):
     """(data made with --flame-assets DIR, DIR): a tiny FLAME model of 60 vertices."""
-    from test_losses import tiny_flame_assets
-
     from dad3dlib.flame import save_flame_assets
 
     tmp = tmp_path_factory.mktemp("other_flame")
@@ -327,8 +433,8 @@ def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, t
     assert data.flame_dir({"root": str(root)}) == flame == data.flame_dir({"root": str(root / data.DATASET_DIR)})
     assert data.flame_dir({"root": str(root), "flame_path": "/else"}) == type(flame)("/else")
     params = with_defaults({"data": {"root": str(root), "crop_size": 64}})
-    for ds in [_split_dataset(params, "train")[0], make_datasets(params)["train"],
-               report._dataset(str(root), "train", 64, params["data"])]:
+    fit = make_datasets(params)["train"].dataset  # no test split: training fits on train without its holdout
+    for ds in [_split_dataset(params, "train")[0], fit, report._dataset(str(root), "train", 64, params["data"])]:
         assert ds.n_vertices == 60 and len(ds) == 3
 
 
@@ -345,8 +451,6 @@ def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
 
 
 def test_flame_vertex_count_mismatch_is_one_line(other_flame, tmp_path, capsys, monkeypatch):
-    from test_losses import tiny_flame_assets
-
     from dad3dlib.flame import save_flame_assets
     from dad3dlib.viz import main_show_data
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from conftest import random_3dmm
 from dad3dlib import benchmark as BM
 from dad3dlib import evaluate as E
 from dad3dlib import metrics as M
@@ -76,9 +77,7 @@ def setup():
     n = 5
     angles = torch.rand(n, 2, generator=g) - 0.5
     R = torch.stack([_yaw_pitch(0.5 * float(a), 0.3 * float(b)) for a, b in angles])
-    params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
-                        (torch.rand(n, 2, generator=g) - 0.5) * 0.2, torch.zeros(n, 1),
-                        4 + torch.rand(n, 1, generator=g)], 1)
+    params = random_3dmm(R, g, scale=4.0)
     return layer, params, HeadsFromParams(layer, params)
 
 

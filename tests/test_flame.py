@@ -16,35 +16,18 @@ import torch
 from scipy.spatial.transform import Rotation
 
 import dad3dlib
+from conftest import tiny_flame_assets
 from dad3dlib import flame
-from dad3dlib.flame import (FlameFormatError, FlameLayer, FlameModel, FlameTopology, load_flame_assets,
+from dad3dlib.flame import (FlameFormatError, FlameLayer, FlameModel, load_flame_assets,
                             matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, save_flame_assets, split_3dmm)
 
 SHARED_TOPOLOGY = Path(dad3dlib.REPO_ROOT).parent / "shared" / "flame_topology"
 
 
-def tiny_flame(seed=0, V=40, F=60):
-    """A random FLAME-shaped model and topology with the real array layouts."""
-    rng = np.random.default_rng(seed)
-    faces = rng.integers(0, V, size=(F, 3)).astype(np.int64)
-    weights = rng.random((V, 5)).astype(np.float32)
-    J = rng.random((5, V)).astype(np.float32)
-    model = FlameModel(
-        v_template=rng.normal(0, 0.1, (V, 3)).astype(np.float32), faces=faces,
-        shapedirs=rng.normal(0, 1e-3, (V, 3, 400)).astype(np.float32),
-        posedirs=rng.normal(0, 1e-3, (V, 3, 36)).astype(np.float32),
-        J_regressor=J / J.sum(1, keepdims=True), weights=weights / weights.sum(1, keepdims=True),
-        kintree_table=np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64))
-    bary = lambda *s: (lambda b: b / b.sum(-1, keepdims=True))(rng.random(s + (3,)))  # noqa: E731
-    topo = FlameTopology(faces=faces, static_face_idx=rng.integers(0, F, 51), static_bary=bary(51),
-                         dynamic_face_idx=rng.integers(0, F, (79, 17)), dynamic_bary=bary(79, 17),
-                         subsets={"face": np.arange(10), "face_w_ears": np.arange(20), "head": np.arange(30)})
-    return model, topo
-
-
 @pytest.fixture
 def tiny_dir(tmp_path):
-    model, topo = tiny_flame()
+    assets = tiny_flame_assets(n_vertices=40, n_faces=60)
+    model, topo = assets.model, assets.topology
     save_flame_assets(model, topo, tmp_path)
     return tmp_path, model, topo
 

@@ -41,6 +41,24 @@ def test_slurm_job_array_script(tmp_path, monkeypatch):
         assert line in script, line
 
 
+@pytest.mark.parametrize("gpus, device, job_name", [(0, "cpu", "dad3d-paper"), (1, "cuda", "dad3d-paper"),
+                                                     (4, "auto", "interactive")])
+def test_a_job_runs_its_run_on_what_it_was_given(monkeypatch, tmp_path, gpus, device, job_name):
+    """One GPU: the run's device; several: the run's trainer section decides, and Lightning starts
+    the processes itself (SLURM's one-task-per-GPU detection is switched off); none: its CPUs."""
+    import torch
+
+    from dad3dlib import launch, study
+
+    seen = {}
+    monkeypatch.setenv("SLURM_JOB_NAME", "dad3d-paper")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(study, "execute_run", lambda run, out, dev, threads: seen.update(
+        device=dev, threads=threads, job_name=os.environ["SLURM_JOB_NAME"]) or {"status": "finished"})
+    launch.run_job(SimpleNamespace(name="baseline_s1"), tmp_path, 6)
+    assert seen == {"device": device, "threads": 6, "job_name": job_name}
+
+
 def test_a_job_that_died_is_recorded_like_a_failed_run(tmp_path):
     run = SimpleNamespace(name="baseline_s1")
 

@@ -7,30 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dad3dlib.flame import FlameAssets, FlameLayer, FlameModel, FlameTopology, split_3dmm
+from conftest import tiny_flame_assets
+from dad3dlib.flame import FlameLayer, split_3dmm
 from dad3dlib.losses import (DADLoss, adaptive_wing_loss, landmark_loss, normalize_unit_cube,
                              reprojection_loss, shape_loss, soft_iou_loss)
-
-
-def tiny_flame_assets(n_vertices: int = 30, n_faces: int = 20, seed: int = 0) -> FlameAssets:
-    """A random FLAME-structured model small enough for fast tests (not a head)."""
-    rng = np.random.default_rng(seed)
-    V = n_vertices
-    faces = np.stack([rng.choice(V, 3, replace=False) for _ in range(n_faces)]).astype(np.int64)
-    norm_rows = lambda a: (a / a.sum(-1, keepdims=True)).astype(np.float32)  # noqa: E731
-    model = FlameModel(
-        v_template=rng.uniform(-0.1, 0.1, (V, 3)).astype(np.float32), faces=faces,
-        shapedirs=(rng.standard_normal((V, 3, 400)) * 1e-3).astype(np.float32),
-        posedirs=(rng.standard_normal((V, 3, 36)) * 1e-3).astype(np.float32),
-        J_regressor=norm_rows(rng.uniform(0.1, 1, (5, V))), weights=norm_rows(rng.uniform(0.1, 1, (V, 5))),
-        kintree_table=np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64))
-    topo = FlameTopology(
-        faces=faces, static_face_idx=rng.integers(0, n_faces, 51), static_bary=norm_rows(rng.uniform(0.1, 1, (51, 3))),
-        dynamic_face_idx=rng.integers(0, n_faces, (1, 17)),
-        dynamic_bary=norm_rows(rng.uniform(0.1, 1, (1, 17, 3))),
-        subsets={"face": np.arange(10), "face_w_ears": np.arange(20), "head": np.arange(5, V)})
-    return FlameAssets(topology=topo, model=model, path=None)
-
 
 ALL_ONE = {"face": torch.tensor([0, 1]), "face_w_ears": torch.tensor([0, 1]), "head": torch.tensor([0, 1])}
 WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}

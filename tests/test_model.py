@@ -121,3 +121,91 @@ def test_create_model_errors():
         create_model({"encoder": "resnet10t", "filters": 3})
     with pytest.raises(ValueError, match="FeatureGetterNet is not supported"):
         SplitEncoder("vit_tiny_patch16_224")
+
+
+# --------------------------------------------------------------------------------------------
+# BiFPN: the light default and the reference's (the paper preset)
+# --------------------------------------------------------------------------------------------
+def reference_bifpn_parameters(c4: int, c8: int, c16: int, f: int, layers: int = 2) -> int:
+    """The reference BiFPN's parameter count, from its description (docs/ARCHITECTURE.md).
+
+    Input column: P3, P4, P5 = 1x1 conv with bias of the stride-4/8/16 maps: c*f + f each;
+    P6 = 3x3 stride-2 conv with bias of the stride-16 map: 9*c16*f + f;
+    P7 = 3x3 stride-2 conv with bias (9*f*f + f) + BatchNorm (weight, bias: 2f).
+    One layer: 8 nodes (top-down P6..P3, bottom-up P4..P7), each a kernel-1 depthwise conv
+    without bias (f) + 1x1 pointwise conv without bias (f*f) + BatchNorm (2f); fusion weights:
+    2 per top-down node (2x4) and 3 per bottom-up node (3x4) = 20.
+    """
+    column = (c4 * f + f) + (c8 * f + f) + (c16 * f + f) + (9 * c16 * f + f) + (9 * f * f + f + 2 * f)
+    node = f + f * f + 2 * f
+    layer = 8 * node + 2 * 4 + 3 * 4
+    return column + layers * layer
+
+
+def test_paper_preset_builds_the_reference_bifpn():
+    from dad3dlib.config import run_params
+
+    model_cfg = {k: v for k, v in run_params("paper")["model"].items() if k != "pose_prior_samples"}
+    net = create_model(model_cfg)
+    ch = net.encoder.channels
+    assert (ch[4], ch[8], ch[16]) == (256, 512, 1024)  # ResNet-50
+    want = reference_bifpn_parameters(256, 512, 1024, 256)
+    assert want == 4_470_568  # the arithmetic above, written out: 459,520 + 2,359,552 + 590,592 + 2 x 530,452
+    assert sum(p.numel() for p in net.bifpn.parameters()) == want
+    bns = [m for m in net.bifpn.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(bns) == 1 + 2 * 8 and all(m.momentum == 0.9997 and m.eps == 4e-5 for m in bns)
+    assert not any(isinstance(m, torch.nn.SiLU) for m in net.bifpn.modules())
+    depthwise = [m for m in net.bifpn.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) == 16 and all(m.kernel_size == (1, 1) for m in depthwise)
+
+
+@pytest.mark.parametrize("size", [64, 96])
+def test_reference_bifpn_gives_five_levels_and_the_net_its_outputs(size):
+    cfg = {"encoder": "resnet10t", "bifpn_filters": 16, "hidden": 32, "bifpn_levels": 5, "bifpn_repeats": 2,
+           "bifpn_depthwise_kernel": 1, "bifpn_act": "relu", "bifpn_downsample": "nearest",
+           "bifpn_lateral": "bias", "bifpn_top_inputs": 3, "bifpn_bn_momentum": 0.9997, "bifpn_bn_eps": 4e-5}
+    net = create_model(cfg).eval()
+    ch = net.encoder.channels
+    assert sum(p.numel() for p in net.bifpn.parameters()) == reference_bifpn_parameters(ch[4], ch[8], ch[16], 16)
+    with torch.no_grad():
+        levels = net.bifpn(net.encoder.forward_to_16(torch.randn(2, 3, size, size)))
+        out = net(torch.randn(2, 3, size, size))
+    sides = [size // 4, size // 8, size // 16, -(-size // 32), -(-size // 64)]
+    assert [tuple(x.shape) for x in levels] == [(2, 16, s, s) for s in sides]
+    assert out["heatmaps"].shape == (2, 68, size // 4, size // 4) and out["params_3dmm"].shape == (2, 413)
+
+
+def test_bifpn_downsampling_choices():
+    from dad3dlib.model import BIFPN_DOWNSAMPLING
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    torch.testing.assert_close(BIFPN_DOWNSAMPLING["nearest"](x, (2, 2)), x[..., ::2, ::2])  # the reference's
+    torch.testing.assert_close(BIFPN_DOWNSAMPLING["maxpool"](x, (2, 2)), x[..., 1::2, 1::2])
+
+
+def test_light_bifpn_keeps_its_modules():
+    """The default (cpu, smoke presets) is the light pyramid, module for module: checkpoints of
+    runs made before the reference's settings existed still load."""
+    net = create_model({"encoder": "resnet10t", "bifpn_filters": 16, "hidden": 32})
+    layer = {k.removeprefix("bifpn.layers.0.") for k in net.state_dict() if k.startswith("bifpn.layers.0.")}
+    fusions = {f"{n}.weight" for n in ("td_mid", "td_fine", "bu_mid", "bu_coarse")}
+    blocks = {f"conv.{n}.{i}.{p}" for n in ("td_mid", "out_fine", "out_mid", "out_coarse")
+              for i, p in [(0, "weight"), (1, "weight"), (2, "weight"), (2, "bias"), (2, "running_mean"),
+                           (2, "running_var"), (2, "num_batches_tracked")]}
+    assert layer == fusions | blocks and len(net.bifpn.layers) == 1
+    assert net.bifpn.layers[0].bu_coarse.weight.shape == (2,)
+    assert all(net.bifpn.layers[0].conv[k][0].kernel_size == (3, 3) for k in net.bifpn.layers[0].conv)
+    assert sum(isinstance(m, torch.nn.SiLU) for m in net.bifpn.modules()) == 4
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("bifpn_levels", 4, r"model.bifpn_levels must be one of \[3, 5\], got 4"),
+    ("bifpn_act", "gelu", r"model.bifpn_act must be one of \['relu', 'silu'\], got 'gelu'"),
+    ("bifpn_downsample", "avg", r"model.bifpn_downsample must be one of"),
+    ("bifpn_lateral", "none", r"model.bifpn_lateral must be one of"),
+    ("bifpn_top_inputs", 4, r"model.bifpn_top_inputs must be one of \[2, 3\]"),
+    ("bifpn_depthwise_kernel", 2, r"model.bifpn_depthwise_kernel must be an odd integer"),
+])
+def test_bad_bifpn_settings_are_named(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        create_model({"encoder": "resnet10t", "bifpn_filters": 8, key: value})

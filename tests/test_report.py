@@ -1,4 +1,5 @@
-"""Report tables and Findings from a fabricated study directory (no training), and mesh renders in image space."""
+"""Report tables, Findings and figures from fabricated study directories (no training), mesh renders in
+image space, and the figures' caches."""
 import json
 import re
 
@@ -24,9 +25,10 @@ REFERENCES = {"constant": ("The mean head at the train split's pose prior.", {"a
                                {"angle_error_deg": 0.0, "nme_reprojection": 1.0})}
 
 
-def write_study(root, seeds=(1, 2, 3), references=True):
+def write_study(root, seeds=(1, 2, 3), references=True, split=None):
     """study.json, runs/<run>/{metrics.json, per_sample.csv} (l3d50_proj0.05 an alias of the
-    baseline), references/ with references.json, as the study and the reference evaluation write them."""
+    baseline), references/ with references.json, as the study and the reference evaluation write them
+    (``split``: the evaluation split they record; None: none, as records from before it was recorded)."""
     rng = np.random.default_rng(0)
     items = [f"test_{i:06d}" for i in range(N)]
     image = {k: v * rng.uniform(0.5, 1.5, N) for k, v in BASE.items()}  # per-image difficulty
@@ -37,23 +39,24 @@ def write_study(root, seeds=(1, 2, 3), references=True):
         for abl in ("baseline", *EFFECTS):
             values = {k: v + np.asarray(EFFECTS.get(abl, {}).get(k, [0] * len(seeds)))[s - 1]
                       for k, v in base.items()}
-            _write_run(root / "runs" / f"{abl}_s{s}", items, values)
+            _write_run(root / "runs" / f"{abl}_s{s}", items, values, split)
             runs.append({"run": f"{abl}_s{s}", "ablation": abl, "seed": s,
                          "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []})
     (root / "study.json").write_text(json.dumps({"preset": "fake", "seeds": len(seeds), "runs": runs}))
     if references:
         for name, (_, shift) in REFERENCES.items():
-            _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE})
-        (root / "references" / "references.json").write_text(
-            json.dumps({name: text for name, (text, _) in REFERENCES.items()}))
+            _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE}, split)
+        record = {"descriptions": {name: text for name, (text, _) in REFERENCES.items()}, "prior": {}}
+        (root / "references" / "references.json").write_text(json.dumps(record | ({"split": split} if split else {})))
     return root
 
 
-def _write_run(d, items, values):
+def _write_run(d, items, values, split=None):
     d.mkdir(parents=True)
     df = pd.DataFrame({"item_id": items, "pose": "front", **values})
     df.to_csv(d / "per_sample.csv", index=False)
-    (d / "metrics.json").write_text(json.dumps({k: float(df[k].mean()) for k in values} | {"n_samples": len(df)}))
+    (d / "metrics.json").write_text(json.dumps({k: float(df[k].mean()) for k in values} | {"n_samples": len(df)}
+                                               | ({"split": split} if split else {})))
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +151,24 @@ def test_one_seed_measures_no_training_noise(tmp_path):
     summary = pd.read_csv(report.write_summary(root), index_col="ablation")
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "training noise unmeasured (1 seed)"
     assert summary.loc["no_lproj", ["angle_error_deg_p", "angle_error_deg_p_holm"]].isna().all()
+
+
+def test_the_evaluation_split_is_named_in_summary_and_report(tmp_path):
+    """A study evaluated on val (the released test split has no annotations) says val, not test:
+    summary.csv's split column, the differences' image-only interval, the Findings' method sentence;
+    records from before the split was recorded were evaluated on test."""
+    root = write_study(tmp_path / "val", seeds=(1, 2), split="val")
+    summary = pd.read_csv(report.write_summary(root), index_col="ablation")
+    assert (summary.split == "val").all() and report.evaluation_split(root) == "val"
+    assert summary.loc["constant", "description"] == REFERENCES["constant"][0]
+    d = report.baseline_differences(report.per_sample_table(root))
+    assert "; val images only [" in report.format_differences(d, "val").loc["no_lproj", "Angle error (°)"]
+    text = report.findings(report.run_table(root), d, report.reference_table(root), split="val")
+    assert "paired standard error over the val images" in text and "test" not in text
+    assert report.splits_note(root) == "Runs and reference predictors are evaluated on the **val** split."
+    legacy = write_study(tmp_path / "legacy", seeds=(1,))
+    assert report.evaluation_split(legacy) == "test"
+    assert (pd.read_csv(report.write_summary(legacy)).split == "test").all()
 
 
 def test_equals_reference():
@@ -282,3 +303,110 @@ def test_training_curves_name_each_loss_term_by_its_label():
     fig = report.plot_training_curves(curves)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
     assert titles == [f"{LOSS_TERMS['l3d'].label} (train/l3d_step)", "val/nme"]
+# --------------------------------------------------------------------------------------------
+# Tables and figures of a hand-made study: known answers
+# --------------------------------------------------------------------------------------------
+def _small_study(root):
+    """Five runs written by hand: baseline (alias l3d50_proj0.05) seeds 1 and 2 finished on val with
+    mean_mm 2 and 4, no_l3d seed 1 finished (3), seed 2 pending, no_2d seed 1 failed; one reference."""
+    runs = [("baseline_s1", "baseline", 1, {"mean_mm": 2.0}), ("baseline_s2", "baseline", 2, {"mean_mm": 4.0}),
+            ("no_l3d_s1", "no_l3d", 1, {"mean_mm": 3.0}), ("no_l3d_s2", "no_l3d", 2, None),
+            ("no_2d_s1", "no_2d", 1, "failed")]
+    for run, _, seed, metrics in runs:
+        d = root / "runs" / run
+        d.mkdir(parents=True)
+        if isinstance(metrics, dict):
+            (d / "metrics.json").write_text(json.dumps({**metrics, "angle_error_deg": 10.0 * seed, "split": "val"}))
+            pd.DataFrame({"item_id": ["a", "b"], "pose": ["front", "side"], "quality": ["hq", "lq"],
+                          "mean_mm": [metrics["mean_mm"] - 1, metrics["mean_mm"] + 1]}).to_csv(d / "per_sample.csv")
+        elif metrics == "failed":
+            (d / "error.json").write_text("{}")
+    (root / "study.json").write_text(json.dumps({"runs": [
+        {"run": run, "ablation": abl, "seed": seed, "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []}
+        for run, abl, seed, _ in runs]}))
+    (root / "references" / "constant").mkdir(parents=True)
+    (root / "references" / "constant" / "metrics.json").write_text(json.dumps({"mean_mm": 9.0}))
+    (root / "references" / "references.json").write_text(json.dumps({"descriptions": {"constant": "The mean head."},
+                                                                     "split": "val"}))
+    return root
+
+
+def test_run_table_has_a_row_per_ablation_and_seed_with_status_and_split(tmp_path):
+    runs = report.run_table(_small_study(tmp_path)).set_index(["ablation", "seed"])
+    assert list(runs.index) == [("baseline", 1), ("l3d50_proj0.05", 1), ("baseline", 2), ("l3d50_proj0.05", 2),
+                                ("no_l3d", 1), ("no_l3d", 2), ("no_2d", 1)]
+    assert list(runs.status) == ["finished"] * 5 + ["pending", "failed"]
+    assert list(runs.split[:5]) == ["val"] * 5 and runs.split[5:].isna().all()
+    assert runs.loc[("l3d50_proj0.05", 2), "mean_mm"] == 4.0 and runs.loc[("l3d50_proj0.05", 2), "run"] == "baseline_s2"
+    assert np.isnan(runs.loc[("no_l3d", 2), "mean_mm"]) and np.isnan(runs.loc[("baseline", 1), "median_mm"])
+
+
+def test_summary_table_is_the_mean_and_spread_over_finished_seeds_then_the_references(tmp_path):
+    root = _small_study(tmp_path)
+    summary = report.summary_table(report.run_table(root), report.reference_table(root))
+    assert list(summary.index) == ["baseline", "l3d50_proj0.05", "no_l3d", "constant"]  # no_2d: nothing finished
+    assert list(summary.kind) == ["run"] * 3 + ["reference"] and list(summary.split) == ["val"] * 4
+    base = summary.loc["baseline"]
+    assert (base.seeds, base.mean_mm, base.mean_mm_min, base.mean_mm_max) == (2, 3.0, 2.0, 4.0)
+    assert np.isclose(base.mean_mm_sd, np.sqrt(2)) and np.isclose(base.angle_error_deg, 15.0)
+    assert summary.loc["l3d50_proj0.05", "mean_mm"] == 3.0
+    assert summary.loc["no_l3d", "seeds"] == 1 and np.isnan(summary.loc["no_l3d", "mean_mm_sd"])
+    assert summary.loc["constant", "mean_mm"] == 9.0 and summary.loc["constant", "description"] == "The mean head."
+    assert pd.isna(summary.loc["constant", "seeds"])
+
+
+def test_figures_have_one_panel_per_metric_attribute_and_curve(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    matplotlib.use("Agg")
+    root = _small_study(tmp_path)
+    fig = report.plot_metrics(report.run_table(root))
+    assert isinstance(fig, matplotlib.figure.Figure) and len(fig.axes) == len(report.METRICS)
+    fig_attr = report.plot_by_attribute(report.per_sample_table(root), "mean_mm")
+    assert len(fig_attr.axes) == 2  # pose and quality: the attributes the table has
+    curves = pd.DataFrame({"ablation": "baseline", "step": [0, 1] * 4, "value": [1.0, 0.5] * 4,
+                           "metric": ["train/loss_step"] * 2 + ["train/l3d_step"] * 2 + ["val/loss"] * 2 + ["x"] * 2})
+    fig_curves = report.plot_training_curves(curves, ["train/loss_step", "train/l3d_step", "val/loss", "x"])
+    assert len(fig_curves.axes) == 6 and sum(ax.axison for ax in fig_curves.axes) == 4  # 2 rows of 3
+    assert report.plot_training_curves(pd.DataFrame()) is None
+    plt.close("all")
+
+
+# --------------------------------------------------------------------------------------------
+# The figures' caches follow their files
+# --------------------------------------------------------------------------------------------
+def test_flame_layer_cache_follows_the_directory_and_its_files(tmp_path):
+    from conftest import tiny_flame_assets
+
+    from dad3dlib.flame import save_flame_assets
+
+    def save(n_vertices, path):
+        assets = tiny_flame_assets(n_vertices=n_vertices, n_faces=20)
+        return save_flame_assets(assets.model, assets.topology, path)
+
+    a, b = save(30, tmp_path / "a"), save(40, tmp_path / "b")
+    layer = report._layer(a)
+    assert layer.num_vertices == 30 and report._layer(a) is layer
+    assert report._layer(b).num_vertices == 40  # another study's FLAME directory
+    save(50, a)  # the same directory rewritten
+    assert report._layer(a).num_vertices == 50
+    kept = report._layer(b)
+    report.clear_caches()
+    assert report._layer(b) is not kept
+
+
+def test_dataset_cache_is_keyed_by_crop_size_and_follows_the_split_file(tmp_path, monkeypatch):
+    from dad3dlib import data
+    from dad3dlib.synthetic_data import make_data
+
+    monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
+    root = tmp_path / "d"
+    make_data(root, {"splits": {"train": 3}, "image_sizes": [[96, 96]]}, seed=1, workers=1)
+    section = {"root": str(root)}
+    ds = report._dataset(str(root), "train", 64, section)
+    assert len(ds) == 3 and ds.crop_size == 64 and report._dataset(str(root), "train", 64, section) is ds
+    assert report._dataset(str(root), "train", 96, section).crop_size == 96
+    split = root / data.DATASET_DIR / "train" / "train.json"
+    split.write_text(json.dumps(json.loads(split.read_text())[:2]))  # the data set changed on disk
+    assert len(report._dataset(str(root), "train", 64, section)) == 2

@@ -1,5 +1,6 @@
-"""The study runner: one runner per study directory, records that survive a full disk; the smoke
+"""The study runner: planning runs, one runner per study directory, records that survive a full disk; the smoke
 study end to end: data → six runs → aggregate → HTML, stopped by Ctrl-C, killed, and resumed."""
+import base64
 import errno
 import json
 import os
@@ -15,10 +16,13 @@ import pandas as pd
 import pytest
 
 import dad3dlib
-from dad3dlib import report, study
+from conftest import as_released
+from dad3dlib import config, data, report, study
+from dad3dlib.config import ParamsError
 
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
 ABLATIONS = ("baseline", "l3d50_proj0.05", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5", "l3d5_proj0.05")
+SUBMISSION_KEYS = {"68_landmarks_2d", "N_landmarks_3d", "7_landmarks_3d", "rotation_matrix"}
 HOLD_LOCK = "import sys, time; from pathlib import Path; from dad3dlib.study import study_lock\n" \
             "with study_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)"
 
@@ -49,6 +53,36 @@ def test_study_command_on_a_held_directory_exits_2_naming_the_holder(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: in use by another study runner (pid {os.getpid()}); wait for it to end "
                    "or stop it, then run this command again"]
+
+
+def test_concurrent_notebooks_have_kernels_of_their_own_over_ipc(tmp_path):
+    """Two notebooks executed at once (as with --jobs 2): each kernel on Unix sockets of its own in
+    Jupyter's runtime directory, none in the working directory, both notebooks complete."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nbformat
+    import papermill as pm
+
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("print(sum(range(10**5)))")]
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    managers = []
+
+    class Recording(study.ipc_kernel_manager()):
+        async def start_kernel(self, **kw):
+            managers.append(self)
+            await super().start_kernel(**kw)
+
+    def run(i):
+        pm.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / f"out{i}.ipynb"), kernel_name="python3",
+                            progress_bar=False, cwd=str(tmp_path), kernel_manager_class=Recording)
+        return nbformat.read(tmp_path / f"out{i}.ipynb", as_version=4).cells[0].outputs[0]["text"]
+
+    with ThreadPoolExecutor(2) as pool:
+        assert list(pool.map(run, range(2))) == ["4999950000\n"] * 2
+    assert [m.transport for m in managers] == ["ipc", "ipc"]
+    assert managers[0].ip != managers[1].ip and all(Path(m.ip).parent.is_absolute() for m in managers)
+    assert not [p for p in tmp_path.iterdir() if "ipc" in p.name]  # nothing in the working directory
 
 
 def test_a_full_disk_fails_the_run_without_crashing_the_runner(tmp_path, monkeypatch, capsys):
@@ -91,6 +125,65 @@ def _wait_for_finished_runs(proc: subprocess.Popen, out: Path, n: int) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"no {n} run(s) finished within 10 minutes")
         time.sleep(0.5)
+
+
+def test_identical_configurations_run_once():
+    runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
+    assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
+    assert runs[0].aliases == ["l3d50_proj0.05"] and runs[1].aliases == []
+
+
+def test_missing_real_data_dir_is_a_clear_error(tmp_path):
+    p = config.run_params("smoke", "baseline", overrides={"data": {"root": str(tmp_path / "nowhere")},
+                                                           "study": {"make_data": None}})
+    with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
+        study.ensure_data(p)
+
+
+def test_study_cli_reports_bad_input(tmp_path, capsys):
+    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
+    assert "unknown ablation 'bogus'" in capsys.readouterr().err
+    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_concurrent_jobs_come_from_the_flag_else_the_preset():
+    cpu, smoke = config.run_params("cpu"), config.run_params("smoke")
+    assert study.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
+    assert study.study_jobs(smoke) == 1 and study.study_jobs(cpu, 3) == 3
+    with pytest.raises(ParamsError, match="jobs must be a positive integer, got 0"):
+        study.study_jobs(cpu, 0)
+    with pytest.raises(ParamsError, match="got 'two'"):
+        study.study_jobs({"study": {"jobs": "two"}})
+    with pytest.raises(ParamsError, match="got 0"):
+        study.study_jobs({"study": {"jobs": 0}})
+
+
+def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
+    run = study.plan_runs("smoke", ["baseline"], seeds=[1])[0]
+    run_dir = tmp_path / "runs" / run.name
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("an older model")
+    study.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
+    moved = study.retire_stale(run_dir, run)
+    assert moved == tmp_path / "runs" / f"{run.name}.stale-0123abcd"
+    assert not run_dir.exists() and (moved / "checkpoints" / "last.ckpt").read_text() == "an older model"
+    run_dir.mkdir()
+    study.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
+    assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
+    study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
+    assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
+
+
+def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
+    ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
+                                                                     "strategy": "ddp"}})
+    cpu = study.on_device(ddp, "cpu", num_threads=2)["trainer"]
+    assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
+    gpu = study.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
+    assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
+    one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
+    assert (one["devices"], one["num_threads"]) == ([1], 8)
 
 
 @pytest.fixture(scope="module")
@@ -244,22 +337,171 @@ def test_report_html_is_self_contained(smoke_study):
     assert "Findings" in html and "Training noise is unmeasured" in html  # one seed: no verdicts
 
 
-@pytest.mark.slow
-def test_report_in_headless_chromium(smoke_study):
+def _chromium(page: str, shot: Path, profile: Path, height: int) -> str:
+    """Screenshot ``page`` (a URL) in headless Chromium, 1200 px wide; returns its log (stderr), in
+    which each console message is a ':CONSOLE' line. Skips when Chromium is not installed."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("chromium not installed")
-    out, _, _ = smoke_study
-    shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
     shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
-    profile = out / "chromium-profile"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={profile}", "--window-size=1200,2400", f"--screenshot={shot}",
-                    (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    res = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                          "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                          f"--user-data-dir={profile}", f"--window-size=1200,{height}", "--force-device-scale-factor=1",
+                          "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
+                          page],
+                         capture_output=True, text=True, timeout=120)
+    return res.stderr
+
+
+@pytest.mark.slow
+def test_report_in_headless_chromium(smoke_study):
+    out, _, _ = smoke_study
+    shot = dad3dlib.OUTPUTS_DIR / "report_screenshot.png"
+    _chromium((out / "report.html").as_uri(), shot, out / "chromium-profile", 2400)
     import cv2
     img = cv2.imread(str(shot))
     assert img is not None, "no screenshot"
     # a rendered report: text and figures, not a blank page
     assert img.std() > 20 and (img < 128).mean() > 0.005
+
+
+EXPLORER_BACKGROUND = (247, 241, 236)  # BGR of explorer.js's BACKGROUND, around each 3D view's head
+
+
+@pytest.mark.slow
+def test_explorer_in_headless_chromium_draws_and_rotates(smoke_study):
+    """The whole report (tall enough to hold it) at yaw 0 and 60 (set by the URL hash): no console
+    message, and both 3D views show a head whose pixels change with the rotation."""
+    import cv2
+
+    out, _, _ = smoke_study
+    shots = {}
+    for yaw in (0, 60):
+        shot = out / f"explorer_yaw{yaw}.png"
+        log = _chromium(f"{(out / 'report.html').as_uri()}#explorer-yaw={yaw}", shot, out / "chromium-profile", 9000)
+        assert not [line for line in log.splitlines() if ":CONSOLE" in line], log[-3000:]
+        shots[yaw] = cv2.imread(str(shot))
+        assert shots[yaw] is not None, "no screenshot"
+    background = (shots[0] == EXPLORER_BACKGROUND).all(-1)
+    rows, cols = np.nonzero(background)
+    assert len(rows), "no explorer view in the screenshot"
+    y0, y1, x0, x1 = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+    assert 400 < x1 - x0 < 700 and 200 < y1 - y0 < 300, "the two 3D views are not where expected"
+    views = {yaw: im[y0:y1, x0:x1] for yaw, im in shots.items()}
+    half = (x1 - x0) // 2
+    for yaw, view in views.items():
+        for name, panel in (("prediction", view[:, :half]), ("ground truth", view[:, half:])):
+            drawn = (panel != EXPLORER_BACKGROUND).any(-1).mean()
+            assert drawn > 0.1, f"yaw {yaw}: the {name} view is blank ({drawn:.3f} drawn)"
+    changed = (np.abs(views[0].astype(int) - views[60].astype(int)).max(-1) > 30).mean()
+    assert changed > 0.05, f"rotating by 60 degrees changed {changed:.3f} of the views' pixels"
+
+
+@pytest.mark.slow
+def test_explorer_fragment_is_compact(smoke_study):
+    """The explorer in report.html holds each mesh once as int16 (aliases share their run's): its size
+    is bounded by that encoding. It does not grow with seeds or test images (first seed, first 8
+    samples), so the default study (the same six distinct runs) adds as much as the smoke study, and
+    the report stays under 15 MB."""
+    import math
+    import re
+
+    out, _, _ = smoke_study
+    html = (out / "report.html").read_text()
+    fragment = re.search(r'<div class="dad3d-explorer".*?</script>\n</div>', html, re.S).group(0)
+    data = json.loads(re.search(r'<script[^>]*class="x-data"[^>]*>(.*?)</script>', fragment, re.S).group(1))
+    n_runs = len({r["run"] for r in json.loads((out / "study.json").read_text())["runs"]})
+    assert len(data["samples"]) == 8 and len(data["predictions"]) == n_runs == 6
+    assert data["ablations"] == list(dict.fromkeys(report.run_table(out).ablation))
+    faces = np.frombuffer(base64.b64decode(data["faces"]["data"]), data["faces"]["dtype"])
+    b64 = lambda n_bytes: 4 * math.ceil(n_bytes / 3)  # noqa: E731
+    meshes = len(data["samples"]) * (1 + n_runs) * b64(6 * (int(faces.max()) + 1))
+    budget = meshes + b64(faces.nbytes) + len(data["samples"]) * (1 + n_runs) * 2500 \
+        + len(data["samples"]) * 16_000 + 40_000  # landmarks and captions; JPEGs; viewer and markup
+    assert len(fragment) <= budget
+    assert len(html) < 15e6
+
+
+# --------------------------------------------------------------------------------------------
+# The released layout: a test split without annotations
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """The smoke preset's data (24 train, 8 val, 8 test images) in the released DAD-3DHeads layout."""
+    root = tmp_path_factory.mktemp("released") / "data"
+    shutil.copytree(study.ensure_data(config.run_params("smoke")), root)
+    return as_released(root)
+
+
+def _released_params(root: Path) -> dict:
+    return config.run_params("smoke", overrides={"data": {"root": str(root)}, "study": {"make_data": None}})
+
+
+def _item_ids(root: Path, split: str) -> list[str]:
+    return [e["item_id"] for e in json.loads((root / data.DATASET_DIR / split / f"{split}.json").read_text())]
+
+
+def _check_submission(path: Path, root: Path) -> None:
+    """A benchmark submission with an entry, in predict's format, for every test item."""
+    submission = json.loads(path.read_text())
+    assert sorted(submission) == sorted(_item_ids(root, "test"))
+    assert all(set(entry) == SUBMISSION_KEYS and len(entry["68_landmarks_2d"]) == 68 for entry in submission.values())
+
+
+def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits_test(released, tmp_path):
+    """val is out of reach while training runs (any read of it fails); the run then evaluates on
+    val and writes a submission for every test item; the reference predictors' prior comes from the
+    fit split."""
+    from dad3dlib.evaluate import evaluate_references
+    from dad3dlib.flame import load_flame_assets
+    from dad3dlib.synthetic_head import default_flame_dir
+    from dad3dlib.train import pose_prior, train
+
+    params, run = _released_params(released), tmp_path / "run"
+    holdout = [i for i in _item_ids(released, "train") if data.holdout_score(i) < data.HOLDOUT_FRACTION]
+    val = released / data.DATASET_DIR / "val"
+    val.rename(val.with_name("val.hidden"))
+    try:
+        checkpoint = train(study.on_device(params, "cpu", 2), run)
+    finally:
+        val.with_name("val.hidden").rename(val)
+    assert json.loads((run / "training.json").read_text())["splits"] == {
+        "fit": "train-fit", "select": "train-holdout", "evaluate": "val", "submit": "test", "holdout_fraction": 0.1,
+        "fit_items": 24 - len(holdout), "select_items": len(holdout)}
+    assert 0 < len(holdout) < 24 and config.load_params(run / "params.yaml")["data"]["holdout_fraction"] == 0.1
+
+    metrics = study.finish_run(params, checkpoint, run, "cpu")
+    assert metrics["split"] == "val" and metrics["n_samples"] == 8
+    recorded = json.loads((run / "metrics.json").read_text())
+    assert recorded["split"] == "val" and recorded["splits"]["select"] == "train-holdout"
+    assert recorded["submission"] == "submission_test.json"
+    _check_submission(run / "submission_test.json", released)
+
+    refs = evaluate_references(params, tmp_path / "refs", names=("constant",))
+    record = json.loads((tmp_path / "refs" / "references.json").read_text())
+    fit = data.open_split(params["data"], "train-fit", load_flame_assets(default_flame_dir()))
+    assert record["split"] == "val" and refs["constant"]["n_samples"] == 8
+    assert record["prior"] == pose_prior(fit, params["model"]["pose_prior_samples"], params["data"]["crop_size"])
+
+
+@pytest.mark.slow
+def test_the_smoke_study_runs_unchanged_on_the_released_layout(released, tmp_path):
+    out = tmp_path / "study"
+    res = subprocess.run(_study_cmd(out) + ["--data", str(released)], cwd=dad3dlib.REPO_ROOT, capture_output=True,
+                         text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = pd.read_csv(out / "summary.csv", index_col="ablation")
+    assert set(summary[summary.kind == "run"].index) == set(ABLATIONS)
+    assert (summary[summary.kind == "reference"].index.size == 4) and (summary.split == "val").all()
+    assert json.loads((out / "references" / "references.json").read_text())["split"] == "val"
+    for r in json.loads((out / "study.json").read_text())["runs"]:
+        d = out / "runs" / r["run"]
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["split"] == "val" and metrics["n_samples"] == 8, r["run"]
+        assert metrics["splits"]["select"] == "train-holdout" and metrics["splits"]["fit"] == "train-fit"
+        assert json.loads((d / "provenance.json").read_text())["splits"]["evaluate"] == "val"
+        _check_submission(d / "submission_test.json", released)
+    html = (out / "report.html").read_text()
+    assert "Traceback" not in html and "evaluated on the <strong>val</strong> split" in html
+    assert "val images only" in html and "submission_test.json" in html

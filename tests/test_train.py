@@ -15,15 +15,14 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from conftest import random_3dmm, tiny_flame_assets
 from dad3dlib.board import BOARD_DIR
 from dad3dlib.config import run_params
 from dad3dlib.progress import read_progress
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.flame import FlameLayer, load_flame_assets, save_flame_assets
 from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
                             with_defaults)
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_losses import tiny_flame_assets  # noqa: E402
 
 S = 64
 
@@ -38,9 +37,7 @@ class RandomHeads(Dataset):
         c, s = torch.cos(yaw), torch.sin(yaw)
         z, o = torch.zeros(n), torch.ones(n)
         R = torch.stack([torch.stack([c, z, s], -1), torch.stack([z, -o, z], -1), torch.stack([s, z, -c], -1)], 1)
-        params = torch.cat([torch.randn(n, 403, generator=g) * 0.5, matrix_to_rot6d(R),
-                            (torch.rand(n, 2, generator=g) - 0.5) * 0.2, z[:, None],
-                            5 + torch.rand(n, 1, generator=g)], 1)
+        params = random_3dmm(R, g, scale=5.0)
         self.params = params
         with torch.no_grad():
             verts = flame.reproject(params, S)
@@ -186,6 +183,16 @@ def test_unknown_schedule_is_refused(flame_dir):
         with_defaults(params)
 
 
+def test_min_epochs_reach_the_trainer(tmp_path, flame_dir):
+    """The reference's official configuration trains at least 100 epochs before early stopping may end it."""
+    from dad3dlib.train import build_trainer
+
+    params = with_defaults(tiny_params(flame_dir, min_epochs=4, early_stopping_patience=1))
+    trainer, _ = build_trainer(params, tmp_path)
+    assert trainer.fit_loop.min_epochs == 4
+    assert build_trainer(with_defaults(tiny_params(flame_dir)), tmp_path)[0].fit_loop.min_epochs is None
+
+
 class AugmentedHeads(RandomHeads):
     """RandomHeads with image noise drawn from the global torch generator in ``__getitem__``, as
     the real data set draws its crop margins and photometric augmentation."""
@@ -204,8 +211,7 @@ def resume_params(flame_dir: Path, **trainer) -> dict:
 
 
 KILL_SCRIPT = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
+import os, signal
 import lightning as L
 from dad3dlib.flame import FlameLayer, load_flame_assets
 from dad3dlib.train import train
@@ -271,10 +277,10 @@ def test_killed_run_resumes_exactly(tmp_path, flame_dir, augmented, uninterrupte
     """kill -9 one step after a checkpoint, resume in a fresh process: the same final weights,
     optimiser and schedule state as the uninterrupted run (RNG states, sampler order and position,
     plateau steps all restored)."""
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), flame=str(flame_dir), out=str(tmp_path),
-                                kill_at=kill_at, every=every)
+    script = KILL_SCRIPT.format(flame=str(flame_dir), out=str(tmp_path), kill_at=kill_at, every=every)
+    path = os.pathsep.join(filter(None, [str(Path(__file__).parent), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONHASHSEED": "0"})
+                          timeout=300, env={**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": path})
     assert proc.returncode == -9, proc.stderr[-2000:]
     last = tmp_path / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == saved
@@ -329,3 +335,40 @@ def test_resuming_with_another_network_or_loss_is_refused(tmp_path, flame_dir, d
     train(more, tmp_path, datasets)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
 
+
+
+def test_epoch_sampler_shares_one_order_among_processes():
+    """Every process draws the same order, cut to a multiple of the process count, and takes
+    every world-th item: equal shares, no sample twice, the remainder left out; a resumed
+    process skips the part of its share it had done."""
+    from dad3dlib.train import EpochSampler
+
+    one = list(EpochSampler(25, seed=7))
+    shares = [list(EpochSampler(25, seed=7, rank=r, world=2)) for r in (0, 1)]
+    assert [len(s) for s in shares] == [12, 12] == [len(EpochSampler(25, 7, rank=r, world=2)) for r in (0, 1)]
+    assert sorted(shares[0] + shares[1]) == sorted(one[:24])
+    assert not {i for i, _ in shares[0]} & {i for i, _ in shares[1]}
+    resumed = EpochSampler(25, seed=7, rank=1, world=2)
+    resumed.skip = 8
+    assert list(resumed) == shares[1][8:]
+
+
+def test_shard_sampler_gives_each_validation_sample_to_one_process():
+    from dad3dlib.train import ShardSampler
+
+    shares = [list(ShardSampler(7, rank=r, world=2)) for r in (0, 1)]
+    assert shares == [[0, 2, 4, 6], [1, 3, 5]] and [len(ShardSampler(7, r, 2)) for r in (0, 1)] == [4, 3]
+    assert list(ShardSampler(7)) == list(range(7))  # one process: all, in order
+
+
+def test_an_interactive_session_trains_a_ddp_run_in_a_child_process(tmp_path, flame_dir, datasets, monkeypatch):
+    """Lightning cannot run a Jupyter kernel again to start the other processes: there, a ddp run
+    trains through ``python -m dad3dlib train`` in a child, whose failure is raised with its last lines."""
+    monkeypatch.setattr(sys, "ps1", ">>> ", raising=False)
+    params = tiny_params(flame_dir, accelerator="cpu", devices=2, strategy="ddp")
+    with pytest.raises(ValueError, match="from the params alone"):
+        train(params, tmp_path, datasets)
+    params["data"]["root"] = str(tmp_path / "no_data")
+    with pytest.raises(RuntimeError, match=r"(?s)python -m dad3dlib train --out .* exit status 2.*"
+                                           r"error: .*no_data: data directory not found"):
+        train(params, tmp_path / "run")

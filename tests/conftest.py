@@ -1,0 +1,60 @@
+"""Shared test helpers: a tiny FLAME model and the released DAD-3DHeads layout.
+
+Plain functions, imported as ``from conftest import ...``: pytest's default import mode puts this
+directory (no ``__init__.py``) on the import path when it loads this file.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dad3dlib.flame import FlameAssets, FlameModel, FlameTopology, matrix_to_rot6d, pack_3dmm
+
+
+def tiny_flame_assets(n_vertices: int = 30, n_faces: int = 20, seed: int = 0) -> FlameAssets:
+    """A random FLAME-structured model small enough for fast tests (not a head): the real array
+    layouts (400 shape/expression bases, 5 joints, 51 static and 17 dynamic landmarks) with
+    ``n_vertices`` vertices and ``n_faces`` faces."""
+    rng = np.random.default_rng(seed)
+    V = n_vertices
+    faces = np.stack([rng.choice(V, 3, replace=False) for _ in range(n_faces)]).astype(np.int64)
+    norm_rows = lambda a: (a / a.sum(-1, keepdims=True)).astype(np.float32)  # noqa: E731
+    model = FlameModel(
+        v_template=rng.uniform(-0.1, 0.1, (V, 3)).astype(np.float32), faces=faces,
+        shapedirs=(rng.standard_normal((V, 3, 400)) * 1e-3).astype(np.float32),
+        posedirs=(rng.standard_normal((V, 3, 36)) * 1e-3).astype(np.float32),
+        J_regressor=norm_rows(rng.uniform(0.1, 1, (5, V))), weights=norm_rows(rng.uniform(0.1, 1, (V, 5))),
+        kintree_table=np.array([[2**32 - 1, 0, 1, 1, 1], [0, 1, 2, 3, 4]], np.int64))
+    topo = FlameTopology(
+        faces=faces, static_face_idx=rng.integers(0, n_faces, 51), static_bary=norm_rows(rng.uniform(0.1, 1, (51, 3))),
+        dynamic_face_idx=rng.integers(0, n_faces, (1, 17)),
+        dynamic_bary=norm_rows(rng.uniform(0.1, 1, (1, 17, 3))),
+        subsets={"face": np.arange(10), "face_w_ears": np.arange(20), "head": np.arange(5, V)})
+    return FlameAssets(topology=topo, model=model, path=None)
+
+
+def random_3dmm(R: torch.Tensor, g: torch.Generator, scale: float = 5.0) -> torch.Tensor:
+    """3DMM vectors [B,413] (:func:`dad3dlib.flame.pack_3dmm`) of heads turned by R [B,3,3]: shape,
+    expression and jaw ~ N(0, 0.5²), translation x, y uniform in ±0.1 (z 0), scale uniform in
+    [scale, scale + 1); drawn from ``g`` in that order."""
+    n = len(R)
+    coeffs = torch.randn(n, 403, generator=g) * 0.5
+    translation = torch.cat([(torch.rand(n, 2, generator=g) - 0.5) * 0.2, torch.zeros(n, 1)], 1)
+    return pack_3dmm(coeffs[:, :300], coeffs[:, 300:400], coeffs[:, 400:], matrix_to_rot6d(R), translation,
+                     scale + torch.rand(n, 1, generator=g))
+
+
+def as_released(root: Path) -> Path:
+    """Turn generated data at ``root`` into the released DAD-3DHeads layout: the test split keeps its
+    images and ``test.json`` entries but loses its annotations and every ``annotation_path``; no
+    ``make_data.json``. Returns root."""
+    shutil.rmtree(root / "DAD-3DHeadsDataset/test/annotations")
+    split = root / "DAD-3DHeadsDataset/test/test.json"
+    entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
+    split.write_text(json.dumps(entries))
+    (root / "make_data.json").unlink()
+    return root
