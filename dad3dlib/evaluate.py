@@ -27,12 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
+from .config import with_defaults
 from .data import data_root, flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
-from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
-                    load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
-from .model import FRONTAL_ROT6D
-from .train import crop_to_image, fit_weak_perspective, load_model, with_defaults
+from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, fit_weak_perspective,
+                    landmarks_from_vertices, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix,
+                    split_3dmm)
+from .geometry import crop_to_image
+from .model import FRONTAL_ROT6D, load_model, pose_prior
 
 Z_N = 5
 HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
@@ -212,7 +214,7 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
 
     batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], crop_affine [B,2,3],
-    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`train.pose_prior`)
+    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
     -> predict_batch's dict
     """
     gt_mesh, gt_pose = REFERENCES[name][:2]
@@ -236,11 +238,10 @@ def evaluate_references(params: dict, out_dir: str | Path, split: str | None = N
                         progress: bool = True) -> dict:
     """Evaluate the reference predictors on ``split`` of a run's data (None: the evaluation split of
     :func:`dad3dlib.data.split_protocol`), the pose prior fitted as training fits it
-    (:func:`train.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
+    (:func:`model.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
     split, never the evaluation split; here at the evaluation crop, so that it is deterministic). Writes
     ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
     description, the prior and the data it was measured on); returns {name: aggregate}."""
-    from .train import pose_prior
 
     params = with_defaults(params)
     d = params["data"]

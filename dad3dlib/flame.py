@@ -393,6 +393,20 @@ def weak_perspective(vertices: Tensor, R: Tensor, translation: Tensor, scale: Te
     return (v + 1.0) / 2.0 * crop_size
 
 
+def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop: Tensor,
+                         crop_size: float) -> tuple[Tensor, Tensor]:
+    """Least-squares scale s and translation (tx, ty) with (s·R·(v + z-offset))_xy + t = crop coords
+    in [-1,1], the model's weak perspective (flame.weak_perspective) applied to GT.
+
+    vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2] px -> s [B], t [B,2]
+    """
+    src = ((vertices_model + vertices_model.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ rotation.transpose(1, 2))[..., :2]
+    dst = vertices_crop / crop_size * 2 - 1
+    src_c, dst_c = src - src.mean(1, keepdim=True), dst - dst.mean(1, keepdim=True)
+    s = (src_c * dst_c).sum((1, 2)) / (src_c ** 2).sum((1, 2))
+    return s, dst.mean(1) - s[:, None] * src.mean(1)
+
+
 # --------------------------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------------------------

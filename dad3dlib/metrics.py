@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .flame import ALIGN7
+from .flame import ALIGN7, FlameLayer, rot6d_to_matrix, split_3dmm
+from .geometry import crop_to_image, flip_yz
 
 MM_PER_METRE = 1000.0
 INTER_EYE_UNITS = 20.0      # the reference benchmark scales GT so that |lmk39 - lmk42| = 20
@@ -137,7 +138,7 @@ def yaw_pitch_roll_deg(R: Tensor) -> Tensor:
     gives Q = I), then decomposed as Q = Ry(yaw)·Rx(pitch)·Rz(roll).
     R [B,3,3] -> [B,3] (yaw, pitch, roll)
     """
-    Q = R * R.new_tensor([1.0, -1.0, -1.0])[:, None]
+    Q = flip_yz(R)
     yaw = torch.atan2(Q[..., 0, 2], Q[..., 2, 2])
     pitch = torch.asin(torch.clamp(-Q[..., 1, 2], -1.0, 1.0))
     roll = torch.atan2(Q[..., 1, 0], Q[..., 1, 1])
@@ -319,7 +320,16 @@ def chamfer_reference(pred_vertices: Tensor, pred_lmk7: Tensor, gt_vertices: Ten
     return sq[..., 0].mean(dim=1).to(gt_vertices.dtype)
 
 
+def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
+    """Per-sample reprojection NME (×100, image space) and angle error (degrees): [B] each."""
+    lmk_crop = flame.landmarks68(pred["vertices_reprojected"])[..., :2]
+    lmk_img = crop_to_image(lmk_crop, batch["crop_affine"])
+    R = rot6d_to_matrix(split_3dmm(pred["params_3dmm"])["rot6d"])
+    return {"nme": nme_reprojection(lmk_img, batch["landmarks_2d_image"], batch["bbox"]),
+            "angle_error": angle_error_deg(R, batch["rotation"])}
+
+
 __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
            "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
-           "chamfer_reference", "MM_PER_METRE"]
+           "chamfer_reference", "batch_metrics", "MM_PER_METRE"]

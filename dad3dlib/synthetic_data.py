@@ -27,7 +27,8 @@ import cv2
 import numpy as np
 import orjson
 
-from .render import Light, Renderer, perspective_projection, project
+from .geometry import project
+from .render import Light, Renderer, perspective_projection
 
 DATASET_DIR = "DAD-3DHeadsDataset"
 SPLITS = ("train", "val", "test")

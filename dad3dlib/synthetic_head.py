@@ -25,6 +25,7 @@ import numpy as np
 from .flame import N_EXPR as N_EXPRESSION
 from .flame import N_SHAPE as N_IDENTITY
 from .flame import FlameModel, FlameTopology, save_flame_assets
+from .geometry import edge_counts
 
 HEAD_CENTRE = np.array([0.0, 0.0, -0.05])  # where the head's bounding-box centre goes
 # meshing: voxel (m), grid box (local frame; x symmetric on the grid), vertex budget, a space
@@ -251,12 +252,6 @@ def sample_grid(sdf, step: float = GRID_STEP, box=GRID_BOX, coarse: int = 4,
     idx = np.argwhere(mask)
     vals[mask] = evaluate(idx)
     return vals, lo
-
-
-def edge_counts(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Undirected edges [E,2] (sorted ids) and how many faces use each [E]."""
-    e = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    return np.unique(e, axis=0, return_counts=True)
 
 
 def mesh_report(vertices: np.ndarray, faces: np.ndarray) -> dict:
@@ -556,7 +551,7 @@ def vertex_subsets(vertices: np.ndarray, faces: np.ndarray, lmk: np.ndarray) -> 
     head: all but the neck; face_w_ears: the front of the head from under the hairline to the
     jaw, temples and ears included; face: the face proper (brows to chin, cheek to cheek).
     """
-    from .render import vertex_normals
+    from .geometry import vertex_normals
 
     head = ~is_neck(vertices)
     azimuth = np.abs(np.arctan2(vertices[:, 0], vertices[:, 2] - SUBSET_AXIS_Z))

@@ -16,7 +16,8 @@ from PIL import Image
 from dad3dlib import REPO_ROOT
 from dad3dlib import synthetic_data as sd
 from dad3dlib.flame import MODEL_FILE, FlameFormatError, default_flame_dir, landmarks_from_vertices, load_flame_assets
-from dad3dlib.render import project, silhouette
+from dad3dlib.geometry import project
+from dad3dlib.render import silhouette
 
 # no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette
 TINY = {"splits": {"train": 5, "val": 2, "test": 2}, "image_sizes": [[160, 160], [176, 144]],

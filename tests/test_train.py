@@ -16,11 +16,13 @@ import torch
 from torch.utils.data import Dataset
 
 from dad3dlib.board import BOARD_DIR
-from dad3dlib.config import run_params
+from dad3dlib.config import run_params, with_defaults
 from dad3dlib.progress import read_progress
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, save_flame_assets
-from dad3dlib.train import (DADModule, crop_to_image, fit_weak_perspective, load_model, read_metrics, train,
-                            with_defaults)
+from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.geometry import crop_to_image
+from dad3dlib.model import load_model
+from dad3dlib.report import read_metrics
+from dad3dlib.train import DADModule, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_losses import tiny_flame_assets  # noqa: E402
