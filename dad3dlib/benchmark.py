@@ -24,12 +24,9 @@ from torch import Tensor
 
 from . import metrics as M
 from .files import write_json
-from .geometry import flip_yz, project
-from .flame import FlameTopology, landmarks_from_vertices, load_flame_assets
+from .geometry import flip_yz, landmarks_from_vertices, project
+from .flame import FACE_SUBSET, HEAD_SUBSET, FlameTopology, load_flame_assets
 
-Z_N = 5
-HEAD_SUBSET = "face_w_ears"  # the reference's head_indices.npy
-FACE_SUBSET = "face"
 FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # a pseudo-key: N_landmarks_3d with N = V
 
 GT_KEYS = {"bbox": (4,), "vertices": ("V", 3), "model_view_matrix": (4, 4),
@@ -56,11 +53,11 @@ def _zn_inputs(g: dict, p: dict, s: Scorer) -> tuple[Tensor, Tensor]:
 
 
 def _z5(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.z_n_accuracy_reference(*_zn_inputs(g, p, s), Z_N).double()
+    return M.z_n_accuracy_reference(*_zn_inputs(g, p, s), M.Z_N).double()
 
 
 def _z5_local(g: dict, p: dict, s: Scorer) -> Tensor:
-    return M.z_n_accuracy_local(*_zn_inputs(g, p, s), Z_N).double()
+    return M.z_n_accuracy_local(*_zn_inputs(g, p, s), M.Z_N).double()
 
 
 def _chamfer(g: dict, p: dict, s: Scorer) -> Tensor:

@@ -57,7 +57,7 @@ MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not construct
 
 def with_defaults(params: dict) -> dict:
     """A copy of ``params`` with every missing key from :data:`DEFAULTS`; unknown keys of the
-    sections this module reads (model is checked by create_model) raise ValueError."""
+    sections training reads (model is checked by create_model) raise ValueError."""
     out = copy.deepcopy(params)
     for section, defaults in DEFAULTS.items():
         if not isinstance(defaults, dict):

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from .config import HOLDOUT_FRACTION
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
-from .geometry import apply_affine, flip_yz, project
+from .geometry import apply_affine, flip_yz, landmarks_from_vertices, project
 
 log = logging.getLogger(__name__)
 
@@ -327,8 +327,8 @@ class SplitIndex:
 def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
                      topology: FlameTopology) -> np.ndarray:
     """68 GT landmarks in image pixels: embedding on model space, then MV, P. [68,2]"""
-    tri = vertices.astype(np.float64)[topology.faces[topology.lmk_face_idx]]          # [68,3,3]
-    lmk = (tri * topology.lmk_bary[:, :, None].astype(np.float64)).sum(1)           # [68,3]
+    lmk = landmarks_from_vertices(vertices.astype(np.float64), topology.faces, topology.lmk_face_idx,
+                                  topology.lmk_bary)                                # [68,3]
     return project(lmk, mv, P, height)
 
 

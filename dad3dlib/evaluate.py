@@ -30,15 +30,11 @@ from . import metrics as M
 from .config import with_defaults
 from .data import data_root, flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
-from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, fit_weak_perspective,
-                    landmarks_from_vertices, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix,
-                    split_3dmm)
-from .geometry import crop_to_image
+from .flame import (ALIGN7, CANONICAL_Z_OFFSET, FACE_SUBSET, HEAD_SUBSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer,
+                    fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
+from .geometry import crop_to_image, landmarks_from_vertices
 from .model import FRONTAL_ROT6D, load_model, pose_prior
 
-Z_N = 5
-HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
-FACE_SUBSET = "face"
 METRIC_COLUMNS = ("nme_reprojection", "z5_accuracy", "z5_accuracy_local", "angle_error_deg", "pose_error",
                   "yaw_error_deg", "pitch_error_deg", "roll_error_deg", "median_mm", "mean_mm", "std_mm", "chamfer")
 
@@ -106,8 +102,8 @@ def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topo
     out = {
         "nme_reprojection": M.nme_reprojection(pred["landmarks_2d_image"].double(),
                                                batch["landmarks_2d_image"].double(), batch["bbox"].double()),
-        "z5_accuracy": M.z_n_accuracy_reference(zn_pred, zn_gt, Z_N),
-        "z5_accuracy_local": M.z_n_accuracy_local(zn_pred, zn_gt, Z_N),
+        "z5_accuracy": M.z_n_accuracy_reference(zn_pred, zn_gt, M.Z_N),
+        "z5_accuracy_local": M.z_n_accuracy_local(zn_pred, zn_gt, M.Z_N),
         "angle_error_deg": M.angle_error_deg(R, R_gt),
         "pose_error": M.pose_error(R, R_gt),
         "yaw_error_deg": ypr[:, 0], "pitch_error_deg": ypr[:, 1], "roll_error_deg": ypr[:, 2],

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
+from .geometry import landmarks_from_vertices
 
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
 N_3DMM = N_SHAPE + N_EXPR + N_JAW + N_ROT6D + N_TRANS + N_SCALE  # 413
@@ -29,6 +30,8 @@ LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
                ("rot6d", N_ROT6D), ("translation", N_TRANS), ("scale", N_SCALE))
 ALIGN7 = (36, 39, 42, 45, 33, 48, 54)
 SUBSETS = ("face", "face_w_ears", "head")
+HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n (the reference's head_indices.npy)
+FACE_SUBSET = "face"
 CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (DAD-3DNet's canonical space)
 
 MODEL_FILE = "generic_model.pkl"
@@ -341,15 +344,6 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
 # --------------------------------------------------------------------------------------------
 # Pure functions: landmarks, rotations, the 3DMM vector
 # --------------------------------------------------------------------------------------------
-def landmarks_from_vertices(vertices: Tensor, faces: Tensor, face_idx: Tensor, bary: Tensor) -> Tensor:
-    """Barycentric landmark points.
-
-    vertices [B,V,3], faces [F,3] long, face_idx [L] long, bary [L,3] -> [B,L,3]
-    """
-    tri = vertices[:, faces[face_idx]]  # [B,L,3(corners),3]
-    return (tri * bary.to(vertices.dtype)[None, :, :, None]).sum(dim=2)
-
-
 def rot6d_to_matrix(x: Tensor) -> Tensor:
     """6D rotation (a, b) -> matrix with columns (b1, b2, b3) (Zhou et al., CVPR 2019).
 

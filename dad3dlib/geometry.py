@@ -52,6 +52,16 @@ def crop_to_image(points: Tensor, affine: Tensor) -> Tensor:
     return torch.linalg.solve(M, (points - t[:, None]).transpose(1, 2)).transpose(1, 2)
 
 
+def landmarks_from_vertices(vertices, faces, face_idx, bary):
+    """Barycentric points on a mesh (landmarks embedded as a face and barycentric coordinates).
+
+    vertices [...,V,3], faces [F,3] int, face_idx [L] int, bary [L,3] -> [...,L,3] (numpy or torch)
+    """
+    tri = vertices[..., faces[face_idx], :]  # [...,L,3(corners),3]
+    w = bary.to(vertices.dtype) if isinstance(vertices, Tensor) else bary.astype(vertices.dtype)
+    return (tri * w[:, :, None]).sum(-2)
+
+
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Area-weighted unit vertex normals. vertices [V,3], faces [F,3] -> [V,3] float32."""
     tri = vertices[faces]                                              # [F,3,3]

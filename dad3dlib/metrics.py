@@ -16,6 +16,7 @@ from .flame import ALIGN7, FlameLayer, rot6d_to_matrix, split_3dmm
 from .geometry import crop_to_image, flip_yz
 
 MM_PER_METRE = 1000.0
+Z_N = 5                     # Z_n accuracy at n = 5 (the reference benchmark's Z5)
 INTER_EYE_UNITS = 20.0      # the reference benchmark scales GT so that |lmk39 - lmk42| = 20
 INNER_EYE_CORNERS = (39, 42)
 _MIN_TRIANGLE_AREA_MM2 = 1e-6  # pytorch3d treats smaller triangles as degenerate (default 5e-3)

@@ -409,7 +409,7 @@ def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, 
 @torch.no_grad()
 def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
     """The median weak-perspective scale and translation of the first ``n`` samples of a dataset
-    (their ground truth fitted by :func:`fit_weak_perspective`): {"scale", "tx", "ty"}."""
+    (their ground truth fitted by :func:`dad3dlib.flame.fit_weak_perspective`): {"scale", "tx", "ty"}."""
     items = [dataset[i] for i in range(min(n, len(dataset)))]
     stack = lambda k: torch.stack([torch.as_tensor(it[k]) for it in items]).float()  # noqa: E731
     s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)

@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import orjson
 
-from .geometry import project
+from .geometry import landmarks_from_vertices, project
 from .render import Light, Renderer, perspective_projection
 
 DATASET_DIR = "DAD-3DHeadsDataset"
@@ -475,7 +475,6 @@ class Generator:
         rng = item_rng(self.seed, split, index)
         scene = sample_scene(rng, self.cfg, self.preset["image_sizes"])
         verts = self.vertices(scene)
-        from .flame import landmarks_from_vertices
 
         torch = self._torch
         width, height = scene.size

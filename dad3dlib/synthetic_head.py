@@ -25,7 +25,7 @@ import numpy as np
 from .flame import N_EXPR as N_EXPRESSION
 from .flame import N_SHAPE as N_IDENTITY
 from .flame import FlameModel, FlameTopology, save_flame_assets
-from .geometry import edge_counts
+from .geometry import edge_counts, landmarks_from_vertices
 
 HEAD_CENTRE = np.array([0.0, 0.0, -0.05])  # where the head's bounding-box centre goes
 # meshing: voxel (m), grid box (local frame; x symmetric on the grid), vertex budget, a space
@@ -827,7 +827,7 @@ def measure(model: FlameModel, topology: FlameTopology) -> dict[str, float]:
     """Dimensions (metres) of the template: head breadth (above the ears), front-to-back and
     chin-to-top of the head subset, outer eye-corner distance, nose tip ahead of the eye corners."""
     v = model.v_template.astype(np.float64)
-    lmk = (v[topology.faces[topology.lmk_face_idx]] * topology.lmk_bary[:, :, None]).sum(1)
+    lmk = landmarks_from_vertices(v, topology.faces, topology.lmk_face_idx, topology.lmk_bary)
     head = v[topology.subsets["head"]]
     cranium = head[head[:, 1] > lmk[17:27, 1].max() + 0.01]      # above the brows and the ears
     return {
@@ -898,7 +898,7 @@ def albedo(vertices: np.ndarray, topology: FlameTopology, rng: np.random.Generat
     vertices [V,3], topology of the mesh -> colours [V,3] float32 in [0,1]
     """
     v = np.asarray(vertices, np.float64)
-    lmk = (v[topology.faces[topology.lmk_face_idx]] * topology.lmk_bary[:, :, None]).sum(1)
+    lmk = landmarks_from_vertices(v, topology.faces, topology.lmk_face_idx, topology.lmk_bary)
     u = np.linalg.norm(lmk[45] - lmk[36]) / 0.09              # length unit: eye-corner span
     xy = v[:, :2]
     mix = lambda base, colour, w: base + (colour - base) * np.clip(w, 0, 1)[:, None]  # noqa: E731

@@ -322,7 +322,7 @@ class SeededSamples(torch.utils.data.Dataset):
 
 
 class PosePrior(L.Callback):
-    """Fit :func:`pose_prior` of the first ``n`` samples of ``dataset`` into the network when
+    """Fit :func:`dad3dlib.model.pose_prior` of the first ``n`` samples of ``dataset`` into the network when
     training starts: once, on rank 0, and sent to every other process, so that all start alike
     (and it is printed once). ``prior``: the prior set."""
 
