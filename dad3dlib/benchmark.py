@@ -24,8 +24,8 @@ from torch import Tensor
 
 from . import metrics as M
 from .files import write_json
-from .geometry import flip_yz, landmarks_from_vertices, project
-from .flame import FACE_SUBSET, HEAD_SUBSET, FlameTopology, load_flame_assets
+from .geometry import flip_yz, project
+from .flame import FlameTopology, TopologyTensors, load_flame_assets
 
 FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # a pseudo-key: N_landmarks_3d with N = V
 
@@ -172,22 +172,12 @@ def gt_world(vertices: Tensor, mv: Tensor) -> Tensor:
     return vertices @ mv[:, :3, :3].transpose(1, 2) + mv[:, None, :3, 3]
 
 
-class Scorer:
+class Scorer(TopologyTensors):
     """The benchmark's metrics on one topology, for batches of GT items and predictions."""
 
     def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
-        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        super().__init__(topology, device)
         self.device = torch.device(device)
-        self.faces = as_long(topology.faces)
-        self.lmk_face_idx = as_long(topology.lmk_face_idx)
-        self.lmk_bary = torch.as_tensor(topology.lmk_bary, dtype=torch.float64, device=device)
-        self.head = as_long(topology.subsets[HEAD_SUBSET])
-        self.face = as_long(topology.subsets[FACE_SUBSET])
-        self.n_vertices = int(topology.faces.max()) + 1
-
-    def landmarks68(self, vertices: Tensor) -> Tensor:
-        """[B,V,3] -> [B,68,3] (dynamic contour row 0, as the reference)."""
-        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
 
     def prepare(self, gt: dict[str, Tensor]) -> dict[str, Tensor]:
         """GT arrays (vertices [B,V,3], model_view_matrix, projection_matrix [B,4,4], image_height

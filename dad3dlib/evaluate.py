@@ -30,9 +30,9 @@ from . import metrics as M
 from .config import with_defaults
 from .data import data_root, flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
-from .flame import (ALIGN7, CANONICAL_Z_OFFSET, FACE_SUBSET, HEAD_SUBSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer,
+from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
                     fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
-from .geometry import crop_to_image, landmarks_from_vertices
+from .geometry import crop_to_image
 from .model import FRONTAL_ROT6D, load_model, pose_prior
 
 METRIC_COLUMNS = ("nme_reprojection", "z5_accuracy", "z5_accuracy_local", "angle_error_deg", "pose_error",
@@ -72,19 +72,7 @@ def mesh_views(layer: FlameLayer, params: Tensor, crop_size: int, crop_affine: T
             "rotation": rot6d_to_matrix(split_3dmm(params)["rot6d"])}
 
 
-class Topology:
-    """The CPU tensors of a FLAME layer that the metrics need."""
-
-    def __init__(self, layer: FlameLayer):
-        self.faces = layer.faces.cpu()
-        self.lmk_face_idx, self.lmk_bary = layer.lmk_face_idx.cpu(), layer.lmk_bary.cpu()
-        self.head, self.face = layer.subset(HEAD_SUBSET).cpu(), layer.subset(FACE_SUBSET).cpu()
-
-    def landmarks68(self, vertices: Tensor) -> Tensor:
-        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
-
-
-def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topology,
+def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: TopologyTensors,
                    refine_iters: int = 0) -> tuple[dict[str, Tensor], Tensor]:
     """Every metric per sample ([B] each, METRIC_COLUMNS) and the face-region distances [B,P] mm.
 
@@ -161,7 +149,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     import pandas as pd
     from tqdm import tqdm
 
-    topo = Topology(layer)
+    topo = TopologyTensors(layer.topology)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
@@ -297,7 +285,7 @@ def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, spli
 # --------------------------------------------------------------------------------------------
 # Submission in the reference benchmark's format
 # --------------------------------------------------------------------------------------------
-def submission_entries(pred: dict[str, Tensor], topo: Topology) -> list[dict]:
+def submission_entries(pred: dict[str, Tensor], topo: TopologyTensors) -> list[dict]:
     """predict_batch output -> reference submission entries: 68_landmarks_2d and N_landmarks_3d
     in original-image pixels (depth growing away from the camera, as the benchmark's Z_n expects),
     7_landmarks_3d of that mesh, the 3DMM rotation matrix."""
@@ -320,7 +308,7 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     dataset, assets = _split_dataset(params, split, annotations=False)
     dev = resolve_device(device)
     model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
-    topo = Topology(layer)
+    topo = TopologyTensors(layer.topology)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     submission = {}
     for batch in tqdm(loader, desc="predict", unit="batch", disable=len(loader) < 2):

@@ -341,6 +341,26 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
     return out
 
 
+class TopologyTensors:
+    """The topology the metrics read, as tensors on one device: ``faces`` [F,3], ``lmk_face_idx``
+    [68] and ``lmk_bary`` [68,3] (the 68 landmarks, dynamic contour row 0), the ``head``
+    (:data:`HEAD_SUBSET`) and ``face`` (:data:`FACE_SUBSET`) vertex ids [n], ``n_vertices``.
+    Evaluation and the benchmark scorer share it."""
+
+    def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        self.faces = as_long(topology.faces)
+        self.lmk_face_idx = as_long(topology.lmk_face_idx)
+        self.lmk_bary = torch.as_tensor(topology.lmk_bary, device=device)
+        self.head = as_long(topology.subsets[HEAD_SUBSET])
+        self.face = as_long(topology.subsets[FACE_SUBSET])
+        self.n_vertices = int(topology.faces.max()) + 1
+
+    def landmarks68(self, vertices: Tensor) -> Tensor:
+        """[B,V,3] -> [B,68,3]"""
+        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
+
+
 # --------------------------------------------------------------------------------------------
 # Pure functions: landmarks, rotations, the 3DMM vector
 # --------------------------------------------------------------------------------------------
@@ -412,6 +432,7 @@ class FlameLayer(nn.Module):
         if assets.model is None:
             raise FlameFormatError(f"{assets.path}: {MODEL_FILE} is needed for the FLAME layer")
         m, t = assets.model, assets.topology
+        self.topology = t
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
         self.register_buffer("v_template", f32(m.v_template))
         self.register_buffer("shapedirs", f32(m.shapedirs))

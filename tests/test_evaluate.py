@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from dad3dlib import benchmark as BM
 from dad3dlib import evaluate as E
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
+from dad3dlib.flame import FlameLayer, TopologyTensors, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
 
 torch.set_num_threads(1)
 S = 64
@@ -176,7 +176,7 @@ def test_submission_scores_perfectly_on_the_benchmark(setup):
     """predict's entries (image-space mesh, landmarks, rotation) for the GT's own 3DMM vectors score
     NME 0, Z5 1, chamfer 0 and pose error 0 in the benchmark: the conventions agree."""
     layer, params, data = setup
-    topo = E.Topology(layer)
+    topo = TopologyTensors(layer.topology)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
     pred = E.predict_batch(TableModel(params), layer, batch["image"], batch["crop_affine"])
     entries = E.submission_entries(pred, topo)
