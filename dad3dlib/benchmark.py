@@ -24,11 +24,9 @@ from torch import Tensor
 
 from . import metrics as M
 from .files import write_json
-from .flame import FlameTopology, landmarks_from_vertices, load_flame_assets
+from .geometry import flip_yz, project
+from .flame import FlameTopology, TopologyTensors, load_flame_assets
 
-HEAD_SUBSET = "face_w_ears"  # the reference's head_indices.npy
-FACE_SUBSET = "face"
-FLIP_YZ = (1.0, -1.0, -1.0)  # diag(1,-1,-1): OpenGL camera axes -> the 3DMM rotation's axes
 FLAME_MESH = M.FLAME_MESH  # a pseudo-key: N_landmarks_3d with N = V
 
 GT_KEYS = {"bbox": (4,), "vertices": ("V", 3), "model_view_matrix": (4, 4),
@@ -135,38 +133,12 @@ def gt_world(vertices: Tensor, mv: Tensor) -> Tensor:
     return vertices @ mv[:, :3, :3].transpose(1, 2) + mv[:, None, :3, 3]
 
 
-def gt_rotation(mv: Tensor) -> Tensor:
-    """R_gt = (diag(1,-1,-1,1)·MV)[:3,:3].  mv [B,4,4] -> [B,3,3]"""
-    return mv[:, :3, :3] * mv.new_tensor(FLIP_YZ)[:, None]
-
-
-def project_to_image(points: Tensor, mv: Tensor, proj: Tensor, image_height: Tensor) -> Tensor:
-    """Model space -> image pixels: P·MV·[v,1], divide by w, y = H - y.
-
-    points [B,L,3], mv [B,4,4], proj [B,4,4], image_height [B] -> [B,L,2]
-    """
-    homo = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
-    clip = homo @ (proj @ mv).transpose(1, 2)
-    xy = clip[..., :2] / clip[..., 3:]
-    return torch.stack([xy[..., 0], image_height[:, None] - xy[..., 1]], dim=-1)
-
-
-class Scorer:
+class Scorer(TopologyTensors):
     """The benchmark's metrics on one topology, for batches of GT items and predictions."""
 
     def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
-        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        super().__init__(topology, device)
         self.device = torch.device(device)
-        self.faces = as_long(topology.faces)
-        self.lmk_face_idx = as_long(topology.lmk_face_idx)
-        self.lmk_bary = torch.as_tensor(topology.lmk_bary, dtype=torch.float64, device=device)
-        self.head = as_long(topology.subsets[HEAD_SUBSET])
-        self.face = as_long(topology.subsets[FACE_SUBSET])
-        self.n_vertices = int(topology.faces.max()) + 1
-
-    def landmarks68(self, vertices: Tensor) -> Tensor:
-        """[B,V,3] -> [B,68,3] (dynamic contour row 0, as the reference)."""
-        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
 
     def prepare(self, gt: dict[str, Tensor]) -> dict[str, Tensor]:
         """GT arrays (vertices [B,V,3], model_view_matrix, projection_matrix [B,4,4], image_height
@@ -174,9 +146,9 @@ class Scorer:
         [B,68,3], rotation [B,3,3], bbox [B,4]."""
         mv = gt["model_view_matrix"]
         world = gt_world(gt["vertices"], mv)
-        return {"landmarks_2d": project_to_image(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"],
-                                                 gt["image_height"]),
-                "world": world, "landmarks_world": self.landmarks68(world), "rotation": gt_rotation(mv),
+        return {"landmarks_2d": project(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"],
+                                        gt["image_height"]),
+                "world": world, "landmarks_world": self.landmarks68(world), "rotation": flip_yz(mv),
                 "bbox": gt["bbox"]}
 
     def __call__(self, gt: dict[str, Tensor], preds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

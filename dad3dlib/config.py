@@ -43,6 +43,71 @@ SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", 
             "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
 MAPPINGS = ("data", "model", "loss", "optim", "trainer", "study", "launcher")
+HOLDOUT_FRACTION = 0.1  # default data.holdout_fraction
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults, and what a run's directory records
+# --------------------------------------------------------------------------------------------
+DEFAULTS: dict = {
+    "seed": 1,
+    "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
+              "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
+              "pose_prior_samples": 64, "bifpn_levels": 3, "bifpn_depthwise_kernel": 3, "bifpn_act": "silu",
+              "bifpn_bn_momentum": 0.1, "bifpn_bn_eps": 1e-5, "bifpn_downsample": "maxpool",
+              "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
+    "loss": {"lambdas": {k: t.reference_weight for k, t in LOSS_TERMS.items()}, "heatmap_loss": "awing"},
+    "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
+             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION},
+    "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
+              "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
+    "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
+                "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
+                "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
+                "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
+                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None},
+}
+# Keys added after studies had run, whose defaults reproduce what ran before them: they count in a
+# run's training fingerprint only when set otherwise, so that finished runs stay finished.
+LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
+                        "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
+              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs",)}
+MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
+
+
+def with_defaults(params: dict) -> dict:
+    """A copy of ``params`` with every missing key from :data:`DEFAULTS`; unknown keys of the
+    sections training reads (model is checked by create_model) raise ValueError."""
+    out = copy.deepcopy(params)
+    for section, defaults in DEFAULTS.items():
+        if not isinstance(defaults, dict):
+            out.setdefault(section, defaults)
+            continue
+        given = out.setdefault(section, {}) or {}
+        unknown = set(given) - set(defaults) if section != "model" else set()
+        if unknown:
+            raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+        out[section] = {**copy.deepcopy(defaults), **given}
+    if out["optim"]["schedule"] not in CHECKPOINT_POLICY:
+        raise ValueError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(CHECKPOINT_POLICY)})")
+    return out
+
+
+TRAINING_RECORD = "training.json"  # precision used, processes, the checkpoint to evaluate (step, why), the splits
+CHECKPOINT_POLICY = {  # optim.schedule -> (checkpoint file, why); the schedules train.SCHEDULES implements
+    "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
+    "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),
+}
+
+
+def evaluation_checkpoint(params: dict, out_dir: Path) -> tuple[Path, str]:
+    """The checkpoint a run is evaluated on, by its schedule (:data:`CHECKPOINT_POLICY`), and why;
+    ``last.ckpt`` when the policy's file does not exist (no validation ran)."""
+    name, why = CHECKPOINT_POLICY[params["optim"]["schedule"]]
+    path = out_dir / "checkpoints" / name
+    if not path.exists():
+        path, why = out_dir / "checkpoints" / "last.ckpt", f"{why}; no {name} was written, so the last step"
+    return path, why
 
 
 def _integer(v) -> bool:
@@ -194,10 +259,8 @@ def training_fingerprint(params: dict) -> str:
     """A short hash of everything that changes what a run trains (not its name, nor where it runs:
     :data:`PLACEMENT_KEYS`). Params count with their defaults filled in (a run's ``params.yaml``
     rewritten by training hashes as the params it was started with); keys added later
-    (``train.LATER_KEYS``) count only when they differ from their defaults. Data under outputs/ counts by
+    (:data:`LATER_KEYS`) count only when they differ from their defaults. Data under outputs/ counts by
     its path relative to outputs/, so a moved checkout keeps its finished runs."""
-    from .train import DEFAULTS, LATER_KEYS, with_defaults
-
     params = with_defaults(params)
     for section, keys in LATER_KEYS.items():
         params[section] = {k: v for k, v in params[section].items()

@@ -29,9 +29,10 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
+from .config import HOLDOUT_FRACTION
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
-from .render import project
+from .geometry import apply_affine, flip_yz, landmarks_from_vertices, project
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ MARGIN_TRAIN = (0.05, 0.15)   # random bbox growth per side, fraction of the bbo
 MARGIN_EVAL = 0.10            # fixed growth per side in evaluation
 _SCALE = (1.0 / (255.0 * IMAGENET_STD))[:, None, None]
 _SHIFT = (IMAGENET_MEAN / IMAGENET_STD)[:, None, None]
-FLIP_YZ = np.diag([1.0, -1.0, -1.0])  # GT rotation R = FLIP_YZ @ MV[:3,:3]
 CACHE_VERSION = 1
 
 
@@ -67,11 +67,6 @@ def crop_affine(bbox, margins, size: int, clip_to: tuple[int, int] | None = None
     s = size / max(x1 - x0, y1 - y0)
     return np.array([[s, 0.0, (size - s * (x1 - x0)) / 2.0 - s * x0],
                      [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
-
-
-def apply_affine(A, points):
-    """A [...,2,3], points [...,N,2] -> [...,N,2] (numpy or torch)."""
-    return points @ A[..., :, :2].swapaxes(-1, -2) + A[..., None, :, 2]
 
 
 def warp_crop(image: np.ndarray, A: np.ndarray, size: int) -> np.ndarray:
@@ -335,8 +330,8 @@ class SplitIndex:
 def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
                      topology: FlameTopology) -> np.ndarray:
     """68 GT landmarks in image pixels: embedding on model space, then MV, P. [68,2]"""
-    tri = vertices.astype(np.float64)[topology.faces[topology.lmk_face_idx]]          # [68,3,3]
-    lmk = (tri * topology.lmk_bary[:, :, None].astype(np.float64)).sum(1)           # [68,3]
+    lmk = landmarks_from_vertices(vertices.astype(np.float64), topology.faces, topology.lmk_face_idx,
+                                  topology.lmk_bary)                                # [68,3]
     return project(lmk, mv, P, height)
 
 
@@ -591,7 +586,7 @@ class DAD3DHeadsDataset(Dataset):
             "heatmaps": torch.from_numpy(gaussian_heatmaps(lmk_crop, visibility, S, **HEATMAP)),
             "vertices_crop": torch.tensor(vertices_crop, dtype=torch.float32),
             "vertices_model": torch.tensor(verts, dtype=torch.float32),
-            "rotation": torch.tensor(FLIP_YZ @ mv[:3, :3], dtype=torch.float32),
+            "rotation": torch.tensor(flip_yz(mv), dtype=torch.float32),
             "landmarks_2d_image": torch.tensor(lmk_img, dtype=torch.float32),
         })
         return out
@@ -600,7 +595,6 @@ class DAD3DHeadsDataset(Dataset):
 # --------------------------------------------------------------------------------------------
 # The split protocol: which split each stage of a run uses
 # --------------------------------------------------------------------------------------------
-HOLDOUT_FRACTION = 0.1  # default data.holdout_fraction
 HOLDOUT_PARTS = {"fit": False, "holdout": True}  # "train-<part>": train without / only its holdout
 
 

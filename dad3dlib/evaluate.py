@@ -27,15 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
+from .config import with_defaults
 from .data import data_root, flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
-from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, landmarks_from_vertices,
-                    load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
-from .model import FRONTAL_ROT6D
-from .train import crop_to_image, fit_weak_perspective, load_model, with_defaults
+from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
+                    fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
+from .geometry import crop_to_image
+from .model import FRONTAL_ROT6D, load_model, pose_prior
 
-HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n
-FACE_SUBSET = "face"
 METRIC_COLUMNS = M.metric_names()  # every registered metric (metrics.METRICS)
 
 
@@ -72,19 +71,7 @@ def mesh_views(layer: FlameLayer, params: Tensor, crop_size: int, crop_affine: T
             "rotation": rot6d_to_matrix(split_3dmm(params)["rot6d"])}
 
 
-class Topology:
-    """The CPU tensors of a FLAME layer that the metrics need."""
-
-    def __init__(self, layer: FlameLayer):
-        self.faces = layer.faces.cpu()
-        self.lmk_face_idx, self.lmk_bary = layer.lmk_face_idx.cpu(), layer.lmk_bary.cpu()
-        self.head, self.face = layer.subset(HEAD_SUBSET).cpu(), layer.subset(FACE_SUBSET).cpu()
-
-    def landmarks68(self, vertices: Tensor) -> Tensor:
-        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
-
-
-def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topology,
+def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: TopologyTensors,
                    refine_iters: int = 0) -> tuple[dict[str, Tensor], Tensor]:
     """Every registered metric per sample ([B] each, METRIC_COLUMNS) and the face-region
     distances [B,P] mm.
@@ -153,7 +140,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     import pandas as pd
     from tqdm import tqdm
 
-    topo = Topology(layer)
+    topo = TopologyTensors(layer.topology)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
@@ -202,7 +189,7 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
 
     batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], crop_affine [B,2,3],
-    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`train.pose_prior`)
+    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
     -> predict_batch's dict
     """
     gt_mesh, gt_pose = REFERENCES[name][:2]
@@ -226,11 +213,10 @@ def evaluate_references(params: dict, out_dir: str | Path, split: str | None = N
                         progress: bool = True) -> dict:
     """Evaluate the reference predictors on ``split`` of a run's data (None: the evaluation split of
     :func:`dad3dlib.data.split_protocol`), the pose prior fitted as training fits it
-    (:func:`train.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
+    (:func:`model.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
     split, never the evaluation split; here at the evaluation crop, so that it is deterministic). Writes
     ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
     description, the prior and the data it was measured on); returns {name: aggregate}."""
-    from .train import pose_prior
 
     params = with_defaults(params)
     d = params["data"]
@@ -290,7 +276,7 @@ def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, spli
 # --------------------------------------------------------------------------------------------
 # Submission in the reference benchmark's format
 # --------------------------------------------------------------------------------------------
-def submission_entries(pred: dict[str, Tensor], topo: Topology) -> list[dict]:
+def submission_entries(pred: dict[str, Tensor], topo: TopologyTensors) -> list[dict]:
     """predict_batch output -> reference submission entries: 68_landmarks_2d and N_landmarks_3d
     in original-image pixels (depth growing away from the camera, as the benchmark's Z_n expects),
     7_landmarks_3d of that mesh, the 3DMM rotation matrix."""
@@ -313,7 +299,7 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     dataset, assets = _split_dataset(params, split, annotations=False)
     dev = resolve_device(device)
     model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
-    topo = Topology(layer)
+    topo = TopologyTensors(layer.topology)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     submission = {}
     for batch in tqdm(loader, desc="predict", unit="batch", disable=len(loader) < 2):

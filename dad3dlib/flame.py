@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .files import atomic_write
+from .geometry import landmarks_from_vertices
 
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
 N_3DMM = N_SHAPE + N_EXPR + N_JAW + N_ROT6D + N_TRANS + N_SCALE  # 413
@@ -29,6 +30,8 @@ LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
                ("rot6d", N_ROT6D), ("translation", N_TRANS), ("scale", N_SCALE))
 ALIGN7 = (36, 39, 42, 45, 33, 48, 54)
 SUBSETS = ("face", "face_w_ears", "head")
+HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n (the reference's head_indices.npy)
+FACE_SUBSET = "face"
 CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (DAD-3DNet's canonical space)
 
 MODEL_FILE = "generic_model.pkl"
@@ -327,18 +330,29 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
     return out
 
 
+class TopologyTensors:
+    """The topology the metrics read, as tensors on one device: ``faces`` [F,3], ``lmk_face_idx``
+    [68] and ``lmk_bary`` [68,3] (the 68 landmarks, dynamic contour row 0), the ``head``
+    (:data:`HEAD_SUBSET`) and ``face`` (:data:`FACE_SUBSET`) vertex ids [n], ``n_vertices``.
+    Evaluation and the benchmark scorer share it."""
+
+    def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
+        as_long = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.long, device=device)  # noqa: E731
+        self.faces = as_long(topology.faces)
+        self.lmk_face_idx = as_long(topology.lmk_face_idx)
+        self.lmk_bary = torch.as_tensor(topology.lmk_bary, device=device)
+        self.head = as_long(topology.subsets[HEAD_SUBSET])
+        self.face = as_long(topology.subsets[FACE_SUBSET])
+        self.n_vertices = int(topology.faces.max()) + 1
+
+    def landmarks68(self, vertices: Tensor) -> Tensor:
+        """[B,V,3] -> [B,68,3]"""
+        return landmarks_from_vertices(vertices, self.faces, self.lmk_face_idx, self.lmk_bary)
+
+
 # --------------------------------------------------------------------------------------------
 # Pure functions: landmarks, rotations, the 3DMM vector
 # --------------------------------------------------------------------------------------------
-def landmarks_from_vertices(vertices: Tensor, faces: Tensor, face_idx: Tensor, bary: Tensor) -> Tensor:
-    """Barycentric landmark points.
-
-    vertices [B,V,3], faces [F,3] long, face_idx [L] long, bary [L,3] -> [B,L,3]
-    """
-    tri = vertices[:, faces[face_idx]]  # [B,L,3(corners),3]
-    return (tri * bary.to(vertices.dtype)[None, :, :, None]).sum(dim=2)
-
-
 def rot6d_to_matrix(x: Tensor) -> Tensor:
     """6D rotation (a, b) -> matrix with columns (b1, b2, b3) (Zhou et al., CVPR 2019).
 
@@ -382,6 +396,20 @@ def weak_perspective(vertices: Tensor, R: Tensor, translation: Tensor, scale: Te
     return (v + 1.0) / 2.0 * crop_size
 
 
+def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop: Tensor,
+                         crop_size: float) -> tuple[Tensor, Tensor]:
+    """Least-squares scale s and translation (tx, ty) with (s·R·(v + z-offset))_xy + t = crop coords
+    in [-1,1], the model's weak perspective (flame.weak_perspective) applied to GT.
+
+    vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2] px -> s [B], t [B,2]
+    """
+    src = ((vertices_model + vertices_model.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ rotation.transpose(1, 2))[..., :2]
+    dst = vertices_crop / crop_size * 2 - 1
+    src_c, dst_c = src - src.mean(1, keepdim=True), dst - dst.mean(1, keepdim=True)
+    s = (src_c * dst_c).sum((1, 2)) / (src_c ** 2).sum((1, 2))
+    return s, dst.mean(1) - s[:, None] * src.mean(1)
+
+
 # --------------------------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------------------------
@@ -393,6 +421,7 @@ class FlameLayer(nn.Module):
         if assets.model is None:
             raise FlameFormatError(f"{assets.path}: {MODEL_FILE} is needed for the FLAME layer")
         m, t = assets.model, assets.topology
+        self.topology = t
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
         self.register_buffer("v_template", f32(m.v_template))
         self.register_buffer("shapedirs", f32(m.shapedirs))

@@ -17,9 +17,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .flame import ALIGN7
+from .flame import ALIGN7, FlameLayer, rot6d_to_matrix, split_3dmm
+from .geometry import crop_to_image, flip_yz
 
 MM_PER_METRE = 1000.0
+Z_N = 5                     # Z_n accuracy at n = 5 (the reference benchmark's Z5)
 INTER_EYE_UNITS = 20.0      # the reference benchmark scales GT so that |lmk39 - lmk42| = 20
 INNER_EYE_CORNERS = (39, 42)
 _MIN_TRIANGLE_AREA_MM2 = 1e-6  # pytorch3d treats smaller triangles as degenerate (default 5e-3)
@@ -144,7 +146,7 @@ def yaw_pitch_roll_deg(R: Tensor) -> Tensor:
     gives Q = I), then decomposed as Q = Ry(yaw)·Rx(pitch)·Rz(roll).
     R [B,3,3] -> [B,3] (yaw, pitch, roll)
     """
-    Q = R * R.new_tensor([1.0, -1.0, -1.0])[:, None]
+    Q = flip_yz(R)
     yaw = torch.atan2(Q[..., 0, 2], Q[..., 2, 2])
     pitch = torch.asin(torch.clamp(-Q[..., 1, 2], -1.0, 1.0))
     roll = torch.atan2(Q[..., 1, 0], Q[..., 1, 1])
@@ -343,7 +345,7 @@ class Metric:
     ``benchmark``), "attributes" (the report's plots by image attribute).
     ``sample(c) -> [B]``: the value per sample in a study's evaluation, from the batch context
     ``c`` that ``evaluate.sample_metrics`` builds: ``pred`` and ``batch`` (as given to it),
-    ``topo`` (evaluate.Topology), ``pred_vertices`` / ``gt_vertices`` [B,V,3] canonical predicted
+    ``topo`` (flame.TopologyTensors), ``pred_vertices`` / ``gt_vertices`` [B,V,3] canonical predicted
     and GT model-space meshes (float64), ``pred_lmk68`` / ``gt_lmk68`` [B,68,3] their landmarks,
     ``R`` / ``R_gt`` [B,3,3], ``zn_pred`` / ``zn_gt`` [B,N,3] the Z_n head points (predicted image
     space, GT posed; float32), ``shape`` (:func:`shape_error_mm`'s dict).
@@ -429,7 +431,16 @@ register_metric(
                                                  g["landmarks_world"], s.face)))
 
 
+def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
+    """Per-sample reprojection NME (×100, image space) and angle error (degrees): [B] each."""
+    lmk_crop = flame.landmarks68(pred["vertices_reprojected"])[..., :2]
+    lmk_img = crop_to_image(lmk_crop, batch["crop_affine"])
+    R = rot6d_to_matrix(split_3dmm(pred["params_3dmm"])["rot6d"])
+    return {"nme": nme_reprojection(lmk_img, batch["landmarks_2d_image"], batch["bbox"]),
+            "angle_error": angle_error_deg(R, batch["rotation"])}
+
+
 __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
            "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
-           "chamfer_reference", "MM_PER_METRE", "Metric", "METRICS", "register_metric", "metric_names"]
+           "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "METRICS", "register_metric", "metric_names"]

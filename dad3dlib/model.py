@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flame import N_3DMM, N_EXPR, N_JAW, N_SHAPE
+from .config import MODEL_ONLY_KEYS
+from .flame import N_3DMM, N_EXPR, N_JAW, N_SHAPE, fit_weak_perspective
 
 N_LANDMARKS = 68
 N_SHAPE_HEAD = N_SHAPE + N_EXPR + N_JAW  # 403, tanh * 3
@@ -377,3 +378,47 @@ def create_model(cfg: dict) -> nn.Module:
         return MODELS[name](**cfg)
     except TypeError as e:
         raise ValueError(f"model '{name}': bad config keys {sorted(cfg)} ({e})") from e
+
+
+# --------------------------------------------------------------------------------------------
+# Training checkpoints and the pose prior
+# --------------------------------------------------------------------------------------------
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a training checkpoint was written at; None when it cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
+    except Exception:
+        return None
+
+
+def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
+    """The network of a training checkpoint (eval mode) and its params; FLAME is not needed."""
+    ckpt = Path(ckpt)
+    try:
+        data = torch.load(ckpt, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    params = data["hyper_parameters"]["params"]
+    cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS} | {"pretrained_path": None}
+    model = create_model(cfg)
+    prefix = "model."
+    model.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
+    return model.eval(), params
+
+
+@torch.no_grad()
+def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
+    """The median weak-perspective scale and translation of the first ``n`` samples of a dataset
+    (their ground truth fitted by :func:`dad3dlib.flame.fit_weak_perspective`): {"scale", "tx", "ty"}."""
+    items = [dataset[i] for i in range(min(n, len(dataset)))]
+    stack = lambda k: torch.stack([torch.as_tensor(it[k]) for it in items]).float()  # noqa: E731
+    s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)
+    scale, trans = s.median(), t.median(0).values
+    return {"scale": float(scale), "tx": float(trans[0]), "ty": float(trans[1])}
+
+
+@torch.no_grad()
+def set_pose_prior(model: nn.Module, prior: dict) -> None:
+    """Set the pose head's bias to a :func:`pose_prior` (rotation stays frontal)."""
+    rot6d = model.pose_head[-1].bias[:6].clone()
+    model.set_pose_prior(rot6d, torch.tensor([prior["tx"], prior["ty"]]), prior["scale"])

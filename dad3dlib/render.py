@@ -4,7 +4,7 @@ Blinn-Phong shading, z-buffer, with the DAD-3DHeads camera convention.
 Convention (docs/ARCHITECTURE.md): ``P`` maps camera space straight to pixels, bottom-up;
 ``MV`` maps model space to camera space (the camera looks down -z). OpenGL's clip space is
 ``N @ P @ MV`` with ``N`` the pixel -> NDC map below; rows are flipped to top-down on read-back.
-:func:`project` is the one projection formula (docs/ARCHITECTURE.md, conventions) every module uses for annotations.
+:func:`dad3dlib.geometry.project` is the one projection formula (docs/ARCHITECTURE.md, conventions) every module uses for annotations.
 
 Shapes: V vertices, F faces, H x W image.
 """
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
+
+from .geometry import vertex_normals
 
 _SYSTEM_PACKAGES = "libegl1 libgl1-mesa-dri"
 
@@ -56,44 +58,9 @@ def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np
                      [0.0, 0.0, 0.0, 1.0]])
 
 
-def project(vertices, mv, p, height):
-    """Image pixels (x right, y down) of model-space points.
-
-    vertices [...,N,3], mv [...,4,4], p [...,4,4], height: scalar or [...] -> [...,N,2].
-    numpy arrays or torch tensors (differentiable); ``p = P·MV·[v,1]``, ``(x, y) = p[:2]/p[3]``,
-    image ``y = height - y``.
-    """
-    m = p @ mv                                                     # [...,4,4]
-    clip = vertices @ m[..., :, :3].swapaxes(-1, -2) + m[..., None, :, 3]  # [...,N,4]
-    x = clip[..., 0] / clip[..., 3]
-    y = clip[..., 1] / clip[..., 3]
-    if not np.isscalar(height):
-        height = height[..., None]
-    stack = np.stack if isinstance(x, np.ndarray) else _torch_stack
-    return stack([x, height - y], -1)
-
-
-def _torch_stack(tensors, dim):
-    import torch
-
-    return torch.stack(tensors, dim)
-
-
 def pixel_to_ndc(width: int, height: int) -> np.ndarray:
     """N [4,4]: pixels (bottom-up) -> OpenGL normalized device coordinates."""
     return np.array([[2.0 / width, 0, 0, -1], [0, 2.0 / height, 0, -1], [0, 0, 1, 0], [0, 0, 0, 1]])
-
-
-def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
-    """Area-weighted unit vertex normals. vertices [V,3], faces [F,3] -> [V,3] float32."""
-    tri = vertices[faces]                                              # [F,3,3]
-    fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])        # [F,3], |fn| = 2·area
-    n = np.zeros_like(vertices, dtype=np.float64)
-    for corner in range(3):
-        for axis in range(3):
-            n[:, axis] += np.bincount(faces[:, corner], fn[:, axis], minlength=len(vertices))
-    n /= np.maximum(np.linalg.norm(n, axis=1, keepdims=True), 1e-12)
-    return n.astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +235,7 @@ class Renderer:
 
     def project_gl(self, points: np.ndarray, model_view: np.ndarray, projection: np.ndarray) -> np.ndarray:
         """The GPU pipeline's own projection (transform feedback + viewport transform) of model-space
-        points [N,3] -> image pixels [N,2] top-down; for checking :func:`project`."""
+        points [N,3] -> image pixels [N,2] top-down; for checking :func:`dad3dlib.geometry.project`."""
         ctx = self.ctx
         if self._project_program is None:
             self._project_program = ctx.program(vertex_shader=_PROJECT_SHADER, varyings=["out_clip"])

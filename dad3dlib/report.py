@@ -16,6 +16,7 @@ from .config import LOSS_TERMS
 from .files import atomic_write
 from .metrics import METRICS as REGISTRY
 from .metrics import metric_names
+from .geometry import FLIP_YZ
 
 # name: (label, lower is better), the registered metrics in the study scope (metrics.METRICS)
 METRICS = {k: (REGISTRY[k].label, REGISTRY[k].lower_is_better) for k in metric_names("study")}
@@ -448,7 +449,7 @@ def image_space_projection(height: int, z: np.ndarray) -> np.ndarray:
     return orthographic_projection(0.0, float(height), near=lo - margin, far=hi + margin)
 
 
-IMAGE_MV = np.diag([1.0, -1.0, -1.0, 1.0])
+IMAGE_MV = np.diag([*FLIP_YZ, 1.0])
 
 
 def overlay_mesh(image: np.ndarray, vertices_img: np.ndarray, faces: np.ndarray, colors=None,
@@ -562,7 +563,7 @@ def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray
 
 def _sample(params: dict, split: str, item_id: str):
     """(image RGB uint8, GT vertices in image pixels with depth [V,3]) of one item of a run's data."""
-    from .render import project
+    from .geometry import project
 
     ds = _dataset(params["data"]["root"], split, params["data"]["crop_size"], params["data"])
     i = ds.position(item_id)
@@ -778,11 +779,21 @@ def _display(points: np.ndarray, origin: np.ndarray, scale: float) -> np.ndarray
 
 def run_curves(run_dir: str | Path) -> pd.DataFrame:
     """Long table (step, epoch, metric, value) of one run's training log (resumed versions joined)."""
-    from .train import read_metrics
-
     df = read_metrics(run_dir)
     if df is None or df.empty:
         return pd.DataFrame()
     ids = [c for c in ("step", "epoch") if c in df]
     return (df.melt(id_vars=ids, value_vars=[c for c in df if c not in ids], var_name="metric")
             .dropna(subset=["value"]).assign(ablation=Path(run_dir).name))
+
+
+def read_metrics(out_dir: str | Path):
+    """All CSV logs of a run as one pandas DataFrame; rows a later (resumed) version re-did are dropped."""
+    versions = sorted((Path(out_dir) / "logs").glob("version_*/metrics.csv"),
+                      key=lambda p: int(p.parent.name.split("_")[1]))
+    frames = [pd.read_csv(p) for p in versions]
+    kept = []
+    for i, df in enumerate(frames):
+        later = [f["step"].min() for f in frames[i + 1:] if len(f)]
+        kept.append(df[df["step"] < min(later)] if later else df)
+    return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()

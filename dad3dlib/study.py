@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import REPO_ROOT
-from .config import ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
+from .config import TRAINING_RECORD, ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
 from .files import atomic_write, exclusive_lock, write_json
 from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
@@ -143,7 +143,6 @@ def write_run_metrics(run_dir: str | Path, metrics: dict, params: dict) -> Path:
     training.json). The params and metrics are also registered in the run's TensorBoard HParams
     view (:func:`dad3dlib.board.record_hparams`)."""
     from .board import record_hparams
-    from .train import TRAINING_RECORD
 
     path = Path(run_dir) / "metrics.json"
     try:

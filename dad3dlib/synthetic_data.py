@@ -27,7 +27,9 @@ import cv2
 import numpy as np
 import orjson
 
-from .render import Light, Renderer, perspective_projection, project
+from .files import atomic_write
+from .geometry import landmarks_from_vertices, project
+from .render import Light, Renderer, perspective_projection
 
 DATASET_DIR = "DAD-3DHeadsDataset"
 SPLITS = ("train", "val", "test")
@@ -474,7 +476,6 @@ class Generator:
         rng = item_rng(self.seed, split, index)
         scene = sample_scene(rng, self.cfg, self.preset["image_sizes"])
         verts = self.vertices(scene)
-        from .flame import landmarks_from_vertices
 
         torch = self._torch
         width, height = scene.size
@@ -517,20 +518,14 @@ class Generator:
         return Item(item_id, image, mask, annotation, entry)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def write_item(root: Path, split: str, item: Item) -> None:
     """Image and annotation of one item under root/DAD-3DHeadsDataset (root = --out)."""
     ok, png = cv2.imencode(".png", cv2.cvtColor(item.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:
         raise RuntimeError(f"PNG encoding failed for {item.item_id}")
-    _write_atomic(root / item.entry["img_path"], png.tobytes())
+    atomic_write(root / item.entry["img_path"], png.tobytes())
     annotation = orjson.dumps(item.annotation, option=orjson.OPT_SERIALIZE_NUMPY)
-    _write_atomic(root / item.entry["annotation_path"], annotation)
+    atomic_write(root / item.entry["annotation_path"], annotation)
 
 
 # Worker processes: one Generator each, built by the pool initializer.
@@ -630,7 +625,7 @@ def _render(root: Path, cfg: dict, preset: str, flame_assets: str, seed: int, wo
                 pool.terminate()
             _WORKER.clear()
     for split, items in entries.items():
-        _write_atomic(root / DATASET_DIR / split / f"{split}.json", json.dumps(items).encode())
+        atomic_write(root / DATASET_DIR / split / f"{split}.json", json.dumps(items).encode())
     seconds = time.perf_counter() - start
     return {"preset": preset, "config": cfg, "sampling": {**SAMPLING, **cfg.get("sampling", {})}, "seed": seed,
             "flame_assets": flame_assets, "workers": workers, "seconds": round(seconds, 2),

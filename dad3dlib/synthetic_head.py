@@ -25,6 +25,7 @@ import numpy as np
 from .flame import N_EXPR as N_EXPRESSION
 from .flame import N_SHAPE as N_IDENTITY
 from .flame import FlameModel, FlameTopology, save_flame_assets
+from .geometry import edge_counts, landmarks_from_vertices
 
 HEAD_CENTRE = np.array([0.0, 0.0, -0.05])  # where the head's bounding-box centre goes
 # meshing: voxel (m), grid box (local frame; x symmetric on the grid), vertex budget, a space
@@ -251,12 +252,6 @@ def sample_grid(sdf, step: float = GRID_STEP, box=GRID_BOX, coarse: int = 4,
     idx = np.argwhere(mask)
     vals[mask] = evaluate(idx)
     return vals, lo
-
-
-def edge_counts(faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Undirected edges [E,2] (sorted ids) and how many faces use each [E]."""
-    e = np.sort(faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1)
-    return np.unique(e, axis=0, return_counts=True)
 
 
 def mesh_report(vertices: np.ndarray, faces: np.ndarray) -> dict:
@@ -556,7 +551,7 @@ def vertex_subsets(vertices: np.ndarray, faces: np.ndarray, lmk: np.ndarray) -> 
     head: all but the neck; face_w_ears: the front of the head from under the hairline to the
     jaw, temples and ears included; face: the face proper (brows to chin, cheek to cheek).
     """
-    from .render import vertex_normals
+    from .geometry import vertex_normals
 
     head = ~is_neck(vertices)
     azimuth = np.abs(np.arctan2(vertices[:, 0], vertices[:, 2] - SUBSET_AXIS_Z))
@@ -832,7 +827,7 @@ def measure(model: FlameModel, topology: FlameTopology) -> dict[str, float]:
     """Dimensions (metres) of the template: head breadth (above the ears), front-to-back and
     chin-to-top of the head subset, outer eye-corner distance, nose tip ahead of the eye corners."""
     v = model.v_template.astype(np.float64)
-    lmk = (v[topology.faces[topology.lmk_face_idx]] * topology.lmk_bary[:, :, None]).sum(1)
+    lmk = landmarks_from_vertices(v, topology.faces, topology.lmk_face_idx, topology.lmk_bary)
     head = v[topology.subsets["head"]]
     cranium = head[head[:, 1] > lmk[17:27, 1].max() + 0.01]      # above the brows and the ears
     return {
@@ -915,7 +910,7 @@ def albedo(vertices: np.ndarray, topology: FlameTopology, rng: np.random.Generat
     vertices [V,3], topology of the mesh -> colours [V,3] float32 in [0,1]
     """
     v = np.asarray(vertices, np.float64)
-    lmk = (v[topology.faces[topology.lmk_face_idx]] * topology.lmk_bary[:, :, None]).sum(1)
+    lmk = landmarks_from_vertices(v, topology.faces, topology.lmk_face_idx, topology.lmk_bary)
     u = np.linalg.norm(lmk[45] - lmk[36]) / 0.09              # length unit: eye-corner span
     xy = v[:, :2]
     mix = lambda base, colour, w: base + (colour - base) * np.clip(w, 0, 1)[:, None]  # noqa: E731

@@ -2,7 +2,7 @@
 
     python -m dad3dlib train --params FILE [--out DIR]
 
-Params (plain nested data; every key but ``data.root`` has a default, see ``DEFAULTS``)::
+Params (plain nested data; every key but ``data.root`` has a default, see ``config.DEFAULTS``)::
 
     seed: 1
     model:   {name: dad3dnet, encoder: resnet50, bifpn_filters: 256, bifpn_repeats: 1, hidden: 512,
@@ -40,7 +40,7 @@ last step; for fixed step budgets such as the cpu preset).
 Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
 ``checkpoints/last.ckpt``, ``logs/version_N/metrics.csv`` (every weighted loss term and the learning
 rate per step, validation NME / angle error / loss terms per validation; one version per
-(re)start, :func:`read_metrics` joins them), the same curves as TensorBoard events in
+(re)start, :func:`dad3dlib.report.read_metrics` joins them), the same curves as TensorBoard events in
 ``tensorboard/``, ``progress.json`` (steps done of total, kept current for the study's display),
 ``params.yaml``. Checkpoints are written atomically
 (:class:`AtomicCheckpointIO`). Running again on the same DIR resumes from ``last.ckpt`` (from
@@ -75,7 +75,6 @@ Nothing here imports pytorch3d, papermill or moderngl.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import math
@@ -98,81 +97,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
 from .board import BOARD_DIR
-from .data import HOLDOUT_FRACTION, flame_dir, open_split, split_protocol
+from .config import (CHECKPOINT_POLICY, MODEL_ONLY_KEYS, TRAINING_RECORD, ParamsError, evaluation_checkpoint,
+                     load_params, save_params, with_defaults)
+from .data import flame_dir, open_split, split_protocol
 from .files import atomic_open, write_json
-from .flame import CANONICAL_Z_OFFSET, SUBSETS, FlameAssets, FlameLayer, load_flame_assets, rot6d_to_matrix, split_3dmm
-from .config import LOSS_TERMS
+from .flame import SUBSETS, FlameAssets, FlameLayer, load_flame_assets
 from .losses import DADLoss
-from .metrics import angle_error_deg, nme_reprojection
-from .model import cpu_has_native_bf16, create_model
+from .metrics import batch_metrics
+from .model import checkpoint_step, cpu_has_native_bf16, create_model, pose_prior, set_pose_prior
 from .progress import write_progress
 
-DEFAULTS: dict = {
-    "seed": 1,
-    "model": {"name": "dad3dnet", "encoder": "resnet50", "bifpn_filters": 256, "bifpn_repeats": 1,
-              "hidden": 512, "dropout": 0.3, "init_scale": 8.0, "pretrained_path": None,
-              "pose_prior_samples": 64, "bifpn_levels": 3, "bifpn_depthwise_kernel": 3, "bifpn_act": "silu",
-              "bifpn_bn_momentum": 0.1, "bifpn_bn_eps": 1e-5, "bifpn_downsample": "maxpool",
-              "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
-    "loss": {"lambdas": {k: t.reference_weight for k, t in LOSS_TERMS.items()}, "heatmap_loss": "awing"},
-    "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
-             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION},
-    "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
-              "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
-    "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
-                "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
-                "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
-                "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
-                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None},
-}
-# Keys added after studies had run, whose defaults reproduce what ran before them: they count in a
-# run's training fingerprint only when set otherwise, so that finished runs stay finished.
-LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
-                        "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
-              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs",)}
 MONITOR = "val/nme"
-MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
-
-
-def with_defaults(params: dict) -> dict:
-    """A copy of ``params`` with every missing key from :data:`DEFAULTS`; unknown keys of the
-    sections this module reads (model is checked by create_model) raise ValueError."""
-    out = copy.deepcopy(params)
-    for section, defaults in DEFAULTS.items():
-        if not isinstance(defaults, dict):
-            out.setdefault(section, defaults)
-            continue
-        given = out.setdefault(section, {}) or {}
-        unknown = set(given) - set(defaults) if section != "model" else set()
-        if unknown:
-            raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
-        out[section] = {**copy.deepcopy(defaults), **given}
-    if out["optim"]["schedule"] not in SCHEDULES:
-        raise ValueError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(SCHEDULES)})")
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# Geometry helpers
-# --------------------------------------------------------------------------------------------
-def crop_to_image(points: Tensor, affine: Tensor) -> Tensor:
-    """Invert the crop map ``crop = A @ [x, y, 1]``. points [B,L,2] crop px, affine [B,2,3] -> [B,L,2]"""
-    M, t = affine[:, :, :2], affine[:, :, 2]
-    return torch.linalg.solve(M, (points - t[:, None]).transpose(1, 2)).transpose(1, 2)
-
-
-def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop: Tensor,
-                         crop_size: float) -> tuple[Tensor, Tensor]:
-    """Least-squares scale s and translation (tx, ty) with (s·R·(v + z-offset))_xy + t = crop coords
-    in [-1,1], the model's weak perspective (flame.weak_perspective) applied to GT.
-
-    vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2] px -> s [B], t [B,2]
-    """
-    src = ((vertices_model + vertices_model.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ rotation.transpose(1, 2))[..., :2]
-    dst = vertices_crop / crop_size * 2 - 1
-    src_c, dst_c = src - src.mean(1, keepdim=True), dst - dst.mean(1, keepdim=True)
-    s = (src_c * dst_c).sum((1, 2)) / (src_c ** 2).sum((1, 2))
-    return s, dst.mean(1) - s[:, None] * src.mean(1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,7 +122,7 @@ def _non_persistent(module: nn.Module) -> nn.Module:
 
 
 class DADModule(L.LightningModule):
-    """DAD-3DNet + FlameLayer + DADLoss. ``params`` as :data:`DEFAULTS` (already completed)."""
+    """DAD-3DNet + FlameLayer + DADLoss. ``params`` as :data:`dad3dlib.config.DEFAULTS` (already completed)."""
 
     def __init__(self, params: dict, flame: FlameAssets | None = None):
         super().__init__()
@@ -285,15 +220,7 @@ def _onecycle(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
 
 
 SCHEDULES = {"plateau": _plateau, "onecycle": _onecycle}
-
-
-def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
-    """Per-sample reprojection NME (×100, image space) and angle error (degrees): [B] each."""
-    lmk_crop = flame.landmarks68(pred["vertices_reprojected"])[..., :2]
-    lmk_img = crop_to_image(lmk_crop, batch["crop_affine"])
-    R = rot6d_to_matrix(split_3dmm(pred["params_3dmm"])["rot6d"])
-    return {"nme": nme_reprojection(lmk_img, batch["landmarks_2d_image"], batch["bbox"]),
-            "angle_error": angle_error_deg(R, batch["rotation"])}
+assert set(SCHEDULES) == set(CHECKPOINT_POLICY), "config.CHECKPOINT_POLICY names the schedules implemented here"
 
 
 # --------------------------------------------------------------------------------------------
@@ -394,26 +321,8 @@ class SeededSamples(torch.utils.data.Dataset):
             return self.dataset[index]
 
 
-@torch.no_grad()
-def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dict:
-    """The median weak-perspective scale and translation of the first ``n`` samples of a dataset
-    (their ground truth fitted by :func:`fit_weak_perspective`): {"scale", "tx", "ty"}."""
-    items = [dataset[i] for i in range(min(n, len(dataset)))]
-    stack = lambda k: torch.stack([torch.as_tensor(it[k]) for it in items]).float()  # noqa: E731
-    s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)
-    scale, trans = s.median(), t.median(0).values
-    return {"scale": float(scale), "tx": float(trans[0]), "ty": float(trans[1])}
-
-
-@torch.no_grad()
-def set_pose_prior(model: nn.Module, prior: dict) -> None:
-    """Set the pose head's bias to a :func:`pose_prior` (rotation stays frontal)."""
-    rot6d = model.pose_head[-1].bias[:6].clone()
-    model.set_pose_prior(rot6d, torch.tensor([prior["tx"], prior["ty"]]), prior["scale"])
-
-
 class PosePrior(L.Callback):
-    """Fit :func:`pose_prior` of the first ``n`` samples of ``dataset`` into the network when
+    """Fit :func:`dad3dlib.model.pose_prior` of the first ``n`` samples of ``dataset`` into the network when
     training starts: once, on rank 0, and sent to every other process, so that all start alike
     (and it is printed once). ``prior``: the prior set."""
 
@@ -585,8 +494,6 @@ def check_resumable(out_dir: Path, params: dict) -> None:
     """Refuse to resume ``out_dir`` with params whose network, losses or optimiser differ from the
     ones it was started with (its ``params.yaml``): the checkpoint would not fit, or would silently
     continue another experiment. Trainer settings (devices, threads, more epochs) may change."""
-    from .config import ParamsError, load_params
-
     try:
         before = with_defaults(load_params(out_dir / "params.yaml"))
     except (ParamsError, ValueError):
@@ -624,7 +531,7 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callbacks=()) -> Path:
     """Train (or resume, from :func:`resume_checkpoint`) and return the checkpoint to evaluate
-    (:func:`evaluation_checkpoint`: the last step for one-cycle, the lowest validation NME for
+    (:func:`dad3dlib.config.evaluation_checkpoint`: the last step for one-cycle, the lowest validation NME for
     plateau), recorded with the precision used in ``out_dir/training.json``. A resumed run
     continues exactly as the uninterrupted one would have (:class:`ExactResume`). Several
     processes: see the module's docstring; in a Jupyter kernel such a run trains in a child
@@ -633,8 +540,6 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks); else
     those of :func:`dad3dlib.data.split_protocol`, recorded in training.json with their sizes.
     """
-    from .config import save_params
-
     params = with_defaults(params)
     out_dir = Path(out_dir)
     if _in_kernel() and _relaunches_command(params["trainer"]):
@@ -667,7 +572,7 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     if trainer.is_global_zero:
         record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
                   "processes": trainer.world_size, "checkpoint": {"file": str(chosen.relative_to(out_dir)),
-                                                                  "step": _checkpoint_step(chosen), "why": why},
+                                                                  "step": checkpoint_step(chosen), "why": why},
                   "splits": splits and {**splits, "fit_items": len(datasets["train"]),
                                         "select_items": len(datasets["val"])}}
         write_json(out_dir / TRAINING_RECORD, record)
@@ -691,8 +596,6 @@ def train_in_child(params: dict, out_dir: Path) -> Path:
     """:func:`train` as ``python -m dad3dlib train`` in a child process, whose output is passed on,
     and the checkpoint to evaluate from its training.json. Ctrl-C (which reaches the child too: it
     is in this process group) lets the child stop, with its checkpoints, before raising."""
-    from .config import save_params
-
     tail: deque[str] = deque(maxlen=20)
     with tempfile.TemporaryDirectory() as tmp:
         save_params(params, Path(tmp) / "params.yaml")
@@ -716,62 +619,8 @@ def train_in_child(params: dict, out_dir: Path) -> Path:
     return out_dir / json.loads((out_dir / TRAINING_RECORD).read_text())["checkpoint"]["file"]
 
 
-TRAINING_RECORD = "training.json"  # precision used, processes, the checkpoint to evaluate (step, why), the splits
-CHECKPOINT_POLICY = {  # schedule -> (checkpoint file, why)
-    "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
-    "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),
-}
-
-
-def evaluation_checkpoint(params: dict, out_dir: Path) -> tuple[Path, str]:
-    """The checkpoint a run is evaluated on, by its schedule (:data:`CHECKPOINT_POLICY`), and why;
-    ``last.ckpt`` when the policy's file does not exist (no validation ran)."""
-    name, why = CHECKPOINT_POLICY[params["optim"]["schedule"]]
-    path = out_dir / "checkpoints" / name
-    if not path.exists():
-        path, why = out_dir / "checkpoints" / "last.ckpt", f"{why}; no {name} was written, so the last step"
-    return path, why
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:
-        return None
-
-
-def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, dict]:
-    """The network of a training checkpoint (eval mode) and its params; FLAME is not needed."""
-    ckpt = Path(ckpt)
-    try:
-        data = torch.load(ckpt, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-    params = data["hyper_parameters"]["params"]
-    cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS} | {"pretrained_path": None}
-    model = create_model(cfg)
-    prefix = "model."
-    model.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
-    return model.eval(), params
-
-
-def read_metrics(out_dir: str | Path):
-    """All CSV logs of a run as one pandas DataFrame; rows a later (resumed) version re-did are dropped."""
-    import pandas as pd
-
-    versions = sorted((Path(out_dir) / "logs").glob("version_*/metrics.csv"),
-                      key=lambda p: int(p.parent.name.split("_")[1]))
-    frames = [pd.read_csv(p) for p in versions]
-    kept = []
-    for i, df in enumerate(frames):
-        later = [f["step"].min() for f in frames[i + 1:] if len(f)]
-        kept.append(df[df["step"] < min(later)] if later else df)
-    return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
-
-
 def main(argv: list[str] | None = None) -> int:
     from . import OUTPUTS_DIR
-    from .config import load_params
 
     ap = argparse.ArgumentParser(prog="python -m dad3dlib train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", required=True, help="params YAML (a complete run's params)")

@@ -154,12 +154,6 @@ def main_show_head(argv: list[str] | None = None) -> int:
 PANEL = 256  # display size of each panel (pixels)
 
 
-def _edges(faces: np.ndarray) -> np.ndarray:
-    """Unique undirected edges [E,2] of a triangle mesh."""
-    e = np.sort(np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]), axis=1)
-    return np.unique(e, axis=0)
-
-
 def draw_overlay(image: np.ndarray, vertices_2d: np.ndarray | None, edges: np.ndarray | None,
                  landmarks: np.ndarray | None, visibility: np.ndarray | None = None, bbox=None,
                  size: int = PANEL) -> np.ndarray:
@@ -203,12 +197,13 @@ def show_data(data: str | Path, out: str | Path, split: str = "train", n: int = 
     cache (None: its default)."""
     import torch
 
-    from .data import DAD3DHeadsDataset, apply_affine, denormalize_image, flame_dir, read_image
+    from .data import DAD3DHeadsDataset, denormalize_image, flame_dir, read_image
+    from .geometry import apply_affine, edge_counts
     from .flame import load_flame_assets
 
     assets = load_flame_assets(flame_dir({"root": data, "flame_path": flame_assets}), require_model=False)
     ds = DAD3DHeadsDataset(data, split, crop_size, assets, train=True, augment=True, cache_dir=cache_dir)
-    edges = _edges(assets.topology.faces)
+    edges = edge_counts(assets.topology.faces)[0]
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     pairs = []

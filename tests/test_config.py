@@ -115,11 +115,9 @@ def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, 
 def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     """Training rewrites a run's params.yaml with every default filled in and the runner's device
     settings: the run still has the fingerprint it was planned with."""
-    from dad3dlib.train import with_defaults
-
     params = config.run_params("smoke", "no_2d", seed=2)
     rewritten = tmp_path / "params.yaml"
-    config.save_params(with_defaults(study.on_device(params, "cpu", num_threads=3)), rewritten)
+    config.save_params(config.with_defaults(study.on_device(params, "cpu", num_threads=3)), rewritten)
     assert config.training_fingerprint(config.load_params(rewritten)) == config.training_fingerprint(params)
     explicit = config.deep_merge(params, {"optim": {"schedule": "plateau"}, "trainer": {"max_steps": -1}})
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
@@ -129,9 +127,7 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
 
 def test_paper_preset_is_the_reference_recipe():
     """The official configuration's schedule, stopping and crop (docs/ARCHITECTURE.md, differences)."""
-    from dad3dlib.train import with_defaults
-
-    p = with_defaults(config.run_params("paper"))
+    p = config.with_defaults(config.run_params("paper"))
     assert p["optim"]["schedule"] == "plateau"
     assert (p["optim"]["plateau_patience"], p["optim"]["plateau_factor"], p["optim"]["min_lr"]) == (8, 0.5, 1e-6)
     assert (p["trainer"]["early_stopping_patience"], p["trainer"]["min_epochs"], p["trainer"]["max_epochs"]) == \
@@ -144,14 +140,12 @@ def test_paper_preset_is_the_reference_recipe():
 def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monkeypatch):
     """Settings added with defaults that reproduce the earlier behaviour leave the fingerprints of
     existing studies as they were (finished runs are not redone), unless a run sets them otherwise."""
-    from dad3dlib import train
-
     params = {name: config.run_params(name) for name in ("cpu", "smoke")}
     now = {name: config.training_fingerprint(p) for name, p in params.items()}
-    before = {s: {k: v for k, v in d.items() if k not in train.LATER_KEYS.get(s, ())} if isinstance(d, dict) else d
-              for s, d in train.DEFAULTS.items()}
-    monkeypatch.setattr(train, "DEFAULTS", before)
-    monkeypatch.setattr(train, "LATER_KEYS", {})
+    before = {s: {k: v for k, v in d.items() if k not in config.LATER_KEYS.get(s, ())} if isinstance(d, dict) else d
+              for s, d in config.DEFAULTS.items()}
+    monkeypatch.setattr(config, "DEFAULTS", before)
+    monkeypatch.setattr(config, "LATER_KEYS", {})
     assert {name: config.training_fingerprint(p) for name, p in params.items()} == now
     monkeypatch.undo()
     for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3),

@@ -14,7 +14,7 @@ from conftest import as_released, tiny_flame_assets
 from dad3dlib import data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
-from dad3dlib.render import project
+from dad3dlib.geometry import project
 from dad3dlib.synthetic_head import default_flame_dir
 from dad3dlib.synthetic_data import make_data
 
@@ -425,7 +425,8 @@ def other_flame(tmp_path_factory):
 def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, tmp_path, monkeypatch):
     from dad3dlib import report, viz
     from dad3dlib.evaluate import _split_dataset
-    from dad3dlib.train import make_datasets, with_defaults
+    from dad3dlib.config import with_defaults
+    from dad3dlib.train import make_datasets
 
     root, flame = other_flame
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")

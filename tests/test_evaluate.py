@@ -14,7 +14,7 @@ from conftest import random_3dmm
 from dad3dlib import benchmark as BM
 from dad3dlib import evaluate as E
 from dad3dlib import metrics as M
-from dad3dlib.flame import FlameLayer, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
+from dad3dlib.flame import FlameLayer, TopologyTensors, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
 from dad3dlib.synthetic_head import default_flame_dir
 
 torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def test_sample_metrics_computes_exactly_the_registered_metrics(setup):
     layer, params, data = setup
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=2)))
     pred = E.mesh_views(layer, params[:2], batch["image"].shape[-1], batch["crop_affine"])
-    values, _ = E.sample_metrics(pred, batch, E.Topology(layer))
+    values, _ = E.sample_metrics(pred, batch, TopologyTensors(layer.topology))
     assert tuple(values) == E.METRIC_COLUMNS == tuple(M.METRICS)
     assert all(v.shape == (2,) for v in values.values())
 
@@ -201,7 +201,7 @@ def test_submission_scores_perfectly_on_the_benchmark(setup):
     """predict's entries (image-space mesh, landmarks, rotation) for the GT's own 3DMM vectors score
     NME 0, Z5 1, chamfer 0 and pose error 0 in the benchmark: the conventions agree."""
     layer, params, data = setup
-    topo = E.Topology(layer)
+    topo = TopologyTensors(layer.topology)
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=5)))
     pred = E.predict_batch(TableModel(params), layer, batch["image"], batch["crop_affine"])
     entries = E.submission_entries(pred, topo)

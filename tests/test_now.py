@@ -16,8 +16,8 @@ from dad3dlib import cli, config, now
 from dad3dlib.data import IMAGENET_MEAN, IMAGENET_STD
 from dad3dlib.flame import ALIGN7, FlameFormatError, FlameLayer, load_flame_assets, split_3dmm
 from dad3dlib.model import create_model
+from dad3dlib.config import MODEL_ONLY_KEYS, with_defaults
 from dad3dlib.synthetic_head import default_flame_dir
-from dad3dlib.train import MODEL_ONLY_KEYS, with_defaults
 
 torch.set_num_threads(1)
 IMAGES = [("FaMoS_180424_03335_TA", "multiview_neutral", "IMG_0101"),

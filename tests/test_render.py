@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dad3dlib import render
-from dad3dlib.render import (Light, Renderer, orthographic_projection, perspective_projection, project,
-                             silhouette)
+from dad3dlib.geometry import project
+from dad3dlib.render import Light, Renderer, orthographic_projection, perspective_projection, silhouette
 
 W, H = 160, 120
 

@@ -456,7 +456,8 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
     from dad3dlib.evaluate import evaluate_references
     from dad3dlib.flame import load_flame_assets
     from dad3dlib.synthetic_head import default_flame_dir
-    from dad3dlib.train import pose_prior, train
+    from dad3dlib.model import pose_prior
+    from dad3dlib.train import train
 
     params, run = _released_params(released), tmp_path / "run"
     holdout = [i for i in _item_ids(released, "train") if data.holdout_score(i) < data.HOLDOUT_FRACTION]

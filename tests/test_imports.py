@@ -1,0 +1,67 @@
+"""Module structure: only training imports Lightning, and no dad3dlib modules import each other in a cycle."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import dad3dlib
+
+PACKAGE = Path(dad3dlib.__file__).parent
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+LIGHTNING_MODULES = {"train"}  # the LightningModule and the Trainer
+
+
+def module_level_imports(module: str) -> set[str]:
+    """The dad3dlib modules ``module`` imports when it is imported (its top-level ``from .x import``
+    and ``from . import x`` statements; imports inside functions run later)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    out = set()
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            names = [node.module] if node.module else [a.name for a in node.names]
+            out |= {n.split(".")[0] for n in names if n.split(".")[0] in MODULES}
+    return out
+
+
+def test_only_training_imports_lightning():
+    """Importing each module but train, one after the other in a fresh interpreter, never loads
+    Lightning (evaluation, the report and the study read runs without it)."""
+    script = ("import importlib, sys\n"
+              f"for m in {sorted(set(MODULES) - LIGHTNING_MODULES)!r}:\n"
+              "    importlib.import_module('dad3dlib.' + m)\n"
+              "    if 'lightning' in sys.modules or 'lightning.pytorch' in sys.modules:\n"
+              "        sys.exit('dad3dlib.' + m + ' imports lightning')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of a directed graph {node: successors} as [a, b, ..., a], or None."""
+    state: dict[str, str] = {}
+
+    def visit(m: str, path: list[str]) -> list[str] | None:
+        state[m] = "open"
+        for n in sorted(graph.get(m, ())):
+            if state.get(n) == "open":
+                return path + [m, n]
+            if n not in state and (cycle := visit(n, path + [m])):
+                return cycle
+        state[m] = "done"
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (cycle := visit(m, [])):
+            return cycle
+    return None
+
+
+def test_find_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_module_imports_have_no_cycle():
+    graph = {m: module_level_imports(m) for m in MODULES}
+    assert graph["train"] >= {"model", "losses"}  # the parser sees the edges
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
