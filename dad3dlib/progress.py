@@ -49,6 +49,10 @@ def format_duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def _loss_text(record: dict) -> str:
+    return f"loss {record['loss']:.4g}" if isinstance(record.get("loss"), (int, float)) else ""
+
+
 def describe(name: str, record: dict | None) -> str:
     """One line for a run: ``baseline_s1: step 300/837 (36%), loss 1.234, ETA 4m10s``."""
     if record is None:
@@ -56,7 +60,7 @@ def describe(name: str, record: dict | None) -> str:
     step, total = record["step"], record["total"]
     if step >= total:
         return f"{name}: trained ({total} steps), evaluating"
-    loss = f", loss {record['loss']:.4g}" if isinstance(record.get("loss"), (int, float)) else ""
+    loss = f", {_loss_text(record)}" if _loss_text(record) else ""
     return f"{name}: step {step}/{total} ({100 * step / total:.0f}%){loss}, ETA {format_duration(record.get('eta_s'))}"
 
 
@@ -74,7 +78,7 @@ class StudyProgress:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.total, self.done, self.log_every_s = total, done, log_every_s
-        self.started, self._logged, self._bars = time.time(), {}, {}
+        self.started, self._logged, self._bars, self._lines = time.time(), {}, {}, {}
         self._tqdm = tqdm
         self.bar = tqdm(total=total, initial=done, desc=desc, unit="run", file=self.stream, disable=not self.tty,
                         bar_format="{l_bar}{bar}| {n:.2f}/{total} runs [{elapsed}<{remaining}]{postfix}")
@@ -90,16 +94,17 @@ class StudyProgress:
             self.bar.refresh()
             for name in list(self._bars):
                 if name not in active:
-                    self._bars.pop(name).close()
-            for i, (name, r) in enumerate(records.items()):
+                    self._close_bar(name)
+            for name, r in records.items():
                 bar = self._bars.get(name)
-                if bar is None:
-                    bar = self._bars[name] = self._tqdm(total=1, desc=name, position=len(self._bars) + 1,
-                                                        leave=False, file=self.stream, unit="step")
+                if bar is None:  # the lowest line no other run's bar holds (finished ones free theirs)
+                    line = min(set(range(1, len(self._bars) + 2)) - set(self._lines.values()))
+                    bar = self._bars[name] = self._tqdm(total=1, desc=name, position=line, leave=False,
+                                                        file=self.stream, unit="step")
+                    self._lines[name] = line
                 if r:
                     bar.total, bar.n = r["total"], r["step"]
-                    bar.set_postfix_str(f"loss {r['loss']:.4g}" if isinstance(r.get("loss"), (int, float)) else "",
-                                        refresh=False)
+                    bar.set_postfix_str(_loss_text(r), refresh=False)
                     bar.refresh()
             return
         now = time.time()
@@ -107,6 +112,11 @@ class StudyProgress:
             if name not in self._logged or now - self._logged[name] >= self.log_every_s:
                 self._logged[name] = now
                 print(f"  {describe(name, r)}; study {self.eta_line(fraction)}", file=self.stream, flush=True)
+
+    def _close_bar(self, name: str) -> None:
+        if name in self._bars:
+            self._bars.pop(name).close()
+            del self._lines[name]
 
     def eta_line(self, fraction: float = 0.0) -> str:
         """``3.4/12 runs, ETA 41m``: runs done (fractions of the active ones included) and the time
@@ -120,9 +130,7 @@ class StudyProgress:
     def finished(self, result: dict) -> None:
         if result["status"] != "interrupted":
             self.done += 1
-        bar = self._bars.pop(result["run"], None)
-        if bar is not None:
-            bar.close()
+        self._close_bar(result["run"])
         if self.tty:
             self.bar.n = self.done
             self.bar.set_postfix_str(f"{result['run']}: {result['status']}")

@@ -62,3 +62,14 @@ def test_bars_in_a_terminal(tmp_path):
     shown.finished({"run": "a", "status": "finished"})
     shown.close()
     assert shown.bar.n == 1
+
+
+def test_a_new_runs_bar_takes_the_line_a_finished_one_freed(tmp_path):
+    shown = StudyProgress("study cpu", total=3, stream=io.StringIO(), tty=True)
+    for name in ("a", "b", "c"):
+        write_progress(tmp_path / name, step=1, total=10, loss=1.0, started=0.0)
+    shown.update({"a": tmp_path / "a", "b": tmp_path / "b"})
+    shown.finished({"run": "a", "status": "finished"})
+    shown.update({"b": tmp_path / "b", "c": tmp_path / "c"})
+    assert shown._lines == {"b": 2, "c": 1}  # not two bars on line 2
+    shown.close()
