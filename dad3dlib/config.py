@@ -242,9 +242,18 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     params["ablation_description"] = abl.get("description", "")
     params["seed"] = int(seed)
     data = params.setdefault("data", {})
-    if data.get("root") and not Path(data["root"]).is_absolute():  # relative roots live under outputs/
-        data["root"] = str(OUTPUTS_DIR / data["root"])
+    if data.get("root"):
+        data["root"] = str(data_root(data))
     return validate_params(params, f"{ppath} + {apath}")
+
+
+def data_root(data: dict) -> Path:
+    """The directory of a data section's data set, by one rule for every reader of params: ``data.root``
+    with ``~`` expanded; a relative root is under outputs/ (where the presets keep generated data)."""
+    if not data.get("root"):
+        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
+    root = Path(data["root"]).expanduser()
+    return root if root.is_absolute() else OUTPUTS_DIR / root
 
 
 def load_params(path: str | Path) -> dict:

@@ -29,7 +29,7 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
-from .config import HOLDOUT_FRACTION
+from .config import HOLDOUT_FRACTION, data_root
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
 from .geometry import apply_affine, flip_yz, landmarks_from_vertices, project
@@ -175,17 +175,6 @@ def dataset_dir(root: str | Path) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: data directory not found (expected one holding {DATASET_DIR}/)")
     return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
-
-
-def data_root(data: dict) -> Path:
-    """``data.root`` as given when absolute or existing, else under outputs/ (where the study's
-    presets keep generated data)."""
-    from . import OUTPUTS_DIR
-
-    if not data.get("root"):
-        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
-    root = Path(data["root"]).expanduser()
-    return root if root.is_absolute() or root.exists() else OUTPUTS_DIR / root
 
 
 def flame_dir(data: dict) -> Path:

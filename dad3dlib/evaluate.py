@@ -27,13 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .config import with_defaults
-from .data import data_root, flame_dir, open_split, split_protocol
+from .config import data_root, with_defaults
+from .data import flame_dir, open_split, split_protocol
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
                     fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
-from .geometry import crop_to_image
-from .model import FRONTAL_ROT6D, load_model, pose_prior
+from .geometry import FRONTAL_ROT6D, crop_to_image
+from .model import load_model, pose_prior
 
 METRIC_COLUMNS = M.metric_names()  # every registered metric (metrics.METRICS)
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 FLIP_YZ = (1.0, -1.0, -1.0)  # diag(1,-1,-1): OpenGL camera axes <-> the 3DMM rotation's axes
+FRONTAL_ROT6D = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # R = diag(FLIP_YZ) in 6D (its first two columns): facing the camera
 
 
 def flip_yz(matrix):
@@ -38,6 +39,31 @@ def project(vertices, mv, p, height):
         height = height[..., None]
     stack = np.stack if isinstance(x, np.ndarray) else torch.stack
     return stack([x, height - y], -1)
+
+
+def perspective_projection(focal_px: float, cx: float, cy: float, near: float, far: float) -> np.ndarray:
+    """P [4,4] float64 mapping camera space to pixels (bottom-up) with OpenGL depth terms.
+
+    ``(cx, cy)``: principal point in pixels, y measured bottom-up (as ``P`` itself).
+    ``P = [[f,0,-cx,0],[0,f,-cy,0],[0,0,A,B],[0,0,-1,0]]``: ``x = cx + f·X/(-Z)``.
+    """
+    a = -(far + near) / (far - near)
+    b = -2.0 * far * near / (far - near)
+    return np.array([[focal_px, 0.0, -cx, 0.0],
+                     [0.0, focal_px, -cy, 0.0],
+                     [0.0, 0.0, a, b],
+                     [0.0, 0.0, -1.0, 0.0]])
+
+
+def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np.ndarray:
+    """P [4,4] float64 of an orthographic camera in pixel units: ``x = cx + X``, ``y = cy + Y``
+    (bottom-up), with the depth terms of :func:`perspective_projection`: ``near`` and ``far`` are
+    distances along the view direction (``-Z``) mapped to OpenGL depth -1 and +1, so nearer wins.
+    """
+    return np.array([[1.0, 0.0, 0.0, cx],
+                     [0.0, 1.0, 0.0, cy],
+                     [0.0, 0.0, -2.0 / (far - near), -(far + near) / (far - near)],
+                     [0.0, 0.0, 0.0, 1.0]])
 
 
 def apply_affine(A, points):

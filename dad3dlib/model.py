@@ -24,11 +24,11 @@ from torch import Tensor, nn
 
 from .config import MODEL_ONLY_KEYS
 from .flame import N_3DMM, N_EXPR, N_JAW, N_SHAPE, fit_weak_perspective
+from .geometry import FRONTAL_ROT6D
 
 N_LANDMARKS = 68
 N_SHAPE_HEAD = N_SHAPE + N_EXPR + N_JAW  # 403, tanh * 3
 N_POSE_HEAD = N_3DMM - N_SHAPE_HEAD      # 10: rot6d, translation, scale - 1
-FRONTAL_ROT6D = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # R = diag(1,-1,-1): a head facing the camera
 HEATMAP_PRIOR = 0.01  # initial sigmoid of the heatmap logits (most pixels are background)
 
 

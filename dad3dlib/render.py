@@ -33,31 +33,6 @@ class Light:
     shininess: float = 24.0
 
 
-def perspective_projection(focal_px: float, cx: float, cy: float, near: float, far: float) -> np.ndarray:
-    """P [4,4] float64 mapping camera space to pixels (bottom-up) with OpenGL depth terms.
-
-    ``(cx, cy)``: principal point in pixels, y measured bottom-up (as ``P`` itself).
-    ``P = [[f,0,-cx,0],[0,f,-cy,0],[0,0,A,B],[0,0,-1,0]]``: ``x = cx + f·X/(-Z)``.
-    """
-    a = -(far + near) / (far - near)
-    b = -2.0 * far * near / (far - near)
-    return np.array([[focal_px, 0.0, -cx, 0.0],
-                     [0.0, focal_px, -cy, 0.0],
-                     [0.0, 0.0, a, b],
-                     [0.0, 0.0, -1.0, 0.0]])
-
-
-def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np.ndarray:
-    """P [4,4] float64 of an orthographic camera in pixel units: ``x = cx + X``, ``y = cy + Y``
-    (bottom-up), with the depth terms of :func:`perspective_projection`: ``near`` and ``far`` are
-    distances along the view direction (``-Z``) mapped to OpenGL depth -1 and +1, so nearer wins.
-    """
-    return np.array([[1.0, 0.0, 0.0, cx],
-                     [0.0, 1.0, 0.0, cy],
-                     [0.0, 0.0, -2.0 / (far - near), -(far + near) / (far - near)],
-                     [0.0, 0.0, 0.0, 1.0]])
-
-
 def pixel_to_ndc(width: int, height: int) -> np.ndarray:
     """N [4,4]: pixels (bottom-up) -> OpenGL normalized device coordinates."""
     return np.array([[2.0 / width, 0, 0, -1], [0, 2.0 / height, 0, -1], [0, 0, 1, 0], [0, 0, 0, 1]])

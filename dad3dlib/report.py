@@ -442,7 +442,7 @@ def image_space_projection(height: int, z: np.ndarray) -> np.ndarray:
     flips y and z: camera ``Z = -z`` and the distance along the view is z itself. The depth range is
     z [V]'s own, widened by a margin so that neither the nearest nor the farthest point is clipped.
     """
-    from .render import orthographic_projection
+    from .geometry import orthographic_projection
 
     lo, hi = float(z.min()), float(z.max())
     margin = 0.05 * (hi - lo) + 1.0

@@ -160,7 +160,8 @@ def finish_run(params: dict, checkpoint: str | Path, run_dir: str | Path, device
     (:func:`dad3dlib.data.split_protocol`); when the protocol has a split to submit (the unlabelled
     test split), write its benchmark submission (``submission_<split>.json``, ``predict``'s format);
     then ``metrics.json``, last, since it marks the run finished. Returns the metrics."""
-    from .data import data_root, split_protocol
+    from .config import data_root
+    from .data import split_protocol
     from .evaluate import evaluate_run, predict
 
     splits, run_dir = split_protocol(params["data"]), Path(run_dir)

@@ -28,8 +28,8 @@ import numpy as np
 import orjson
 
 from .files import atomic_write
-from .geometry import landmarks_from_vertices, project
-from .render import Light, Renderer, perspective_projection
+from .geometry import landmarks_from_vertices, perspective_projection, project
+from .render import Light, Renderer
 
 DATASET_DIR = "DAD-3DHeadsDataset"
 SPLITS = ("train", "val", "test")

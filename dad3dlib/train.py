@@ -24,8 +24,8 @@ Params (plain nested data; every key but ``data.root`` has a default, see ``conf
 samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
 a head at the right size and place. The ``bifpn_*`` keys choose the BiFPN (model.DAD3DNet; the
 paper preset sets the reference's). ``data.clip_bbox``: clip the grown bbox to the image before
-cropping (the reference does). ``trainer.min_epochs``: no early stop before. ``data.root``: absolute, relative to the working directory, or
-else relative to outputs/. ``data.flame_path`` null: the FLAME assets recorded in the data set's
+cropping (the reference does). ``trainer.min_epochs``: no early stop before. ``data.root``: absolute, or
+relative to outputs/ (``config.data_root``). ``data.flame_path`` null: the FLAME assets recorded in the data set's
 ``make_data.json``, else the project's synthetic head. ``trainer.max_time``: seconds or
 Lightning's "DD:HH:MM:SS"; it is a budget over the whole run (resumes continue the clock).
 The data set decides the splits (:func:`dad3dlib.data.split_protocol`): training fits on train and

@@ -20,7 +20,7 @@ def orbit_camera(yaw_deg: float, pitch_deg: float, centre, distance: float, size
     x, positive looks from above), seeing ``field_m`` metres across a square image of ``size``."""
     from scipy.spatial.transform import Rotation
 
-    from .render import perspective_projection
+    from .geometry import perspective_projection
 
     R = Rotation.from_euler("xy", [pitch_deg, -yaw_deg], degrees=True).as_matrix()
     mv = np.eye(4)

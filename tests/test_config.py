@@ -5,7 +5,7 @@ from dad3dlib import config, study
 from dad3dlib.config import ParamsError
 
 
-def test_every_ablation_of_the_brief_is_there():
+def test_every_ablation_of_the_study_plan_is_there():
     assert set(config.available("ablations")) >= {"baseline", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5",
                                                   "l3d5_proj0.05", "l3d50_proj0.05"}
     assert {"smoke", "cpu", "paper"} <= set(config.available("presets"))
@@ -19,7 +19,7 @@ def test_every_ablation_of_the_brief_is_there():
     ("l3d50_proj0.5", {"l3d": 50, "l1": 100, "lproj": 0.5, "awing": 1}),
     ("l3d5_proj0.05", {"l3d": 5, "l1": 100, "lproj": 0.05, "awing": 1}),
 ])
-def test_ablation_weights_match_the_brief(ablation, lambdas):
+def test_ablation_weights_match_the_study_plan(ablation, lambdas):
     p = config.run_params("smoke", ablation, seed=3)
     assert p["loss"]["lambdas"] == pytest.approx(lambdas)
     assert p["ablation"] == ablation and p["seed"] == 3 and p["preset"] == "smoke"
@@ -110,6 +110,20 @@ def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, 
     assert config.training_fingerprint(params_moved) == before
     other = config.deep_merge(params_moved, {"data": {"root": str(tmp_path / "real_data")}})
     assert config.training_fingerprint(other) != before
+
+
+def test_data_root_has_one_rule_for_every_reader(monkeypatch, tmp_path):
+    """A relative data.root is under outputs/, whatever the working directory holds; the study's
+    planned params and a params file read by training or evaluation resolve it alike."""
+    monkeypatch.setattr(config, "OUTPUTS_DIR", tmp_path / "outputs")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "smoke").mkdir(parents=True)  # a same-named folder in the working directory
+    assert config.data_root({"root": "data/smoke"}) == tmp_path / "outputs" / "data" / "smoke"
+    assert config.run_params("smoke")["data"]["root"] == str(tmp_path / "outputs" / "data" / "smoke")
+    assert config.data_root({"root": "/abs/olute"}) == config.Path("/abs/olute")
+    assert config.data_root({"root": "~/d"}) == config.Path.home() / "d"
+    with pytest.raises(ValueError, match="data.root is not set"):
+        config.data_root({"root": None})
 
 
 def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):

@@ -370,7 +370,7 @@ def test_reads_annotations_on_the_real_flame_topology(tmp_path):
     import cv2
 
     import dad3dlib
-    from dad3dlib.render import perspective_projection
+    from dad3dlib.geometry import perspective_projection
 
     shared = dad3dlib.REPO_ROOT.parent / "shared" / "flame_topology"
     if not (shared / "flame_mesh_faces.pt").exists():

@@ -151,7 +151,7 @@ def test_reference_predictors_known_answers(setup):
     perfect; the shape-blind predictor has the constant's mesh error and no pose error; the
     pose-blind one has no mesh error and the constant's pose error (frontal vs GT rotation)."""
     from dad3dlib.metrics import angle_error_deg
-    from dad3dlib.model import FRONTAL_ROT6D
+    from dad3dlib.geometry import FRONTAL_ROT6D
 
     layer, params, data = setup
     prior = {"scale": 4.5, "tx": 0.02, "ty": -0.01}

@@ -261,9 +261,16 @@ def test_rot6d_is_a_rotation_and_matches_pytorch3d():
     eye = torch.eye(3, dtype=R.dtype).expand_as(R)
     torch.testing.assert_close(R.transpose(1, 2) @ R, eye)
     torch.testing.assert_close(torch.linalg.det(R), torch.ones(64, dtype=R.dtype))
-    # pytorch3d stacks the same basis as rows; the brief's convention is columns.
+    # pytorch3d stacks the same basis as rows; ours (the reference's) is columns.
     torch.testing.assert_close(R, rotation_6d_to_matrix(x).transpose(1, 2))
     torch.testing.assert_close(rot6d_to_matrix(matrix_to_rot6d(R)), R)
+
+
+def test_frontal_rot6d_is_the_camera_flip():
+    """The pose a head facing the camera has: the 3DMM rotation diag(FLIP_YZ)."""
+    from dad3dlib.geometry import FLIP_YZ, FRONTAL_ROT6D
+    flip = torch.diag(torch.tensor(FLIP_YZ, dtype=torch.float64))
+    torch.testing.assert_close(matrix_to_rot6d(flip), torch.tensor(FRONTAL_ROT6D, dtype=torch.float64))
 
 
 def test_3dmm_split_pack_round_trip():

@@ -5,7 +5,8 @@ import torch
 
 from dad3dlib import render
 from dad3dlib.geometry import project
-from dad3dlib.render import Light, Renderer, orthographic_projection, perspective_projection, silhouette
+from dad3dlib.geometry import orthographic_projection, perspective_projection
+from dad3dlib.render import Light, Renderer, silhouette
 
 W, H = 160, 120
 
