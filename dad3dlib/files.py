@@ -53,6 +53,15 @@ def write_json(path: str | Path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=2, default=str))
 
 
+def write_record(path: Path, obj) -> None:
+    """:func:`write_json` for a study runner's own records (provenance.json, error.json): a record that
+    cannot be written (a full disk) is one line on stderr, never a crash of the study."""
+    try:
+        write_json(path, obj)
+    except OSError as e:
+        print(f"warning: {e.strerror or e} (record not written)", file=sys.stderr)
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: str | Path, wait: bool = True):
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block; yields the open

@@ -20,6 +20,9 @@ import time
 import traceback
 from pathlib import Path
 
+from .config import ParamsError
+from .files import write_record
+
 DEFAULTS = {"name": "local", "partition": None, "gpus_per_run": 1, "cpus_per_run": None, "time_min": 720,
             "mem_gb": None, "account": None, "qos": None, "constraint": None, "array_parallelism": 32}
 CLUSTERS = {"local": None, "submitit-local": "local", "slurm": "slurm"}  # name -> submitit cluster
@@ -28,8 +31,6 @@ CLUSTERS = {"local": None, "submitit-local": "local", "slurm": "slurm"}  # name 
 def launcher_settings(params: dict, overrides: dict | None = None) -> dict:
     """The preset's ``launcher`` section over :data:`DEFAULTS`, then ``overrides`` (the command
     line; None values ignored). Unknown keys and names are refused."""
-    from .config import ParamsError
-
     section = params.get("launcher") or {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(section) - set(DEFAULTS)) + sorted(set(given) - set(DEFAULTS))
@@ -59,12 +60,11 @@ def make_executor(settings: dict, folder: Path, job_name: str):
     return executor
 
 
-def run_job(run, study_dir: Path, threads: int | None) -> dict:
-    """One job: execute one run's notebook where the job landed: on its GPU if it has one; with
+def run_job(execute, run, study_dir: Path, threads: int | None) -> dict:
+    """One job: ``execute(run, study_dir, device, threads)`` (the runner's
+    :func:`dad3dlib.study.execute_run`) where the job landed: on its GPU if it has one; with
     several, the run's ``trainer`` section decides (``devices``, ``strategy: ddp``); else on its CPUs."""
     import torch
-
-    from .study import execute_run
 
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus == 1 else "auto" if gpus > 1 else "cpu"
@@ -72,14 +72,12 @@ def run_job(run, study_dir: Path, threads: int | None) -> dict:
         # it does under SLURM only in "interactive" mode (otherwise it expects one srun task per GPU)
         os.environ["SLURM_JOB_NAME"] = "interactive"
     threads = threads or (len(os.sched_getaffinity(0)) if device == "cpu" else None)
-    return execute_run(run, study_dir, device, threads)
+    return execute(run, study_dir, device, threads)
 
 
 def job_failure(run, job, study_dir: Path) -> dict:
     """The result of a job that died outside :func:`run_job` (time limit, memory, node failure):
     recorded in the run's ``error.json`` like a failed notebook, with the job's log files named."""
-    from .study import write_record
-
     try:
         exc = job.exception()
     except Exception as e:  # the job's result cannot even be read
@@ -92,16 +90,16 @@ def job_failure(run, job, study_dir: Path) -> dict:
     return {"run": run.name, "status": "failed", "error": error["error"]}
 
 
-def execute_runs_submitit(todo: list, out: Path, settings: dict, stop, on_result=lambda r: None,
+def execute_runs_submitit(execute, todo: list, out: Path, settings: dict, stop, on_result=lambda r: None,
                           on_tick=lambda active: None, poll_s: float = 2.0) -> list[dict]:
-    """Submit ``todo`` as one job array and wait for it, like :func:`dad3dlib.study.execute_runs`
-    (same results, same callbacks). ``stop`` set (Ctrl-C): the jobs not yet ended are cancelled and
-    reported as interrupted."""
+    """Submit ``todo`` as one job array of :func:`run_job` with ``execute`` (a module-level function,
+    pickled by name) and wait for it, like :func:`dad3dlib.study.execute_runs` (same results, same
+    callbacks). ``stop`` set (Ctrl-C): the jobs not yet ended are cancelled and reported as interrupted."""
     if not todo:
         return []
     executor = make_executor(settings, out / "jobs", f"dad3d-{todo[0].params.get('preset', 'study')}")
     threads = settings["cpus_per_run"]
-    jobs = executor.map_array(run_job, todo, [out] * len(todo), [threads] * len(todo))
+    jobs = executor.map_array(run_job, [execute] * len(todo), todo, [out] * len(todo), [threads] * len(todo))
     print(f"submitted {len(jobs)} job(s) ({settings['name']}): {', '.join(str(j.job_id) for j in jobs)}; "
           f"logs in {out / 'jobs'}", flush=True)
     pending, results = dict(zip(jobs, todo)), []

@@ -42,7 +42,8 @@ from pathlib import Path
 
 from . import REPO_ROOT
 from .config import TRAINING_RECORD, ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
-from .files import atomic_write, exclusive_lock, write_json
+from .files import atomic_write, exclusive_lock, write_json, write_record
+from .launch import execute_runs_submitit, launcher_settings
 from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
 
@@ -107,15 +108,6 @@ def provenance(run: Run) -> dict:
             "fingerprint": run.fingerprint, "git_commit": commit, "git_dirty": dirty,
             "python": sys.version.split()[0], "platform": platform.platform(),
             "packages": {n: pkg(n) for n in PACKAGES}, "params": run.params}
-
-
-def write_record(path: Path, obj) -> None:
-    """:func:`write_json` for the runner's own records (provenance.json, error.json): a record that
-    cannot be written (a full disk) is one line on stderr, never a crash of the study."""
-    try:
-        write_json(path, obj)
-    except OSError as e:
-        print(f"warning: {e.strerror or e} (record not written)", file=sys.stderr)
 
 
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
@@ -538,8 +530,6 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
 
     ``launcher``: command-line launcher settings over the preset's ``launcher`` section
     (:mod:`dad3dlib.launch`); the default executes the runs here, ``jobs`` at a time."""
-    from .launch import execute_runs_submitit, launcher_settings
-
     started = time.time()
     ablations = ablations or default_ablations()
     out = Path(out).resolve()  # the notebooks run with notebooks/ as their working directory
@@ -566,7 +556,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
             if launch["name"] == "local":
                 results = execute_runs(todo, out, jobs, stop, shown.finished, shown.update)
             else:
-                results = execute_runs_submitit(todo, out, launch, stop, shown.finished, shown.update)
+                results = execute_runs_submitit(execute_run, todo, out, launch, stop, shown.finished, shown.update)
             failed = [r for r in results if r["status"] == "failed"]
             for r in failed:
                 print(f"run {r['run']} failed: {r['error']} (see {out / 'runs' / r['run'] / 'error.json'})",

@@ -48,14 +48,14 @@ def test_a_job_runs_its_run_on_what_it_was_given(monkeypatch, tmp_path, gpus, de
     the processes itself (SLURM's one-task-per-GPU detection is switched off); none: its CPUs."""
     import torch
 
-    from dad3dlib import launch, study
+    from dad3dlib import launch
 
     seen = {}
     monkeypatch.setenv("SLURM_JOB_NAME", "dad3d-paper")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    monkeypatch.setattr(study, "execute_run", lambda run, out, dev, threads: seen.update(
-        device=dev, threads=threads, job_name=os.environ["SLURM_JOB_NAME"]) or {"status": "finished"})
-    launch.run_job(SimpleNamespace(name="baseline_s1"), tmp_path, 6)
+    execute = lambda run, out, dev, threads: seen.update(  # noqa: E731
+        device=dev, threads=threads, job_name=os.environ["SLURM_JOB_NAME"]) or {"status": "finished"}
+    launch.run_job(execute, SimpleNamespace(name="baseline_s1"), tmp_path, 6)
     assert seen == {"device": device, "threads": 6, "job_name": job_name}
 
 
