@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from . import OUTPUTS_DIR, REPO_ROOT
-from .files import atomic_write
+from .files import atomic_write, read_bytes
 
 PARAMS_DIR = REPO_ROOT / "params"
 
@@ -140,10 +140,7 @@ class ParamsError(ValueError):
 
 def _read_mapping(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise ParamsError(f"{path}: cannot read params file ({e.strerror})") from e
+    text = read_bytes(path, ParamsError, "params file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

@@ -1,10 +1,12 @@
-"""Atomic file writes: a file holds either its previous content or the complete new one, never a
-truncated mix, whatever stops the writer (a full disk, a kill, a power cut).
+"""Files: atomic writes (a file holds either its previous content or the complete new one, never a
+truncated mix, whatever stops the writer: a full disk, a kill, a power cut), reads that fail in one
+line naming the file, and locks.
 
     with atomic_open(path) as f:      # a binary file object
         torch.save(obj, f)
     atomic_write(path, text_or_bytes)
     write_json(path, obj)
+    read_bytes(path, SomeError, "what")  # one line naming the file when it cannot be read
     with exclusive_lock(path): ...    # one process at a time (``flock``)
 
 Parent directories are created. The one home for writing a file that others read.
@@ -60,6 +62,15 @@ def write_record(path: Path, obj) -> None:
         write_json(path, obj)
     except OSError as e:
         print(f"warning: {e.strerror or e} (record not written)", file=sys.stderr)
+
+
+def read_bytes(path: str | Path, error: type[Exception], what: str = "") -> bytes:
+    """The content of ``path``; a file that cannot be read raises ``error`` with one line naming it:
+    ``"<path>: cannot read[ <what>] (<reason>)"``. The one home for reading a file a user gave."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read{' ' + what if what else ''} ({e.strerror or e})") from e
 
 
 @contextlib.contextmanager

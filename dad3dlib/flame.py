@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_write
+from .files import atomic_write, read_bytes
 from .geometry import landmarks_from_vertices
 
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
@@ -96,10 +96,7 @@ def safe_load_pickle(path: str | Path) -> object:
     Raises FlameFormatError naming the file for anything else (e.g. a pickle that would run code).
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise FlameFormatError(f"{path}: cannot read ({e.strerror})") from e
+    data = read_bytes(path, FlameFormatError)
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:

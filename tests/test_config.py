@@ -42,10 +42,11 @@ def test_unknown_ablation_lists_the_available_ones():
     ("loss: {lambdas: {l3d: 50, l1: 100, lproj: .inf, awing: 1}}\n", r"lambdas.lproj must be a finite .*inf"),
     ("trainer: {max_epochs: 1}\n", "an ablation may only set"),
     ("optimiser: {}\n", "unknown section"),
+    (b"name: caf\xe9\n", "malformed YAML"),  # Latin-1, not UTF-8
 ])
 def test_malformed_ablation_file_is_reported_with_its_path(tmp_path, text, match):
     bad = tmp_path / "broken.yaml"
-    bad.write_text(text)
+    bad.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ParamsError, match=match) as e:
         config.run_params("smoke", bad)
     assert "broken.yaml" in str(e.value)
