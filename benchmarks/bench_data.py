@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dad3dlib import OUTPUTS_DIR  # noqa: E402
 from dad3dlib.data import DAD3DHeadsDataset  # noqa: E402
 from dad3dlib.flame import load_flame_assets  # noqa: E402
-from dad3dlib.synthetic_data import PRESETS, make_data  # noqa: E402
+from dad3dlib.config import read_yaml, resolve  # noqa: E402
+from dad3dlib.synthetic_data import make_data  # noqa: E402
 from dad3dlib.synthetic_head import default_flame_dir  # noqa: E402
 
 
@@ -44,9 +45,9 @@ def measure(what: str, n: int, fn) -> dict:
 
 
 def bench_generation(tmp: Path, n: int, workers: int) -> dict:
-    preset = {"name": "bench", "splits": {"train": n}, "image_sizes": PRESETS["cpu"]["image_sizes"]}
+    recipe = {**read_yaml(resolve("presets", "cpu"))["data"]["synthetic"], "splits": {"train": n}}
     return measure(f"make-data (cpu preset sizes), {workers} worker(s)", n,
-                   lambda: make_data(tmp / f"gen{workers}", preset, workers=workers))
+                   lambda: make_data(tmp / f"gen{workers}", recipe, workers=workers, name="bench"))
 
 
 def bench_loader(root: Path, cache_dir: Path, crop: int, cached: bool, workers: int) -> dict:

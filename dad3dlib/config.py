@@ -58,7 +58,8 @@ DEFAULTS: dict = {
               "bifpn_lateral": "bn", "bifpn_top_inputs": 2},
     "loss": {"lambdas": {k: t.reference_weight for k, t in LOSS_TERMS.items()}, "heatmap_loss": "awing"},
     "data": {"root": None, "crop_size": 256, "batch_size": 64, "num_workers": 4, "flame_path": None,
-             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION},
+             "augment": True, "skip_bad": False, "clip_bbox": False, "holdout_fraction": HOLDOUT_FRACTION,
+             "synthetic": None},
     "optim": {"lr": 1e-4, "weight_decay": 0.0, "schedule": "plateau", "plateau_patience": 10,
               "plateau_factor": 0.5, "min_lr": 1e-7, "warmup_fraction": 0.1},
     "trainer": {"max_epochs": 100, "max_steps": -1, "max_time": None, "precision": "auto",
@@ -88,9 +89,67 @@ def with_defaults(params: dict) -> dict:
         if unknown:
             raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
         out[section] = {**copy.deepcopy(defaults), **given}
+    out["data"]["synthetic"] = synthetic_recipe(out["data"]["synthetic"])
     if out["optim"]["schedule"] not in CHECKPOINT_POLICY:
         raise ValueError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(CHECKPOINT_POLICY)})")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic data: a generated data set's recipe (data.synthetic), made by synthetic_data.make_data
+# --------------------------------------------------------------------------------------------
+# Scene distributions, the defaults of data.synthetic.sampling (angles in degrees, lengths in metres).
+SYNTHETIC_SAMPLING: dict = {
+    "yaw_sigma": 25.0, "yaw_wide_prob": 0.3, "yaw_max": 90.0,       # wide: uniform over ±max
+    "pitch_sigma": 10.0, "pitch_wide_prob": 0.1, "pitch_max": 45.0,
+    "roll_sigma": 7.0, "roll_wide_prob": 0.1, "roll_max": 35.0,
+    "fov": [20.0, 65.0],             # horizontal field of view of the larger image side
+    "head_fraction": [0.3, 0.8],     # head bbox height / image height
+    "shape_clip": 3.0,               # β ~ N(0,1) truncated at ±clip
+    "expression_prob": 0.6, "expression_sigma": [0.3, 1.3], "neutral_sigma": 0.2,
+    "jaw_prob": 0.4, "jaw_open": [0.05, 0.4],  # radians about x
+    "light_standard_prob": 0.65,
+    "occluder_prob": 0.2,
+    "torso_prob": 0.85,              # shoulders under the neck (drawn behind the head)
+    "degrade": {"blur": 0.1, "noise": 0.12, "downscale": 0.1, "jpeg": 0.08},  # ~1/3 of images "lq"
+}
+SYNTHETIC_KEYS = ("splits", "image_sizes", "seed", "sampling")
+# The recipes of the smoke, cpu and paper presets, when they were named in code and left out of the
+# fingerprint (recipe_digest): a run made from one of them counts as it did then, so that studies
+# begun before recipes were params keep their finished runs. Any other recipe counts in full.
+FORMER_RECIPES = {"131ef80b897a", "0cabc1a91db3", "015142394e4e"}
+
+
+def synthetic_recipe(given: dict | None) -> dict | None:
+    """The complete recipe of a generated data set: ``given`` = {splits: {split: images},
+    image_sizes: [[width, height], ...] (one drawn per image), seed (default 0), sampling (over
+    :data:`SYNTHETIC_SAMPLING`)}; None (a data set that is not generated) stays None. Raises
+    ValueError naming the first bad key."""
+    if given is None:
+        return None
+    if not isinstance(given, dict) or set(given) - set(SYNTHETIC_KEYS):
+        raise ValueError(f"data.synthetic must be a mapping of {', '.join(SYNTHETIC_KEYS)}, got {given!r}")
+    splits, sizes, seed = given.get("splits"), given.get("image_sizes"), given.get("seed", 0)
+    if not isinstance(splits, dict) or not splits or set(splits) - {"train", "val", "test"} or \
+            not all(_integer(n) and n >= 1 for n in splits.values()):
+        raise ValueError(f"data.synthetic.splits must map train, val, test to image counts >= 1, got {splits!r}")
+    if not isinstance(sizes, list) or not sizes or not all(
+            isinstance(s, (list, tuple)) and len(s) == 2 and all(_integer(v) and v >= 32 for v in s) for s in sizes):
+        raise ValueError(f"data.synthetic.image_sizes must be a list of [width, height] (integers >= 32), got {sizes!r}")
+    if not _integer(seed):
+        raise ValueError(f"data.synthetic.seed must be an integer, got {seed!r}")
+    sampling = given.get("sampling") or {}
+    unknown = sorted(set(sampling) - set(SYNTHETIC_SAMPLING)) + \
+        sorted(f"degrade.{k}" for k in set(sampling.get("degrade") or {}) - set(SYNTHETIC_SAMPLING["degrade"]))
+    if unknown:
+        raise ValueError(f"data.synthetic.sampling: unknown key(s) {unknown}; known: {sorted(SYNTHETIC_SAMPLING)}")
+    return {"splits": dict(splits), "image_sizes": [list(s) for s in sizes], "seed": seed,
+            "sampling": deep_merge(SYNTHETIC_SAMPLING, sampling)}
+
+
+def recipe_digest(recipe: dict) -> str:
+    """A short hash of a complete recipe (:func:`synthetic_recipe`)."""
+    return hashlib.sha1(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
 
 TRAINING_RECORD = "training.json"  # precision used, processes, the checkpoint to evaluate (step, why), the splits
@@ -199,6 +258,13 @@ def validate_params(params: dict, source: str) -> dict:
     for name in MAPPINGS:
         if params.get(name) is not None and not isinstance(params[name], dict):
             raise ParamsError(f"{source}: '{name}' must be a mapping, got {params[name]!r}")
+    if set(params.get("study") or {}) & {"make_data", "data_seed"}:
+        raise ParamsError(f"{source}: study.make_data and study.data_seed are now data.synthetic, the generated data "
+                          "set's recipe (splits, image_sizes, seed, sampling; see params/presets/cpu.yaml)")
+    try:
+        synthetic_recipe((params.get("data") or {}).get("synthetic"))
+    except ValueError as e:
+        raise ParamsError(f"{source}: {e}") from None
     for (section, key), (ok, what) in FIELD_CHECKS.items():
         value = (params.get(section) or {}).get(key)
         if value is not None and not ok(value):
@@ -208,7 +274,9 @@ def validate_params(params: dict, source: str) -> dict:
     return params
 
 
-def _resolve(kind: str, name_or_path: str | Path) -> Path:
+def resolve(kind: str, name_or_path: str | Path) -> Path:
+    """The file of a preset or ablation (``kind`` "presets" or "ablations"): a .yaml path as given,
+    else the name's file in params/<kind>/ (unknown names are refused, listing the known ones)."""
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml"):
         return p
@@ -227,7 +295,7 @@ def available(kind: str) -> list[str]:
 def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int = 1,
                overrides: dict | None = None) -> dict:
     """The full params of one run: preset ⊕ ablation ⊕ overrides, validated."""
-    ppath, apath = _resolve("presets", preset), _resolve("ablations", ablation)
+    ppath, apath = resolve("presets", preset), resolve("ablations", ablation)
     abl = read_yaml(apath)
     extra = set(abl) - {"name", "description", "loss"}
     if extra:
@@ -242,6 +310,17 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     if data.get("root"):
         data["root"] = str(data_root(data))
     return validate_params(params, f"{ppath} + {apath}")
+
+
+def data_overrides(data_dir: str | Path | None = None, flame_assets: str | Path | None = None) -> dict:
+    """The overrides of a command line's ``--data DIR`` (a DAD-3DHeads-format root, not generated:
+    no ``data.synthetic``) and ``--flame-assets DIR``, as absolute paths; {} for neither."""
+    data: dict = {}
+    if data_dir:
+        data.update(root=str(Path(data_dir).expanduser().resolve()), synthetic=None)
+    if flame_assets:
+        data["flame_path"] = str(Path(flame_assets).expanduser().resolve())
+    return {"data": data} if data else {}
 
 
 def data_root(data: dict) -> Path:
@@ -266,11 +345,14 @@ def training_fingerprint(params: dict) -> str:
     :data:`PLACEMENT_KEYS`). Params count with their defaults filled in (a run's ``params.yaml``
     rewritten by training hashes as the params it was started with); keys added later
     (:data:`LATER_KEYS`) count only when they differ from their defaults. Data under outputs/ counts by
-    its path relative to outputs/, so a moved checkout keeps its finished runs."""
+    its path relative to outputs/, so a moved checkout keeps its finished runs; generated data also by
+    its recipe (``data.synthetic``, but not one of :data:`FORMER_RECIPES`)."""
     params = with_defaults(params)
     for section, keys in LATER_KEYS.items():
         params[section] = {k: v for k, v in params[section].items()
                            if k not in keys or v != DEFAULTS[section][k]}
+    if params["data"]["synthetic"] is None or recipe_digest(params["data"]["synthetic"]) in FORMER_RECIPES:
+        params["data"].pop("synthetic")
     params["trainer"] = {k: v for k, v in params["trainer"].items() if k not in PLACEMENT_KEYS}
     keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study", "launcher")}
     root = (keep.get("data") or {}).get("root")

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import REPO_ROOT
-from .config import TRAINING_RECORD, ParamsError, available, deep_merge, run_params, save_params, training_fingerprint
+from .config import (TRAINING_RECORD, ParamsError, available, data_overrides, run_params, save_params,
+                     synthetic_recipe, training_fingerprint)
 from .files import atomic_write, exclusive_lock, write_json, write_record
 from .launch import execute_runs_submitit, launcher_settings
 from .progress import StudyProgress
@@ -110,15 +111,22 @@ def provenance(run: Run) -> dict:
             "packages": {n: pkg(n) for n in PACKAGES}, "params": run.params}
 
 
+def processes(trainer: dict) -> tuple[int, int]:
+    """(processes per machine, machines) of a run's trainer section: ``devices`` (a count or a
+    list; "auto" counts 1) and ``num_nodes``."""
+    devices = trainer.get("devices", 1)
+    local = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 1 else 1
+    return local, int(trainer.get("num_nodes") or 1)
+
+
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
     """A copy of params whose trainer runs on ``device`` ("auto", "cpu", "cuda", "cuda:<i>") with
     ``num_threads`` CPU threads. A run over several processes (``trainer.devices`` > 1 or
     ``trainer.num_nodes`` > 1, e.g. strategy ddp) keeps its devices, takes only the kind of device
     ("cpu" or a GPU) from ``device``, and shares ``num_threads`` out among its processes."""
     trainer = dict(params.get("trainer") or {})
-    devices = trainer.get("devices", 1)
-    local = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 1 else 1
-    several = local > 1 or int(trainer.get("num_nodes") or 1) > 1
+    local, nodes = processes(trainer)
+    several = local * nodes > 1
     if device == "cpu":
         trainer.update(accelerator="cpu", **({} if several else {"devices": 1}))
     elif device.startswith("cuda"):
@@ -380,9 +388,17 @@ def study_setting(params: dict, key: str, given: int | None = None) -> int:
     return value
 
 
-def study_jobs(params: dict, jobs: int | None = None) -> int:
-    """Concurrent runs: ``jobs`` when given, else the preset's ``study.jobs``, else 1."""
-    return study_setting(params, "jobs", jobs)
+def study_jobs(params: dict, jobs: int | None = None, launcher: str = "local") -> int:
+    """Concurrent runs: ``jobs`` when given, else the preset's ``study.jobs``, else 1. Runs over
+    several processes (``trainer.devices``/``num_nodes``) share out this machine already: here
+    (``launcher`` local) they run one at a time, and more is refused."""
+    jobs = study_setting(params, "jobs", jobs)
+    local, nodes = processes(params.get("trainer") or {})
+    if jobs > 1 and local * nodes > 1 and launcher == "local":
+        raise ParamsError(f"jobs {jobs}: each run of this preset trains over {local * nodes} processes "
+                          "(trainer.devices, num_nodes), which use this machine's devices and ports: run them "
+                          "one at a time (--jobs 1), or as cluster jobs (--launcher slurm)")
+    return jobs
 
 
 def devices_for(jobs: int) -> list[str]:
@@ -397,21 +413,18 @@ def devices_for(jobs: int) -> list[str]:
 
 
 def ensure_data(params: dict) -> Path:
-    """The data root of a run: generated when the preset names a synthetic data preset
-    (``study.make_data``; redone when ``make_data.json``, written last, is missing or older than
-    the FLAME model), an error when a real data set is missing."""
+    """The data root of a run: generated from the preset's recipe (``data.synthetic``) when
+    ``make_data.json`` (written last) is missing, older than the FLAME model or records another
+    recipe; an error when a real data set is missing."""
     root = Path(params["data"]["root"])
-    synthetic = (params.get("study") or {}).get("make_data")
-    if synthetic:
-        from .flame import MODEL_FILE
-        from .synthetic_head import default_flame_dir
+    recipe = synthetic_recipe(params["data"].get("synthetic"))
+    if recipe:
+        from .synthetic_data import make_data, why_make
 
-        record = root / "make_data.json"
-        model = Path(params["data"].get("flame_path") or default_flame_dir()) / MODEL_FILE
-        if not record.exists() or model.stat().st_mtime > record.stat().st_mtime:  # missing, partial or stale
-            from .synthetic_data import make_data
-
-            make_data(root, synthetic, params["data"].get("flame_path"), params["study"].get("data_seed", 0))
+        why = why_make(root, recipe, params["data"].get("flame_path"))
+        if why:
+            print(f"{root}: generating the data set ({why})", flush=True)
+            make_data(root, recipe, params["data"].get("flame_path"), name=params.get("preset", "custom"))
     elif not (root / DATASET_DIR).is_dir():
         raise FileNotFoundError(f"data directory {root} not found (expected the DAD-3DHeads layout "
                                 f"{root / DATASET_DIR}/{{train,val,test}}); set data.root or --data")
@@ -538,8 +551,8 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
         seeds = study_setting(run_params(preset, ablations[0], 1, overrides), "seeds", seeds)
         runs = plan_runs(preset, ablations, list(range(1, seeds + 1)), overrides)
         ensure_data(runs[0].params)
-        jobs = study_jobs(runs[0].params, jobs)
         launch = launcher_settings(runs[0].params, launcher)
+        jobs = study_jobs(runs[0].params, jobs, launch["name"])
         record = {"preset": preset, "ablations": ablations, "seeds": seeds, "launcher": launch["name"],
                   "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
                             "fingerprint": r.fingerprint} for r in runs]}
@@ -610,12 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     launcher = {"name": args.launcher, "partition": args.partition, "gpus_per_run": args.gpus_per_run,
                 "cpus_per_run": args.cpus_per_run, "time_min": args.time_min, "mem_gb": args.mem_gb,
                 "account": args.account, "qos": args.qos}
-    overrides: dict = {}
-    if args.data:
-        overrides = deep_merge(overrides, {"data": {"root": str(Path(args.data).resolve())},
-                                           "study": {"make_data": None}})
-    if args.flame_assets:
-        overrides = deep_merge(overrides, {"data": {"flame_path": str(Path(args.flame_assets).resolve())}})
+    overrides = data_overrides(args.data, args.flame_assets)
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
     try:
         record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides, launcher)

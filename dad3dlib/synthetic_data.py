@@ -2,7 +2,8 @@
 
     python -m dad3dlib make-data --preset cpu --out DIR [--flame-assets DIR] [--seed N] [--workers N]
 
-writes ``DIR/DAD-3DHeadsDataset/{train,val,test}/images/<id>.png``, ``annotations/<id>.json``
+renders the recipe of a preset's ``data.synthetic`` (sizes, image sizes, seed, scene distributions)
+into ``DIR/DAD-3DHeadsDataset/{train,val,test}/images/<id>.png``, ``annotations/<id>.json``
 (vertices [V,3] model space, model_view_matrix, projection_matrix; every split is annotated) and
 ``<split>/<split>.json`` (item_id, annotation_path, img_path, bbox [x,y,w,h], attributes), plus
 ``DIR/make_data.json`` recording how it was made.
@@ -27,6 +28,7 @@ import cv2
 import numpy as np
 import orjson
 
+from .config import synthetic_recipe
 from .files import atomic_write
 from .geometry import landmarks_from_vertices, perspective_projection, project
 from .render import Light, Renderer
@@ -36,32 +38,8 @@ SPLITS = ("train", "val", "test")
 FEATHER = 0.6        # px: soft silhouette edge (anti-aliasing without MSAA)
 VERTEX_DECIMALS = 6  # annotation precision (1 µm); the image is rendered from the rounded vertices
 
-# Sizes per preset; "sampling" overrides keys of SAMPLING. Image sizes are (width, height).
-PRESETS: dict[str, dict] = {
-    "smoke": {"splits": {"train": 24, "val": 8, "test": 8}, "image_sizes": [[192, 192], [208, 176]]},
-    "cpu": {"splits": {"train": 3000, "val": 300, "test": 300},  # ~30 ms CPU per image here
-            "image_sizes": [[224, 224], [256, 192], [192, 256]]},
-    "paper": {"splits": {"train": 37840, "val": 4312, "test": 2746},  # DAD-3DHeads' split sizes
-              "image_sizes": [[512, 512], [576, 448], [448, 576]]},
-}
 ALBEDO_BANK = 64  # distinct appearances (albedo() costs ~60 ms; each is made once per process)
 CHUNK = 16  # items per job sent to a worker
-
-# Scene distributions (angles in degrees, lengths in metres).
-SAMPLING: dict = {
-    "yaw_sigma": 25.0, "yaw_wide_prob": 0.3, "yaw_max": 90.0,       # wide: uniform over ±max
-    "pitch_sigma": 10.0, "pitch_wide_prob": 0.1, "pitch_max": 45.0,
-    "roll_sigma": 7.0, "roll_wide_prob": 0.1, "roll_max": 35.0,
-    "fov": [20.0, 65.0],             # horizontal field of view of the larger image side
-    "head_fraction": [0.3, 0.8],     # head bbox height / image height
-    "shape_clip": 3.0,               # β ~ N(0,1) truncated at ±clip
-    "expression_prob": 0.6, "expression_sigma": [0.3, 1.3], "neutral_sigma": 0.2,
-    "jaw_prob": 0.4, "jaw_open": [0.05, 0.4],  # radians about x
-    "light_standard_prob": 0.65,
-    "occluder_prob": 0.2,
-    "torso_prob": 0.85,              # shoulders under the neck (drawn behind the head)
-    "degrade": {"blur": 0.1, "noise": 0.12, "downscale": 0.1, "jpeg": 0.08},  # ~1/3 of images "lq"
-}
 
 # DAD-3DHeads attribute thresholds (degrees).
 POSE_SIDED_YAW = 30.0
@@ -423,7 +401,8 @@ def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
 class Generator:
     """Renders chunks of items; one per process (holds the FLAME layer and the GL renderers)."""
 
-    def __init__(self, flame_assets: str | Path, preset: dict, seed: int):
+    def __init__(self, flame_assets: str | Path, recipe: dict):
+        """recipe: complete (``config.synthetic_recipe``)."""
         import torch
 
         from .flame import FlameLayer, load_flame_assets
@@ -432,8 +411,7 @@ class Generator:
         self.layer = FlameLayer(self.assets).eval()
         self.faces = self.assets.model.faces
         self.head = self.assets.topology.subsets["head"]
-        self.preset, self.seed = preset, seed
-        self.cfg = {**SAMPLING, **preset.get("sampling", {})}
+        self.recipe, self.seed, self.cfg = recipe, recipe["seed"], recipe["sampling"]
         self.renderers: dict = {}
         self.albedos: dict = {}
         self.torso = ellipsoid_mesh(TORSO_RADII, TORSO_EXPONENTS)
@@ -474,7 +452,7 @@ class Generator:
 
     def item(self, split: str, index: int) -> Item:
         rng = item_rng(self.seed, split, index)
-        scene = sample_scene(rng, self.cfg, self.preset["image_sizes"])
+        scene = sample_scene(rng, self.cfg, self.recipe["image_sizes"])
         verts = self.vertices(scene)
 
         torch = self._torch
@@ -501,8 +479,8 @@ class Generator:
             occ = add_occluders(rng, image, project(lmk3d.numpy(), mv, P, height), bbox)
             occluded = bool((occ & mask).sum() > 0.05 * max(mask.sum(), 1))
         degraded = False
-        for name, prob in self.cfg["degrade"].items():
-            if rng.random() < prob:
+        for name in DEGRADATIONS:  # a fixed order of draws, however the recipe lists them
+            if rng.random() < self.cfg["degrade"].get(name, 0.0):
                 image = DEGRADATIONS[name](rng, image)
                 degraded = True
         item_id = f"{split}_{index:06d}"
@@ -532,14 +510,14 @@ def write_item(root: Path, split: str, item: Item) -> None:
 _WORKER: dict = {}
 
 
-def _init_worker(flame_assets, preset, seed, root, pool: bool = False) -> None:
+def _init_worker(flame_assets, recipe, root, pool: bool = False) -> None:
     if pool:  # one thread per worker process: torch, and llvmpipe rasterizing in the calling thread
         import torch
 
         torch.set_num_threads(1)
         os.environ.setdefault("LP_NUM_THREADS", "0")
     try:
-        _WORKER.update(gen=Generator(flame_assets, preset, seed), root=Path(root))
+        _WORKER.update(gen=Generator(flame_assets, recipe), root=Path(root))
     except Exception as e:  # raised by the first job: a pool respawns a failing initializer forever
         _WORKER.update(error=e)
 
@@ -554,14 +532,15 @@ def _run_chunk(job: tuple) -> list[dict]:
     return [item.entry for item in items]
 
 
-def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str | Path | None = None, seed: int = 0,
-              workers: int | None = None) -> Path:
-    """Render the preset's splits under ``out``; returns ``out/DAD-3DHeadsDataset``.
+def make_data(out: str | Path, recipe: dict, flame_assets: str | Path | None = None, workers: int | None = None,
+              name: str = "custom") -> Path:
+    """Render the data set ``recipe`` describes under ``out``; returns ``out/DAD-3DHeadsDataset``.
 
-    preset: a name in PRESETS or a dict of the same form ({"splits": {split: n}, "image_sizes":
-    [[w, h], ...], optional "sampling" overrides}). The FLAME assets are loaded (validated) first;
-    the data set is rendered into a temporary folder in ``out`` and replaces the previous one only
-    when complete, so a failed or interrupted run leaves ``out`` as it was.
+    recipe: a preset's ``data.synthetic`` ({splits: {split: n}, image_sizes: [[w, h], ...], seed,
+    sampling}; missing keys take their defaults, :func:`dad3dlib.config.synthetic_recipe`); ``name``
+    labels it (progress bar, record). The FLAME assets are loaded (validated) first; the data set is
+    rendered into a temporary folder in ``out`` and replaces the previous one only when complete, so
+    a failed or interrupted run leaves ``out`` as it was.
     """
     import shutil
     import tempfile
@@ -569,12 +548,7 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     from .flame import load_flame_assets
     from .synthetic_head import default_flame_dir
 
-    if isinstance(preset, dict):
-        cfg, preset = preset, preset.get("name", "custom")
-    elif preset in PRESETS:
-        cfg = PRESETS[preset]
-    else:
-        raise ValueError(f"unknown preset '{preset}' (known: {', '.join(PRESETS)})")
+    recipe = synthetic_recipe(recipe)
     # generate the default head once, in this process; bad assets fail here, before any worker
     flame_assets = str(Path(flame_assets).resolve()) if flame_assets is not None else str(default_flame_dir())
     load_flame_assets(flame_assets)
@@ -582,7 +556,7 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".make-data-", dir=root))  # same filesystem: renames are atomic
     try:
-        record = _render(staging, cfg, preset, flame_assets, seed, workers)
+        record = _render(staging, recipe, name, flame_assets, workers)
         (staging / "make_data.json").write_text(json.dumps(record, indent=1))
         (root / "make_data.json").unlink(missing_ok=True)  # no record while the data set is swapped
         if (root / DATASET_DIR).exists():
@@ -594,22 +568,54 @@ def make_data(out: str | Path, preset: str | dict = "smoke", flame_assets: str |
     return root / DATASET_DIR
 
 
-def _render(root: Path, cfg: dict, preset: str, flame_assets: str, seed: int, workers: int | None) -> dict:
-    """Render every split of ``cfg`` under ``root/DAD-3DHeadsDataset``; returns the make_data.json record."""
+def recorded_recipe(record: dict) -> dict | None:
+    """The complete recipe a ``make_data.json`` record was made with (records written before recipes
+    were params hold it as ``config`` + ``sampling`` + ``seed``); None when it cannot be told."""
+    if "recipe" in record:
+        return record["recipe"]
+    try:
+        return synthetic_recipe({"splits": record["config"]["splits"], "image_sizes": record["config"]["image_sizes"],
+                                 "seed": record["seed"], "sampling": record["sampling"]})
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def why_make(out: str | Path, recipe: dict, flame_assets: str | Path | None = None) -> str:
+    """Why ``out`` needs :func:`make_data` for ``recipe`` (complete) and these FLAME assets: "" when
+    its ``make_data.json`` (written last) records this recipe and is newer than the FLAME model."""
+    from .flame import MODEL_FILE
+    from .synthetic_head import default_flame_dir
+
+    record = Path(out) / "make_data.json"
+    model = Path(flame_assets or default_flame_dir()) / MODEL_FILE
+    if not record.is_file():
+        return "no data set there yet" if not (Path(out) / DATASET_DIR).exists() else "no record of how it was made"
+    try:
+        made = recorded_recipe(json.loads(record.read_bytes()))
+    except (OSError, ValueError) as e:
+        return f"{record} is unreadable: {e}"
+    if made != recipe:
+        return "it was made from another recipe"
+    return "it is older than the FLAME model" if model.stat().st_mtime > record.stat().st_mtime else ""
+
+
+def _render(root: Path, recipe: dict, name: str, flame_assets: str, workers: int | None) -> dict:
+    """Render every split of ``recipe`` under ``root/DAD-3DHeadsDataset``; returns the make_data.json record."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    for split in cfg["splits"]:
+    splits = recipe["splits"]
+    for split in splits:
         for sub in ("images", "annotations"):
             (root / DATASET_DIR / split / sub).mkdir(parents=True, exist_ok=True)
-    jobs = [(split, s, min(s + CHUNK, n)) for split, n in cfg["splits"].items() for s in range(0, n, CHUNK)]
-    total = sum(cfg["splits"].values())
+    jobs = [(split, s, min(s + CHUNK, n)) for split, n in splits.items() for s in range(0, n, CHUNK)]
+    total = sum(splits.values())
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    entries: dict = {split: [] for split in cfg["splits"]}
+    entries: dict = {split: [] for split in splits}
     start = time.perf_counter()
-    init = (flame_assets, cfg, seed, str(root))
-    with tqdm(total=total, desc=f"make-data {preset}", unit="img") as bar:
+    init = (flame_assets, recipe, str(root))
+    with tqdm(total=total, desc=f"make-data {name}", unit="img") as bar:
         if workers == 1:
             _init_worker(*init)
             results = map(_run_chunk, jobs)
@@ -627,20 +633,28 @@ def _render(root: Path, cfg: dict, preset: str, flame_assets: str, seed: int, wo
     for split, items in entries.items():
         atomic_write(root / DATASET_DIR / split / f"{split}.json", json.dumps(items).encode())
     seconds = time.perf_counter() - start
-    return {"preset": preset, "config": cfg, "sampling": {**SAMPLING, **cfg.get("sampling", {})}, "seed": seed,
-            "flame_assets": flame_assets, "workers": workers, "seconds": round(seconds, 2),
-            "images_per_second": round(total / seconds, 2)}
+    return {"name": name, "recipe": recipe, "seed": recipe["seed"], "flame_assets": flame_assets, "workers": workers,
+            "seconds": round(seconds, 2), "images_per_second": round(total / seconds, 2)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .config import ParamsError, read_yaml, resolve
+
     ap = argparse.ArgumentParser(prog="python -m dad3dlib make-data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="smoke",
+                    help="a preset (name in params/presets/ or a .yaml file) whose data.synthetic is the recipe")
     ap.add_argument("--out", required=True, help="output directory (DAD-3DHeadsDataset/ is created in it)")
     ap.add_argument("--flame-assets", default=None, help="FLAME-format directory (default: the synthetic head)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None, help="the recipe's seed instead of the preset's")
     ap.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     args = ap.parse_args(argv)
-    out = make_data(args.out, args.preset, args.flame_assets, args.seed, args.workers)
+    path = resolve("presets", args.preset)
+    recipe = (read_yaml(path).get("data") or {}).get("synthetic")
+    if not recipe:
+        raise ParamsError(f"{path}: no data.synthetic recipe (a preset for real data generates nothing)")
+    if args.seed is not None:
+        recipe = {**recipe, "seed": args.seed}
+    out = make_data(args.out, recipe, args.flame_assets, args.workers, name=path.stem)
     record = json.loads((Path(args.out) / "make_data.json").read_text())
     print(f"wrote {out} in {record['seconds']} s ({record['images_per_second']} images/s)")
     return 0

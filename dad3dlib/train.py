@@ -2,23 +2,9 @@
 
     python -m dad3dlib train --params FILE [--out DIR]
 
-Params (plain nested data; every key but ``data.root`` has a default, see ``config.DEFAULTS``)::
-
-    seed: 1
-    model:   {name: dad3dnet, encoder: resnet50, bifpn_filters: 256, bifpn_repeats: 1, hidden: 512,
-              dropout: 0.3, init_scale: 8.0, pretrained_path: null, pose_prior_samples: 64,
-              bifpn_levels: 3, bifpn_depthwise_kernel: 3, bifpn_act: silu, bifpn_bn_momentum: 0.1,
-              bifpn_bn_eps: 1.0e-5, bifpn_downsample: maxpool, bifpn_lateral: bn, bifpn_top_inputs: 2}
-    loss:    {lambdas: {l3d: 50, l1: 100, lproj: 0.05, awing: 1}, heatmap_loss: awing}
-    data:    {root: DIR, crop_size: 256, batch_size: 64, num_workers: 4, flame_path: null, augment: true,
-              skip_bad: false, clip_bbox: false, holdout_fraction: 0.1}
-    optim:   {lr: 1.0e-4, weight_decay: 0, schedule: plateau, plateau_patience: 10, plateau_factor: 0.5,
-              min_lr: 1.0e-7, warmup_fraction: 0.1}
-    trainer: {max_epochs: 100, max_steps: -1, max_time: null, precision: auto, accelerator: auto,
-              devices: auto, num_nodes: 1, strategy: auto, val_check_interval: null,
-              check_val_every_n_epoch: 1, limit_val_batches: null, log_every_n_steps: 10,
-              checkpoint_every_n_steps: null, gradient_clip_val: null, num_threads: null,
-              progress_bar: true, early_stopping_patience: null, min_epochs: null}
+Params: plain nested data, sections seed, model, loss, data, optim, trainer. Every key but
+``data.root`` has a default; the keys and their defaults are ``config.DEFAULTS`` (their one home),
+and a run's ``params.yaml`` is rewritten with all of them filled in.
 
 ``model.pose_prior_samples`` > 0 fits the pose head's initial scale/translation to that many training
 samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
@@ -35,7 +21,8 @@ annotations, on the ``data.holdout_fraction`` of train chosen by item-id hash, f
 each validation: once per epoch unless ``val_check_interval`` / ``check_val_every_n_epoch`` say otherwise) or
 ``onecycle`` (warm-up over ``warmup_fraction`` of the run to ``lr``, then cosine decay to ~0 at the
 last step; for fixed step budgets such as the cpu preset).
-``precision: auto`` is bf16-mixed on GPU and 32-true on CPU; FLAME and the losses always run in fp32.
+``precision: auto`` is bf16-mixed on a GPU and on a CPU with native bfloat16, else 32-true; FLAME and the
+losses always run in fp32.
 
 Outputs in ``--out DIR``: ``checkpoints/best.ckpt`` (lowest validation reprojection NME),
 ``checkpoints/last.ckpt``, ``logs/version_N/metrics.csv`` (every weighted loss term and the learning
@@ -249,6 +236,19 @@ def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.Dat
                                                  generator=private(), **common),
             "val": torch.utils.data.DataLoader(datasets["val"], sampler=ShardSampler(len(datasets["val"])),
                                                generator=private(), **common)}
+
+
+def check_shares(sizes: dict[str, int], world: int, batch_size: int) -> None:
+    """Refuse splits too small for ``world`` processes: each process needs a full training batch
+    (incomplete ones are dropped: it would train nothing) and a validation sample (one without would
+    skip validation while the others wait for it in the reduction of the means). sizes: {"train":
+    samples, "val": samples}."""
+    if sizes["train"] // world < batch_size:
+        raise ValueError(f"params: {sizes['train']} training samples make no full batch of data.batch_size "
+                         f"{batch_size} for each of {world} process(es)")
+    if sizes["val"] < world:
+        raise ValueError(f"params: {sizes['val']} validation samples for {world} processes: each needs at least "
+                         "one (use fewer processes)")
 
 
 def process_rank(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -565,6 +565,7 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     loaders = make_loaders(datasets, params)
     exact = ExactResume(loaders["train"].sampler, params["data"]["batch_size"])
     trainer, best = build_trainer(params, out_dir, [exact, *prior, *callbacks])
+    check_shares({k: len(v) for k, v in datasets.items()}, trainer.world_size, params["data"]["batch_size"])
     if params["trainer"]["num_threads"] and trainer.world_size > 1:  # the other processes' threads
         os.environ["OMP_NUM_THREADS"] = str(int(params["trainer"]["num_threads"]))  # (Lightning's default otherwise)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)

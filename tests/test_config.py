@@ -168,6 +168,34 @@ def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monk
         assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
 
 
+def test_the_data_recipe_counts_in_the_fingerprint_but_leaves_earlier_studies_finished():
+    """A generated data set counts by its recipe (data.synthetic); the recipes the presets had when they
+    were named in code count as they did then (not at all), so studies begun then keep their runs."""
+    for name in ("smoke", "cpu", "paper"):
+        params = config.run_params(name)
+        recipe = config.with_defaults(params)["data"]["synthetic"]
+        assert config.recipe_digest(recipe) in config.FORMER_RECIPES
+        assert config.training_fingerprint(params) == \
+            config.training_fingerprint(config.deep_merge(params, {"data": {"synthetic": None}}))
+    params = config.run_params("cpu")
+    now = config.training_fingerprint(params)
+    for change in ({"splits": {"train": 1000}}, {"seed": 1}, {"sampling": {"yaw_max": 60.0}},
+                   {"sampling": {"degrade": {"jpeg": 0.0}}}, {"image_sizes": [[224, 224]]}):
+        assert config.training_fingerprint(config.deep_merge(params, {"data": {"synthetic": change}})) != now, change
+
+
+@pytest.mark.parametrize("text, match", [
+    ("study: {make_data: cpu}\n", r"study.make_data and study.data_seed are now data.synthetic"),
+    ("data: {synthetic: {splits: {train: 2}, image_sizes: [[64]]}}\n", r"data.synthetic.image_sizes must be"),
+    ("data: {synthetic: {splits: {train: 2}, image_sizes: [[64, 64]], sampling: {yaw: 3}}}\n", r"unknown key"),
+])
+def test_a_bad_data_recipe_is_refused_naming_the_file(tmp_path, text, match):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(text)
+    with pytest.raises(ParamsError, match=f"mine.yaml.*{match}"):
+        config.run_params(preset)
+
+
 def test_a_preset_with_an_eval_section_is_refused_naming_it(tmp_path):
     """Nothing reads an ``eval`` section (the data's split protocol picks the split, data.batch_size
     the evaluation's batch): a preset setting one is refused, not silently ignored."""

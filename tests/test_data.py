@@ -32,7 +32,7 @@ def assets():
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     out = tmp_path_factory.mktemp("src")
-    make_data(out, TINY, seed=5, workers=1)
+    make_data(out, {**TINY, "seed": 5}, workers=1)
     return out
 
 
@@ -417,7 +417,7 @@ def other_flame(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("other_flame")
     assets = tiny_flame_assets(n_vertices=60, n_faces=50)
     flame = save_flame_assets(assets.model, assets.topology, tmp / "flame")
-    make_data(tmp / "d", {"splits": {"train": 3, "val": 1}, "image_sizes": [[96, 96]]}, flame_assets=flame, seed=1,
+    make_data(tmp / "d", {"splits": {"train": 3, "val": 1}, "image_sizes": [[96, 96]], "seed": 1}, flame_assets=flame,
               workers=1)
     return tmp / "d", flame
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 import dad3dlib
-from dad3dlib.config import run_params, save_params
-from dad3dlib.synthetic_data import PRESETS, make_data
+from dad3dlib.config import read_yaml, resolve, run_params, save_params
+from dad3dlib.synthetic_data import make_data
 
 SPLITS = {"train": 25, "val": 7, "test": 4}  # odd: shares of 12 (+1 left out) and of 4 and 3
 DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp", "num_threads": 1}
@@ -83,7 +83,7 @@ def ddp(tmp_path_factory):
     rank 1), then resume for a second epoch under torchrun with a fresh data cache location (both
     processes open the data at once)."""
     tmp = tmp_path_factory.mktemp("ddp")
-    make_data(tmp / "data", {**PRESETS["smoke"], "splits": SPLITS}, workers=1)
+    make_data(tmp / "data", {**read_yaml(resolve("presets", "smoke"))["data"]["synthetic"], "splits": SPLITS}, workers=1)
     params = run_params("smoke", "baseline", 1, {"data": {"root": str(tmp / "data"), "batch_size": 4},
                                                  "trainer": {**DDP, "max_epochs": 1, "precision": "32-true"}})
     save_params(params, tmp / "one_epoch.yaml")
@@ -173,7 +173,8 @@ def test_the_study_trains_a_multi_process_run_in_a_child_and_evaluates_it_once(d
     """In the study, the notebook (a Jupyter kernel, which Lightning cannot run again) trains the
     run with ``python -m dad3dlib train`` in a child process, then evaluates once: one metrics.json."""
     preset = yaml.safe_load((dad3dlib.REPO_ROOT / "params" / "presets" / "smoke.yaml").read_text())
-    preset.update(name="smoke_ddp", study={"make_data": None})
+    preset.update(name="smoke_ddp")
+    preset["data"]["synthetic"] = None
     preset["trainer"].update(DDP)
     (ddp.tmp / "smoke_ddp.yaml").write_text(yaml.safe_dump(preset))
     out = ddp.tmp / "study"

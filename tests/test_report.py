@@ -402,7 +402,7 @@ def test_dataset_cache_is_keyed_by_crop_size_and_follows_the_split_file(tmp_path
 
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
     root = tmp_path / "d"
-    make_data(root, {"splits": {"train": 3}, "image_sizes": [[96, 96]]}, seed=1, workers=1)
+    make_data(root, {"splits": {"train": 3}, "image_sizes": [[96, 96]], "seed": 1}, workers=1)
     section = {"root": str(root)}
     ds = report._dataset(str(root), "train", 64, section)
     assert len(ds) == 3 and ds.crop_size == 64 and report._dataset(str(root), "train", 64, section) is ds

@@ -134,10 +134,34 @@ def test_identical_configurations_run_once():
 
 
 def test_missing_real_data_dir_is_a_clear_error(tmp_path):
-    p = config.run_params("smoke", "baseline", overrides={"data": {"root": str(tmp_path / "nowhere")},
-                                                           "study": {"make_data": None}})
+    p = config.run_params("smoke", "baseline", overrides=config.data_overrides(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
         study.ensure_data(p)
+
+
+def test_generated_data_is_remade_when_its_recipe_changes_and_only_then(tmp_path, capsys):
+    """The data set is the preset's recipe: made when missing, kept while the recipe is the one its
+    make_data.json records (also a record written before recipes were params), remade for another."""
+    tiny = {"splits": {"train": 2}, "image_sizes": [[64, 64]], "seed": 1}
+    params = config.run_params("smoke", overrides={"data": {"root": str(tmp_path / "d")}})
+    params["data"]["synthetic"] = tiny
+    record = study.ensure_data(params) / "make_data.json"
+    assert "no data set there yet" in capsys.readouterr().out
+    made = json.loads(record.read_text())
+    assert made["recipe"] == config.synthetic_recipe(tiny)
+    stamp = record.stat().st_mtime_ns
+    study.ensure_data(params)
+    assert record.stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
+    earlier = {k: v for k, v in made.items() if k != "recipe"} | {  # the form of an earlier record
+        "config": {"splits": tiny["splits"], "image_sizes": tiny["image_sizes"]}, "sampling": config.SYNTHETIC_SAMPLING}
+    record.write_text(json.dumps(earlier))
+    stamp = record.stat().st_mtime_ns
+    study.ensure_data(params)
+    assert record.stat().st_mtime_ns == stamp
+    other = config.deep_merge(params, {"data": {"synthetic": {"sampling": {"yaw_max": 60.0}}}})
+    study.ensure_data(other)
+    assert "made from another recipe" in capsys.readouterr().out
+    assert json.loads(record.read_text())["recipe"]["sampling"]["yaw_max"] == 60.0
 
 
 def test_study_cli_reports_bad_input(tmp_path, capsys):
@@ -157,6 +181,18 @@ def test_concurrent_jobs_come_from_the_flag_else_the_preset():
         study.study_jobs({"study": {"jobs": "two"}})
     with pytest.raises(ParamsError, match="got 0"):
         study.study_jobs({"study": {"jobs": 0}})
+
+
+def test_runs_over_several_processes_run_one_at_a_time_here():
+    """Two DDP runs at once would contend for this machine's devices and rendezvous ports; as cluster
+    jobs each has its own allocation."""
+    ddp = config.deep_merge(config.run_params("cpu"), {"trainer": {"devices": 2, "strategy": "ddp"}})
+    with pytest.raises(ParamsError, match=r"jobs 2: each run of this preset trains over 2 processes"):
+        study.study_jobs(ddp)
+    assert study.study_jobs(ddp, 1) == 1 and study.study_jobs(ddp, 4, "slurm") == 4
+    nodes = config.deep_merge(config.run_params("smoke"), {"trainer": {"num_nodes": 2}})
+    with pytest.raises(ParamsError, match="over 2 processes"):
+        study.study_jobs(nodes, 2)
 
 
 def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
@@ -435,7 +471,7 @@ def released(tmp_path_factory):
 
 
 def _released_params(root: Path) -> dict:
-    return config.run_params("smoke", overrides={"data": {"root": str(root)}, "study": {"make_data": None}})
+    return config.run_params("smoke", overrides=config.data_overrides(root))
 
 
 def _item_ids(root: Path, split: str) -> list[str]:

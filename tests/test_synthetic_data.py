@@ -18,6 +18,7 @@ from dad3dlib import synthetic_data as sd
 from dad3dlib.flame import MODEL_FILE, FlameFormatError, landmarks_from_vertices, load_flame_assets
 from dad3dlib.geometry import project
 from dad3dlib.render import silhouette
+from dad3dlib.config import SYNTHETIC_SAMPLING, synthetic_recipe
 from dad3dlib.synthetic_head import default_flame_dir
 
 # no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette
@@ -36,7 +37,7 @@ def assets():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, assets):
     out = tmp_path_factory.mktemp("tiny")
-    sd.make_data(out, TINY, seed=3, workers=1)
+    sd.make_data(out, {**TINY, "seed": 3}, workers=1)
     return out
 
 
@@ -66,7 +67,7 @@ def test_layout_and_schema(tiny, assets):
 def test_projection_lands_on_the_rendered_head(tiny, assets):
     """The projection formula applied to the written annotation reproduces the rendered silhouette, and
     the landmarks agree with the GL pipeline's own projection."""
-    gen = sd.Generator(default_flame_dir(), TINY, seed=3)
+    gen = sd.Generator(default_flame_dir(), synthetic_recipe({**TINY, "seed": 3}))
     topo = assets.topology
     for item in gen.chunk("train", 0, TINY["splits"]["train"]):
         ann = json.loads((tiny / item.entry["annotation_path"]).read_text())
@@ -89,9 +90,9 @@ def test_projection_lands_on_the_rendered_head(tiny, assets):
 def test_seed_changes_output_and_workers_and_split_size_do_not(tmp_path, tiny, monkeypatch):
     small = {**TINY, "splits": {"train": 2}}
     monkeypatch.setattr(sd, "CHUNK", 1)  # two jobs: both worker processes get one
-    sd.make_data(tmp_path / "a", small, seed=3, workers=2)
+    sd.make_data(tmp_path / "a", {**small, "seed": 3}, workers=2)
     assert json.loads((tmp_path / "a/make_data.json").read_text())["workers"] == 2
-    sd.make_data(tmp_path / "b", small, seed=4, workers=1)
+    sd.make_data(tmp_path / "b", {**small, "seed": 4}, workers=1)
     for name in ("train_000000.png", "train_000001.png"):
         ref = (tiny / "DAD-3DHeadsDataset/train/images" / name).read_bytes()
         assert (tmp_path / "a/DAD-3DHeadsDataset/train/images" / name).read_bytes() == ref
@@ -127,10 +128,10 @@ def test_interrupted_run_keeps_the_previous_data_set(tmp_path, monkeypatch):
     real_write = sd.write_item
     monkeypatch.setattr(sd, "write_item", failing_write)
     with pytest.raises(KeyboardInterrupt):
-        sd.make_data(tmp_path, small, seed=1, workers=1)
+        sd.make_data(tmp_path, {**small, "seed": 1}, workers=1)
     assert _tree(tmp_path) == before  # files, split file and make_data.json; nothing left behind
     monkeypatch.setattr(sd, "write_item", real_write)
-    sd.make_data(tmp_path, small, seed=1, workers=1)  # a complete run replaces the data set
+    sd.make_data(tmp_path, {**small, "seed": 1}, workers=1)  # a complete run replaces the data set
     after = _tree(tmp_path)
     assert set(after) == set(before) and json.loads(after["make_data.json"])["seed"] == 1
     assert after["DAD-3DHeadsDataset/train/images/train_000000.png"] != before[
@@ -189,7 +190,7 @@ sd.make_data({str(out)!r}, {{"splits": {{"train": 2}}, "image_sizes": [[64, 64]]
 
 def test_pose_sampling_concentrated_towards_frontal():
     rng = np.random.default_rng(0)
-    scenes = [sd.sample_scene(rng, sd.SAMPLING, [[64, 64]]) for _ in range(2000)]
+    scenes = [sd.sample_scene(rng, SYNTHETIC_SAMPLING, [[64, 64]]) for _ in range(2000)]
     yaw, pitch, roll = np.abs(np.array([s.angles for s in scenes])).T
     assert yaw.max() <= 90 and pitch.max() <= 45 and roll.max() <= 35
     assert yaw.max() > 80 and pitch.max() > 40 and roll.max() > 30
@@ -218,6 +219,25 @@ def test_backgrounds_are_textured(name):
     assert np.ptp(img.mean(axis=(1, 2))) + np.ptp(img.mean(axis=(0, 2))) > 5
 
 
-def test_unknown_preset_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="unknown preset 'huge'"):
-        sd.make_data(tmp_path, "huge")
+@pytest.mark.parametrize("recipe, match", [
+    ({"splits": {"train": 2}}, r"image_sizes must be a list"),
+    ({"splits": {"train": 0}, "image_sizes": [[64, 64]]}, r"splits must map train, val, test to image counts >= 1"),
+    ({"splits": {"holdout": 2}, "image_sizes": [[64, 64]]}, r"splits must map train, val, test"),
+    ({"splits": {"train": 2}, "image_sizes": [[64, 64]], "sampling": {"yaw_mx": 60.0}}, r"unknown key\(s\) \['yaw_mx'\]"),
+    ({"splits": {"train": 2}, "image_sizes": [[64, 64]], "sampling": {"degrade": {"fog": 0.1}}}, r"\['degrade.fog'\]"),
+    ({"splits": {"train": 2}, "image_sizes": [[64, 64]], "size": 3}, r"must be a mapping of splits, image_sizes"),
+])
+def test_a_bad_recipe_is_refused_before_anything_is_written(tmp_path, recipe, match):
+    with pytest.raises(ValueError, match=match):
+        sd.make_data(tmp_path / "d", recipe)
+    assert not (tmp_path / "d").exists()
+
+
+def test_sampling_overrides_change_only_what_they_name():
+    """A recipe's sampling is the defaults with its keys replaced (nested degradations too); the draws
+    follow the degradations' fixed order, however a recipe lists them."""
+    r = synthetic_recipe({"splits": {"train": 1}, "image_sizes": [[64, 64]],
+                          "sampling": {"yaw_max": 60.0, "degrade": {"jpeg": 0.5}}})
+    assert r["seed"] == 0 and r["sampling"]["yaw_max"] == 60.0 and r["sampling"]["pitch_max"] == 45.0
+    assert r["sampling"]["degrade"] == {**SYNTHETIC_SAMPLING["degrade"], "jpeg": 0.5}
+    assert list(sd.DEGRADATIONS) == list(SYNTHETIC_SAMPLING["degrade"])

@@ -23,7 +23,7 @@ from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, 
 from dad3dlib.geometry import crop_to_image
 from dad3dlib.model import load_model
 from dad3dlib.report import read_metrics
-from dad3dlib.train import DADModule, train
+from dad3dlib.train import DADModule, check_shares, train
 
 
 S = 64
@@ -374,3 +374,15 @@ def test_an_interactive_session_trains_a_ddp_run_in_a_child_process(tmp_path, fl
     with pytest.raises(RuntimeError, match=r"(?s)python -m dad3dlib train --out .* exit status 2.*"
                                            r"error: .*no_data: data directory not found"):
         train(params, tmp_path / "run")
+
+
+def test_splits_too_small_for_the_processes_are_refused():
+    """Each process needs a full training batch (else it trains nothing) and a validation sample
+    (else it skips validation while the others wait for it: a hang)."""
+    check_shares({"train": 16, "val": 2}, world=2, batch_size=8)
+    with pytest.raises(ValueError, match="15 training samples make no full batch of data.batch_size 8 for each of 2"):
+        check_shares({"train": 15, "val": 2}, world=2, batch_size=8)
+    with pytest.raises(ValueError, match="1 validation samples for 2 processes"):
+        check_shares({"train": 16, "val": 1}, world=2, batch_size=8)
+    with pytest.raises(ValueError, match="for each of 1 process"):
+        check_shares({"train": 7, "val": 1}, world=1, batch_size=8)
