@@ -10,35 +10,17 @@ import copy
 import hashlib
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from . import OUTPUTS_DIR, REPO_ROOT
 from .files import atomic_write, read_bytes
+from .losses import LOSS_TERMS, validate_lambdas  # the objective's terms, one record each
 
 PARAMS_DIR = REPO_ROOT / "params"
 
 
-@dataclass(frozen=True)
-class LossTerm:
-    """A term of the objective: the key of its weight in ``loss.lambdas``, its display name, the
-    reference recipe's weight and the prediction it reads (a key of what ``train.DADModule``
-    predicts). Plain data, free of torch; :mod:`dad3dlib.losses` registers its function under
-    the same key (``losses.register_term``)."""
-    name: str
-    label: str
-    reference_weight: float
-    needs: str
-
-
-# The objective's terms, in order (λ1..λ4); every list of loss terms derives from this one.
-LOSS_TERMS = {t.name: t for t in (LossTerm("l3d", "L_3D", 50.0, "vertices_canonical"),
-                                  LossTerm("l1", "L_1", 100.0, "landmarks_2d"),
-                                  LossTerm("lproj", "L_proj", 0.05, "vertices_reprojected"),
-                                  LossTerm("awing", "L_AWing", 1.0, "heatmaps"))}
-LAMBDAS = tuple(LOSS_TERMS)
 SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "study",
             "launcher"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
@@ -232,24 +214,6 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
-    """The loss weights as floats: exactly the keys of LAMBDAS (0 switches a term off), each finite and
-    >= 0, not all zero. The one check of loss weights (params files and DADLoss)."""
-    if not isinstance(lambdas, dict):
-        raise ParamsError(f"{source}: loss.lambdas must be a mapping of {LAMBDAS}, got {lambdas!r}")
-    unknown, missing = set(lambdas) - set(LAMBDAS), [k for k in LAMBDAS if k not in lambdas]
-    if unknown:
-        raise ParamsError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {LAMBDAS}")
-    if missing:
-        raise ParamsError(f"{source}: loss.lambdas misses {missing}; list all of {LAMBDAS} (0 switches a term off)")
-    for k, v in lambdas.items():
-        if not _finite(v) or v < 0:
-            raise ParamsError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
-    if not any(lambdas.values()):
-        raise ParamsError(f"{source}: all loss weights are zero; nothing would be trained")
-    return {k: float(lambdas[k]) for k in LAMBDAS}
-
-
 def validate_params(params: dict, source: str) -> dict:
     """A run's params with its loss weights as floats (see :func:`validate_lambdas`); refuses
     unknown sections, sections that are not mappings and values failing FIELD_CHECKS, naming
@@ -270,7 +234,10 @@ def validate_params(params: dict, source: str) -> dict:
         if value is not None and not ok(value):
             raise ParamsError(f"{source}: {section}.{key} must be {what}, got {value!r}")
     loss = params.get("loss") or {}
-    params["loss"] = {**loss, "lambdas": validate_lambdas(loss.get("lambdas", {}), source)}
+    try:
+        params["loss"] = {**loss, "lambdas": validate_lambdas(loss.get("lambdas", {}), source)}
+    except ValueError as e:
+        raise ParamsError(str(e)) from None
     return params
 
 

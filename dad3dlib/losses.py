@@ -2,8 +2,9 @@
 
     L = λ1·L_3D + λ2·L_1 + λ3·L_proj + λ4·L_heatmap   (weights keys: l3d, l1, lproj, awing)
 
-Each term is a record of ``config.LOSS_TERMS`` (key, label, reference weight, the prediction it
-reads) and a function registered here under the same key (:func:`register_term`).
+Each term is one record of :data:`LOSS_TERMS`: the key of its weight in ``loss.lambdas``, its display
+name, the reference recipe's weight, the prediction it reads and its function, registered by
+decorating the function (:func:`register_term`); every list of loss terms derives from the records.
 
 A term whose weight is 0 is not computed at all. L_proj, the one term measured in pixels, uses
 the units of the reference recipe's 256-px crop (:data:`REFERENCE_CROP`), so that a run at any crop
@@ -16,11 +17,13 @@ Shapes: B batch, V vertices, K = 68 landmarks, S crop side, H×W heatmap size (S
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from .config import LOSS_TERMS, validate_lambdas
 
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
@@ -137,53 +140,80 @@ HEATMAP_LOSSES = {"awing": adaptive_wing_loss, "soft_iou": soft_iou_loss}
 
 
 # --------------------------------------------------------------------------------------------
-# The terms: each registered term's function (config.LOSS_TERMS holds the rest of its record)
+# The terms: one registered record each
 # --------------------------------------------------------------------------------------------
-TERMS: dict = {}  # name -> fn(loss: DADLoss, pred, batch) -> unweighted scalar
+@dataclass(frozen=True)
+class LossTerm:
+    """A term of the objective: the key of its weight in ``loss.lambdas``, its display name, the
+    reference recipe's weight, the prediction it reads (a key of what ``train.DADModule``
+    predicts) and ``fn(loss: DADLoss, pred, batch) -> unweighted scalar``."""
+    name: str
+    label: str
+    reference_weight: float
+    needs: str
+    fn: Callable
 
 
-def register_term(name: str):
-    """Decorator: ``fn(loss, pred, batch) -> scalar`` computes the term ``name`` of
-    :data:`dad3dlib.config.LOSS_TERMS`, reading ``pred[LOSS_TERMS[name].needs]``."""
-    if name not in LOSS_TERMS:
-        raise KeyError(f"loss term '{name}' has no record in config.LOSS_TERMS")
+LOSS_TERMS: dict[str, LossTerm] = {}  # in registration order: λ1..λ4
+
+
+def register_term(name: str, label: str, reference_weight: float, needs: str):
+    """Decorator: register ``fn(loss, pred, batch) -> scalar`` as the term ``name`` (see :class:`LossTerm`)."""
+    if name in LOSS_TERMS:
+        raise KeyError(f"loss term '{name}' is registered already")
 
     def add(fn):
-        TERMS[name] = fn
+        LOSS_TERMS[name] = LossTerm(name, label, float(reference_weight), needs, fn)
         return fn
     return add
 
 
-@register_term("l3d")
+@register_term("l3d", "L_3D", 50.0, needs="vertices_canonical")
 def _l3d(loss, p, b):
     return shape_loss(p["vertices_canonical"].float(), b["vertices_model"], loss.subsets)
 
 
-@register_term("l1")
+@register_term("l1", "L_1", 100.0, needs="landmarks_2d")
 def _l1(loss, p, b):
     return landmark_loss(p["landmarks_2d"].float(), b["landmarks_2d"], b["visibility"], b["image"].shape[-1])
 
 
-@register_term("lproj")
+@register_term("lproj", "L_proj", 0.05, needs="vertices_reprojected")
 def _lproj(loss, p, b):
     return reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"], loss.subsets,
                              crop_size=b["image"].shape[-1])
 
 
-@register_term("awing")
+@register_term("awing", "L_AWing", 1.0, needs="heatmaps")
 def _awing(loss, p, b):
     return loss.heatmap_loss(torch.sigmoid(p["heatmaps"].float()), b["heatmaps"])
 
 
-if set(TERMS) != set(LOSS_TERMS):
-    raise ImportError(f"loss terms without a function: {sorted(set(LOSS_TERMS) - set(TERMS))}")
+def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
+    """The loss weights as floats: exactly the keys of :data:`LOSS_TERMS` (0 switches a term off), each
+    finite and >= 0, not all zero; ValueError naming ``source`` otherwise. The one check of loss
+    weights (params files, :class:`DADLoss`)."""
+    names = tuple(LOSS_TERMS)
+    if not isinstance(lambdas, dict):
+        raise ValueError(f"{source}: loss.lambdas must be a mapping of {names}, got {lambdas!r}")
+    unknown, missing = set(lambdas) - set(names), [k for k in names if k not in lambdas]
+    if unknown:
+        raise ValueError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {names}")
+    if missing:
+        raise ValueError(f"{source}: loss.lambdas misses {missing}; list all of {names} (0 switches a term off)")
+    for k, v in lambdas.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
+    if not any(lambdas.values()):
+        raise ValueError(f"{source}: all loss weights are zero; nothing would be trained")
+    return {k: float(lambdas[k]) for k in names}
 
 
 # --------------------------------------------------------------------------------------------
 # The weighted total
 # --------------------------------------------------------------------------------------------
 class DADLoss(nn.Module):
-    """Weighted sum of the active terms (:data:`TERMS`, in the order of config.LOSS_TERMS).
+    """Weighted sum of the active terms (:data:`LOSS_TERMS`, in their order).
 
     forward(pred, batch) -> (total scalar, {term: weighted scalar} for the active terms).
     ``pred`` holds what the active terms read (see :attr:`needs`):
@@ -214,5 +244,5 @@ class DADLoss(nn.Module):
         return {LOSS_TERMS[k].needs for k in self.weights}
 
     def forward(self, pred: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = {k: w * TERMS[k](self, pred, batch) for k, w in self.weights.items()}
+        terms = {k: w * LOSS_TERMS[k].fn(self, pred, batch) for k, w in self.weights.items()}
         return sum(terms.values()), terms

@@ -55,7 +55,7 @@ def test_malformed_ablation_file_is_reported_with_its_path(tmp_path, text, match
 def test_every_ablation_lists_all_four_weights():
     for name in config.available("ablations"):
         lambdas = config.read_yaml(config.PARAMS_DIR / "ablations" / f"{name}.yaml")["loss"]["lambdas"]
-        assert tuple(lambdas) == config.LAMBDAS, name
+        assert tuple(lambdas) == tuple(config.LOSS_TERMS), name
 
 
 def _run_params_file(tmp_path, edit=lambda params: None):

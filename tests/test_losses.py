@@ -250,10 +250,10 @@ def test_heatmap_loss_option_reaches_heatmaps(flame, name):
 
 
 # --------------------------------------------------------------------------------------------
-# The registry: one record per term (config.LOSS_TERMS), its function here
+# The registry: one record per term (losses.LOSS_TERMS), function included
 # --------------------------------------------------------------------------------------------
 def test_each_registered_term_reads_only_its_recorded_prediction(flame):
-    from dad3dlib.config import LOSS_TERMS
+    from dad3dlib.losses import LOSS_TERMS
 
     batch, (pred, _) = _batch(flame), _pred(flame)
     for name, term in LOSS_TERMS.items():
@@ -263,11 +263,21 @@ def test_each_registered_term_reads_only_its_recorded_prediction(flame):
         assert list(terms) == [name] and torch.isfinite(total) and total > 0, name
 
 
-def test_every_list_of_loss_terms_derives_from_the_records():
+def test_every_list_of_loss_terms_derives_from_the_records(monkeypatch):
+    """A term registered in losses.py alone is a weight every params file must list, has its reference
+    weight as default, is computed by DADLoss and plotted by the report."""
     from dad3dlib import config, losses, report
 
-    assert config.LAMBDAS == tuple(config.LOSS_TERMS) == tuple(losses.TERMS)
-    assert config.DEFAULTS["loss"]["lambdas"] == {k: t.reference_weight for k, t in config.LOSS_TERMS.items()}
-    assert all(f"train/{k}_step" in report.CURVES for k in config.LOSS_TERMS)
-    with pytest.raises(KeyError, match="no record in config.LOSS_TERMS"):
-        losses.register_term("l2d")
+    assert tuple(config.DEFAULTS["loss"]["lambdas"]) == ("l3d", "l1", "lproj", "awing")
+    assert config.DEFAULTS["loss"]["lambdas"] == {k: t.reference_weight for k, t in losses.LOSS_TERMS.items()}
+    assert all(f"train/{k}_step" in report.CURVES for k in losses.LOSS_TERMS)
+    with pytest.raises(KeyError, match="'l1' is registered already"):
+        losses.register_term("l1", "L_1", 1.0, "landmarks_2d")
+    monkeypatch.setattr(losses, "LOSS_TERMS", dict(losses.LOSS_TERMS))
+    losses.register_term("lzero", "L_0", 2.0, needs="landmarks_2d")(lambda loss, p, b: p["landmarks_2d"].sum() * 0 + 3)
+    with pytest.raises(ValueError, match=r"loss.lambdas misses \['lzero'\]"):
+        losses.validate_lambdas(config.DEFAULTS["loss"]["lambdas"])
+    weights = {**config.DEFAULTS["loss"]["lambdas"], "l3d": 0.0, "lproj": 0.0, "awing": 0.0, "l1": 0.0, "lzero": 2.0}
+    total, terms = losses.DADLoss(weights, {n: torch.arange(3) for n in losses.L3D_SUBSET_WEIGHTS})(
+        {"landmarks_2d": torch.zeros(1, 68, 2)}, {})
+    assert terms == {"lzero": 6.0} and total == 6.0
