@@ -51,6 +51,7 @@ from .synthetic_data import DATASET_DIR
 NOTEBOOKS = REPO_ROOT / "notebooks"
 ABLATION_NB = NOTEBOOKS / "ablation.ipynb"
 AGGREGATE_NB = NOTEBOOKS / "aggregate.ipynb"
+REPORT_TEMPLATE = Path(__file__).parent / "report_template" / "report.html.j2"  # no script from a CDN
 PACKAGES = ("torch", "torchvision", "timm", "lightning", "easypytorch3d", "numpy", "papermill", "moderngl")
 
 
@@ -484,9 +485,7 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
 
 def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
     """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
-    import nbformat
     import papermill as pm
-    from nbconvert import HTMLExporter
 
     from .report import write_summary
 
@@ -495,11 +494,20 @@ def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
     pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
                         kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
                         **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
-    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True)
-    html, _ = exporter.from_notebook_node(nbformat.read(str(out_nb), as_version=4))
     report = study_dir / "report.html"
-    atomic_write(report, html)
+    atomic_write(report, report_html(out_nb))
     return report
+
+
+def report_html(notebook: Path) -> str:
+    """An executed notebook as a self-contained page: outputs only (inputs and prompts hidden), and
+    no script fetched from a network (:data:`REPORT_TEMPLATE`)."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(exclude_input=True, exclude_input_prompt=True, exclude_output_prompt=True,
+                            extra_template_paths=[str(REPORT_TEMPLATE.parent)], template_file=REPORT_TEMPLATE.name)
+    return exporter.from_notebook_node(nbformat.read(str(notebook), as_version=4))[0]
 
 
 def execute_runs(todo: list[Run], out: Path, jobs: int, stop: Interrupt, on_result=lambda result: None,

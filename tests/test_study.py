@@ -4,6 +4,7 @@ import base64
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -371,6 +372,21 @@ def test_report_html_is_self_contained(smoke_study):
     assert html.count("data:image/png;base64") >= 5
     assert "Traceback" not in html  # no cell of the aggregate notebook failed
     assert "Findings" in html and "Training noise is unmeasured" in html  # one seed: no verdicts
+    assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=[\"'](?:https?:)?//", html)  # nothing from a network
+
+
+def test_the_report_page_fetches_nothing_from_a_network(tmp_path):
+    """nbconvert's own template loads require.js and MathJax from a CDN (a report read offline then
+    waits on them); the report's template leaves them out and keeps the outputs."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output(
+        "display_data", {"text/html": "<table><tr><td>a table</td></tr></table>"})])])
+    nbformat.write(nb, tmp_path / "nb.ipynb")
+    html = study.report_html(tmp_path / "nb.ipynb")
+    assert "a table" in html and ">x<" not in html  # the output, not the input
+    assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=[\"'](?:https?:)?//", html), \
+        re.findall(r"<(?:script|link)[^>]+>", html)
 
 
 def _chromium(page: str, shot: Path, profile: Path, height: int) -> str:
