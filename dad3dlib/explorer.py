@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+# ground truth and prediction, here and in the report's figures (dad3dlib.viz)
 COLOURS = {"gt_landmarks": "lime", "prediction_landmarks": "red",
            "gt_mesh": (0.55, 0.8, 0.55), "prediction_mesh": (0.72, 0.74, 0.78)}
 

@@ -1,6 +1,14 @@
-"""Figures: small functions that render heads and compose image grids.
+"""Figures: plots of the study's tables, images of meshes (renders, predictions over their images),
+the report's explorer data, and the ``show-head`` / ``show-data`` commands. The numbers they show
+come from :mod:`dad3dlib.report`.
 
-Shapes: V vertices, F faces, H x W images (uint8 RGB, top-down).
+Shapes: V vertices, F faces, H x W images (uint8 RGB, top-down). Views: positive yaw shows the
+subject's left cheek, positive pitch looks from above (:func:`view_rotation`).
+
+Caches (module state, all here; :func:`clear_caches` empties them): renderers by image size
+(``(width, height)``, they depend on nothing else), FLAME layers by FLAME directory, data sets by
+(root, split, crop size, FLAME directory, skip_bad). A FLAME layer or data set is rebuilt when a
+file it was read from changes: :class:`FileCache` compares each file's path, mtime and size.
 """
 from __future__ import annotations
 
@@ -10,19 +18,178 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
+from .explorer import COLOURS, explorer_html, submesh
 from .files import atomic_write
+from .geometry import FLIP_YZ, apply_affine, edge_counts, orthographic_projection, perspective_projection, project
+from .losses import LOSS_TERMS
+from .report import ATTRIBUTE_METRICS, ATTRIBUTES, CURVES, METRICS, UNRECORDED_SPLIT, format_metric, study_runs
+
+
+# --------------------------------------------------------------------------------------------
+# Plots of the study's tables (dad3dlib.report's)
+# --------------------------------------------------------------------------------------------
+def plot_metrics(runs: pd.DataFrame):
+    """One seaborn bar panel per metric (points: seeds)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    done = runs[runs.status == "finished"]
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.6))
+    for ax, (k, (label, lower)) in zip(axes, METRICS.items()):
+        sns.barplot(data=done, x="ablation", y=k, ax=ax, errorbar=("ci", 95), color="#8fb3d9")
+        sns.stripplot(data=done, x="ablation", y=k, ax=ax, color="k", size=3)
+        ax.set_title(label + (" ↓" if lower else " ↑"), fontsize=9)
+        ax.set_xlabel("")
+        ax.set_ylabel("")
+        ax.tick_params(axis="x", rotation=70, labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None):
+    """Training curves of all runs on shared axes, one panel per metric (default: the weighted loss
+    terms per step, titled with their display names, and the validation metrics)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    if curves.empty:
+        return None
+    logged = set(curves.metric)
+    metrics = metrics or [m for m in CURVES if m in logged] or sorted(logged)
+    cols = 3
+    rows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, m in zip(axes.flat, metrics):
+        d = curves[curves.metric == m]
+        x = "step" if "step" in d and d["step"].notna().any() else "epoch"
+        sns.lineplot(data=d, x=x, y="value", hue="ablation", ax=ax, legend=ax is axes.flat[0], errorbar=None)
+        ax.set_title(next((f"{t.label} ({m})" for k, t in LOSS_TERMS.items() if m == f"train/{k}_step"), m),
+                     fontsize=9)
+        ax.set_ylabel("")
+        if d["value"].gt(0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 50:
+            ax.set_yscale("log")
+    for ax in axes.flat[len(metrics):]:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"):
+    """The metric per ablation, split by each image attribute present in the table."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    attrs = [a for a in ATTRIBUTES if a in per_sample]
+    if per_sample.empty or not attrs:
+        return None
+    fig, axes = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
+    for ax, a in zip(axes.flat, attrs):
+        sns.barplot(data=per_sample, x=a, y=metric, hue="ablation", ax=ax, errorbar=None)
+        ax.set_title(f"{METRICS.get(metric, (metric,))[0]} by {a}", fontsize=9)
+        ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Caches: renderers, FLAME layers, data sets
+# --------------------------------------------------------------------------------------------
+class FileCache:
+    """Values built from files, reused while those files are unchanged: :meth:`get` rebuilds a key's
+    value when the size or modification time of a file it was built from differs from last time
+    (a directory counts by the entries directly in it); :meth:`clear` forgets every value."""
+
+    def __init__(self):
+        self._entries: dict = {}
+
+    def get(self, key, paths, build):
+        """The value of ``key``: ``build()``'s result, rebuilt when ``paths`` changed."""
+        stamp = _stamp(paths)
+        entry = self._entries.get(key)
+        if entry is None or entry[0] != stamp:
+            entry = self._entries[key] = (stamp, build())
+        return entry[1]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _stamp(paths) -> tuple:
+    """(path, mtime_ns, size) of each file of ``paths`` (a directory: its entries); missing ones left out."""
+    out = []
+    for p in map(Path, paths):
+        for f in sorted(p.iterdir()) if p.is_dir() else [p]:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+_RENDERERS: dict = {}  # (width, height) -> Renderer, which depends on nothing else
+_LAYERS = FileCache()  # FLAME directory -> FlameLayer; stamp: the directory's files
+_DATASETS = FileCache()  # (root, split, crop size, FLAME directory, skip_bad) -> DAD3DHeadsDataset;
+#                          stamp: the FLAME directory's files and the split's annotation file
+
+
+def clear_caches() -> None:
+    """Forget the renderers, FLAME layers and data sets the figures keep between calls (entries
+    already follow changes to the files they were read from; this frees their memory)."""
+    _RENDERERS.clear()
+    _LAYERS.clear()
+    _DATASETS.clear()
+
+
+def _renderer(w: int, h: int):
+    from .render import Renderer
+
+    if (w, h) not in _RENDERERS:
+        _RENDERERS[(w, h)] = Renderer(w, h)
+    return _RENDERERS[(w, h)]
+
+
+def _layer(flame_dir):
+    from .flame import FlameLayer, load_flame_assets
+
+    path = Path(flame_dir)
+    return _LAYERS.get(str(path), [path], lambda: FlameLayer(load_flame_assets(path)).eval())
+
+
+def _dataset(root: str, split: str, crop_size: int, data: dict):
+    from .data import DAD3DHeadsDataset, dataset_dir, flame_dir
+    from .flame import load_flame_assets
+
+    flame = flame_dir(data)
+    skip_bad = data.get("skip_bad", False)
+
+    def build():
+        assets = load_flame_assets(flame, require_model=False)
+        return DAD3DHeadsDataset(root, split, crop_size, assets, skip_bad=skip_bad)
+
+    split_file = dataset_dir(root) / split / f"{split}.json"
+    return _DATASETS.get((str(root), split, crop_size, str(flame), skip_bad), [flame, split_file], build)
+
+
+# --------------------------------------------------------------------------------------------
+# Images of meshes
+# --------------------------------------------------------------------------------------------
+def view_rotation(yaw_deg: float, pitch_deg: float = 0.0) -> np.ndarray:
+    """R [3,3] turning a model-space head (y up, facing +z) to a view from ``yaw_deg`` (about y,
+    positive shows the subject's left cheek) and ``pitch_deg`` (about x, positive looks from above)."""
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("xy", [pitch_deg, -yaw_deg], degrees=True).as_matrix()
+
 
 def orbit_camera(yaw_deg: float, pitch_deg: float, centre, distance: float, size: int,
                  field_m: float) -> tuple[np.ndarray, np.ndarray]:
     """Model-view [4,4] and projection [4,4] (docs/ARCHITECTURE.md convention) of a camera on a
-    sphere around ``centre`` (yaw about y, positive shows the subject's left cheek; pitch about
-    x, positive looks from above), seeing ``field_m`` metres across a square image of ``size``."""
-    from scipy.spatial.transform import Rotation
-
-    from .geometry import perspective_projection
-
-    R = Rotation.from_euler("xy", [pitch_deg, -yaw_deg], degrees=True).as_matrix()
+    sphere around ``centre``, looking from yaw and pitch (:func:`view_rotation`), seeing ``field_m``
+    metres across a square image of ``size``."""
+    R = view_rotation(yaw_deg, pitch_deg)
     mv = np.eye(4)
     mv[:3, :3] = R
     mv[:3, 3] = -R @ np.asarray(centre, float) + (0.0, 0.0, -distance)
@@ -40,6 +207,55 @@ def render_views(renderer, vertices: np.ndarray, faces: np.ndarray, colors: np.n
         mv, p = orbit_camera(yaw, pitch, centre, 1.0, size, field_m)
         out.append(renderer.render(vertices, faces, colors, mv, p, background=bg)[0])
     return out
+
+
+def render_head(vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray, yaw_deg: float = 0.0,
+                size: int = 256) -> np.ndarray:
+    """A model-space head seen from ``yaw_deg`` (:func:`view_rotation`) with an orthographic camera,
+    filling a size×size white image: vertices [V,3], faces [F,3], colors [V,3] -> [size,size,3]."""
+    v = (vertices - vertices.mean(0)) @ view_rotation(yaw_deg).T
+    scale = 0.9 * size / (v[:, :2].max(0) - v[:, :2].min(0)).max()
+    img_v = np.stack([v[:, 0] * scale + size / 2, -v[:, 1] * scale + size / 2, -v[:, 2] * scale], axis=1)
+    white = np.full((size, size, 3), 255, np.uint8)
+    return overlay_mesh(white, img_v, faces, colors, alpha=1.0)
+
+
+def image_space_projection(height: int, z: np.ndarray) -> np.ndarray:
+    """P for vertices given in image pixels (x right, y down, z away from the viewer) with ``IMAGE_MV``.
+
+    The renderer's camera space is OpenGL's (y up, looking down -z), so ``IMAGE_MV = diag(1,-1,-1,1)``
+    flips y and z: camera ``Z = -z`` and the distance along the view is z itself. The depth range is
+    z [V]'s own, widened by a margin so that neither the nearest nor the farthest point is clipped.
+    """
+    lo, hi = float(z.min()), float(z.max())
+    margin = 0.05 * (hi - lo) + 1.0
+    return orthographic_projection(0.0, float(height), near=lo - margin, far=hi + margin)
+
+
+IMAGE_MV = np.diag([*FLIP_YZ, 1.0])
+
+
+def overlay_mesh(image: np.ndarray, vertices_img: np.ndarray, faces: np.ndarray, colors=None,
+                 alpha: float = 0.6) -> np.ndarray:
+    """Render a mesh given in image pixels (x, y down, z away) over ``image`` [H,W,3] uint8 (colors:
+    [V,3] or one colour; None: a prediction's)."""
+    h, w = image.shape[:2]
+    colors = np.broadcast_to(np.asarray(COLOURS["prediction_mesh"] if colors is None else colors, np.float32),
+                             (len(vertices_img), 3))
+    rgb, mask = _renderer(w, h).render(vertices_img.astype(np.float32), faces, colors, IMAGE_MV,
+                                       image_space_projection(h, vertices_img[:, 2]))
+    out = image.copy()
+    out[mask] = (alpha * rgb[mask] + (1 - alpha) * image[mask]).astype(np.uint8)
+    return out
+
+
+def error_colors(err: np.ndarray, vmax: float) -> np.ndarray:
+    """Per-vertex error [V] -> colours [V,3] from matplotlib's 'inferno' map on [0, vmax]."""
+    import matplotlib
+
+    colors = matplotlib.colormaps["inferno"](np.clip(np.nan_to_num(err) / max(vmax, 1e-9), 0, 1))[:, :3]
+    colors[np.isnan(err)] = 0.8  # outside the evaluated region
+    return colors
 
 
 def label(image: np.ndarray, text: str, scale: float = 0.45) -> np.ndarray:
@@ -67,6 +283,227 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# A study's predictions over its images (predictions.npz, written by evaluate.evaluate_run)
+# --------------------------------------------------------------------------------------------
+def _run_dirs(study_dir: Path) -> dict[str, Path]:
+    """ablation name -> its first seed's finished run directory."""
+    out = {}
+    for r in study_runs(study_dir):
+        d = Path(study_dir) / "runs" / r["run"]
+        if (d / "predictions.npz").exists() and (d / "metrics.json").exists():
+            for name in [r["ablation"], *r["aliases"]]:
+                out.setdefault(name, d)
+    return out
+
+
+def _run_context(run_dir: Path):
+    """(params, FlameLayer, predictions dict) of a finished run; the predictions' ``split`` is the
+    split they were made on, ``index`` maps an item id to its row."""
+    from .config import load_params
+    from .data import flame_dir
+
+    params = load_params(run_dir / "params.yaml")
+    layer = _layer(flame_dir(params["data"]))
+    pred = dict(np.load(run_dir / "predictions.npz", allow_pickle=False))
+    pred["split"] = str(pred.get("split", UNRECORDED_SPLIT))
+    pred["index"] = {str(x): k for k, x in enumerate(pred["item_id"])}
+    return params, layer, pred
+
+
+def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray, crop_size: int) -> np.ndarray:
+    """A prediction's mesh in original-image pixels: [413], [2,3] (crop = A·[x,y,1]) -> [V,3]."""
+    import torch
+
+    with torch.no_grad():
+        v = layer.reproject(torch.as_tensor(params_3dmm, dtype=torch.float32)[None], crop_size)[0].numpy()
+    scale = crop_affine[0, 0]
+    xy = (v[:, :2] - crop_affine[:, 2]) / scale
+    return np.concatenate([xy, v[:, 2:] / scale], axis=1)
+
+
+def _predicted_mesh(layer, pred: dict, k: int) -> np.ndarray:
+    """Row ``k`` of a run's predictions (:func:`_run_context`) as a mesh in image pixels [V,3]."""
+    return predicted_mesh_image(layer, pred["params_3dmm"][k], pred["crop_affine"][k], int(pred["crop_size"]))
+
+
+def _landmarks(layer, vertices_img: np.ndarray) -> np.ndarray:
+    """The 68 landmarks [68,2] of a mesh in image pixels [V,3]."""
+    import torch
+
+    with torch.no_grad():
+        return layer.landmarks68(torch.as_tensor(vertices_img[None], dtype=torch.float32))[0, :, :2].numpy()
+
+
+def _sample(params: dict, split: str, item_id: str):
+    """(image RGB uint8, GT vertices in image pixels with depth [V,3]) of one item of a run's data."""
+    ds = _dataset(params["data"]["root"], split, params["data"]["crop_size"], params["data"])
+    i = ds.position(item_id)
+    img = ds.image(i)
+    v, mv, p, _ = ds.geometry(i, img.shape[0])
+    v = v.astype(np.float64)
+    xy = project(v, mv, p, img.shape[0])
+    depth = -(v @ mv[:3, :3].T + mv[:3, 3])[:, 2]
+    z = (depth - depth.mean()) * p[0, 0] / depth.mean()  # depth in pixel units around the head
+    return img, np.concatenate([xy, z[:, None]], axis=1)
+
+
+def _crop_box(vertices_img: np.ndarray, margin: float = 0.15) -> tuple[int, int, int, int]:
+    lo, hi = vertices_img[:, :2].min(0), vertices_img[:, :2].max(0)
+    c, half = (lo + hi) / 2, (hi - lo).max() / 2 * (1 + margin)
+    return int(c[0] - half), int(c[1] - half), int(c[0] + half), int(c[1] + half)
+
+
+def _cut(img: np.ndarray, box) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    pad = max(0, -x0, -y0, x1 - img.shape[1], y1 - img.shape[0])
+    if pad:
+        img = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+    return img[y0 + pad:y1 + pad, x0 + pad:x1 + pad]
+
+
+def plot_predictions(run_dir: str | Path, params: dict | None = None, n: int = 8):
+    """A run's first ``n`` evaluation images: GT landmarks (green), predicted landmarks (red), predicted
+    mesh."""
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    params_, layer, pred = _run_context(run_dir)
+    params = params or params_
+    faces = layer.faces.numpy()
+    n = min(n, len(pred["item_id"]))
+    cols = min(4, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.2 * cols, 3.2 * -(-n // cols)), squeeze=False)
+    for ax, i in zip(axes.flat, range(n)):
+        item = str(pred["item_id"][i])
+        img, gt_v = _sample(params, pred["split"], item)
+        pv = _predicted_mesh(layer, pred, i)
+        box = _crop_box(gt_v)
+        ax.imshow(_cut(overlay_mesh(img, pv, faces, alpha=0.45), box))
+        off = np.array(box[:2])
+        ax.scatter(*(_landmarks(layer, gt_v) - off).T, s=4, c=COLOURS["gt_landmarks"])
+        ax.scatter(*(pred["landmarks_2d_image"][i] - off).T, s=4, c=COLOURS["prediction_landmarks"])
+        ax.set_title(item, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_mesh_comparison(study_dir: str | Path, n_items: int = 4):
+    """Rows: the same evaluation images; columns: image, GT mesh, each ablation's predicted mesh."""
+    import matplotlib.pyplot as plt
+
+    runs = _run_dirs(Path(study_dir))
+    if not runs:
+        return None
+    ctx = {name: _run_context(d) for name, d in runs.items()}
+    params, layer, pred0 = next(iter(ctx.values()))
+    faces = layer.faces.numpy()
+    items = [str(x) for x in pred0["item_id"][:n_items]]
+    cols = 2 + len(ctx)
+    fig, axes = plt.subplots(len(items), cols, figsize=(2.4 * cols, 2.5 * len(items)), squeeze=False)
+    for r, item in enumerate(items):
+        img, gt_v = _sample(params, pred0["split"], item)
+        box = _crop_box(gt_v)
+        panels = [("image", img), ("ground truth", overlay_mesh(img, gt_v, faces, COLOURS["gt_mesh"]))]
+        for name, (_, lay, pred) in ctx.items():
+            if item in pred["index"]:
+                panels.append((name, overlay_mesh(img, _predicted_mesh(lay, pred, pred["index"][item]), faces)))
+        for c, (title, im) in enumerate(panels):
+            axes[r, c].imshow(_cut(im, box))
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    return fig
+
+
+def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
+    """Each ablation's mean per-vertex error (mm) painted on the mean head (front, and the right
+    cheek's profile)."""
+    import matplotlib.pyplot as plt
+
+    runs = _run_dirs(Path(study_dir))
+    errs = {}
+    for name, d in runs.items():
+        pred = np.load(d / "predictions.npz", allow_pickle=False)
+        if "vertex_error_mm" in pred:
+            errs[name] = pred["vertex_error_mm"]
+    if not errs:
+        return None
+    params, layer, _ = _run_context(next(iter(runs.values())))
+    v = layer.v_template.numpy()
+    faces = layer.faces.numpy()
+    vmax = float(np.nanpercentile(np.concatenate(list(errs.values())), 98))
+    fig, axes = plt.subplots(2, len(errs), figsize=(2.6 * len(errs), 5.4), squeeze=False)
+    for c, (name, e) in enumerate(errs.items()):
+        for r, yaw in enumerate((0.0, -70.0)):
+            axes[r, c].imshow(render_head(v, faces, error_colors(e, vmax), yaw, size))
+            axes[r, c].axis("off")
+        axes[0, c].set_title(f"{name}\nmean {np.nanmean(e):.2f} mm", fontsize=8)
+    sm = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, vmax))
+    fig.colorbar(sm, ax=axes, fraction=0.02, label="mm")
+    return fig
+
+
+# --------------------------------------------------------------------------------------------
+# The explorer's data (dad3dlib.explorer builds its HTML)
+# --------------------------------------------------------------------------------------------
+def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192) -> str:
+    """The offline explorer (:func:`dad3dlib.explorer.explorer_html`, an HTML fragment) of a study's
+    first ``n_samples`` evaluation images: each ablation's first finished seed beside the ground truth,
+    every sample cut around its head and shown at ``size`` pixels. A sentence when no run has
+    finished yet."""
+    runs = _run_dirs(Path(study_dir))
+    if not runs:
+        return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
+    ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
+    params, layer, pred0 = next(iter(ctx.values()))
+    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
+    items = [str(x) for x in pred0["item_id"][:n_samples]]
+    if not items:
+        return "<p>No evaluation sample to explore.</p>"
+    frames, samples = [], []
+    for item in items:
+        img, gt_v = _sample(params, pred0["split"], item)
+        box = _crop_box(gt_v)
+        frames.append((np.array(box[:2], np.float64), size / (box[2] - box[0])))
+        image = cv2.resize(_cut(img, box), (size, size), interpolation=cv2.INTER_AREA)
+        samples.append({"item_id": item, "image": image, "landmarks": _display(_landmarks(layer, gt_v), *frames[-1]),
+                        "vertices": _display(gt_v[keep], *frames[-1])})
+    predictions = {}
+    for d, (_, lay, pred) in ctx.items():
+        per_sample = pd.read_csv(d / "per_sample.csv").set_index("item_id")
+        rows = []
+        for item, frame in zip(items, frames):
+            k = pred["index"].get(item)
+            if k is None:
+                rows.append(None)
+                continue
+            pv = _predicted_mesh(lay, pred, k)
+            m = per_sample.loc[item] if item in per_sample.index else {}
+            caption = ", ".join(f"{METRICS[c][0]} {format_metric(c, m[c])}" for c in ATTRIBUTE_METRICS if c in m)
+            rows.append({"landmarks": _display(pred["landmarks_2d_image"][k], *frame),
+                         "vertices": _display(pv[keep], *frame), "caption": caption})
+        predictions[d.name] = rows
+    return explorer_html(faces, samples, predictions, {name: d.name for name, d in runs.items()})
+
+
+def _display(points: np.ndarray, origin: np.ndarray, scale: float) -> np.ndarray:
+    """Image-pixel points [N,2] or [N,3] (x, y down, z away) -> the display frame of a cut at
+    ``origin`` [2] shown ``scale`` times larger; depth centred on the points' mean."""
+    out = np.asarray(points, np.float64).copy()
+    out[:, :2] = (out[:, :2] - origin) * scale
+    if out.shape[1] == 3:
+        out[:, 2] = (out[:, 2] - out[:, 2].mean()) * scale
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# CLI helpers: show-head, a head model and its variations
+# --------------------------------------------------------------------------------------------
 def head_title(assets) -> str:
     """What a head model is: the project's synthetic head, or the FLAME-format model of a directory."""
     from .synthetic_head import default_flame_dir
@@ -83,7 +520,6 @@ def show_head(assets, out_png: str | Path, seed: int = 0, tile: int = 160, colum
     import torch
 
     from .flame import N_EXPR, N_SHAPE, FlameLayer
-    from .render import Renderer
     from .synthetic_head import albedo
 
     rng = np.random.default_rng(seed)
@@ -100,8 +536,8 @@ def show_head(assets, out_png: str | Path, seed: int = 0, tile: int = 160, colum
     head = template[assets.topology.subsets["head"]]
     centre = 0.5 * (head.min(0) + head.max(0)) - (0.0, 0.02, 0.0)
     field = 1.45 * float(np.ptp(head, axis=0).max())
-    big = Renderer(tile * n // 3, tile * n // 3)
-    small = Renderer(tile, tile)
+    big = _renderer(tile * n // 3, tile * n // 3)
+    small = _renderer(tile, tile)
     mean_colors = albedo(template, assets.topology, np.random.default_rng(seed))
     top = render_views(big, template, faces, mean_colors, [(0, 0), (40, 5), (90, 0)], centre, field)
     top = [label(im, t) for im, t in zip(top, ("mean head: front", "3/4", "profile"))]
@@ -148,8 +584,8 @@ def main_show_head(argv: list[str] | None = None) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Data grids (show-data): samples with GT landmarks and the projected mesh overlaid, beside the
-# crops the loader produces
+# CLI helpers: show-data, data grids of samples with GT landmarks and the projected mesh overlaid,
+# beside the crops the loader produces
 # --------------------------------------------------------------------------------------------
 PANEL = 256  # display size of each panel (pixels)
 
@@ -198,7 +634,6 @@ def show_data(data: str | Path, out: str | Path, split: str = "train", n: int = 
     import torch
 
     from .data import DAD3DHeadsDataset, denormalize_image, flame_dir, read_image
-    from .geometry import apply_affine, edge_counts
     from .flame import load_flame_assets
 
     assets = load_flame_assets(flame_dir({"root": data, "flame_path": flame_assets}), require_model=False)

@@ -1,4 +1,4 @@
-"""Shared test helpers: a tiny FLAME model and the released DAD-3DHeads layout.
+"""Shared test helpers: a tiny FLAME model, the released DAD-3DHeads layout, a hand-written study.
 
 Plain functions, imported as ``from conftest import ...``: pytest's default import mode puts this
 directory (no ``__init__.py``) on the import path when it loads this file.
@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dad3dlib.flame import FlameAssets, FlameModel, FlameTopology, matrix_to_rot6d, pack_3dmm
@@ -57,4 +58,29 @@ def as_released(root: Path) -> Path:
     entries = [{k: v for k, v in e.items() if k != "annotation_path"} for e in json.loads(split.read_text())]
     split.write_text(json.dumps(entries))
     (root / "make_data.json").unlink()
+    return root
+
+
+def small_study(root: Path) -> Path:
+    """Five runs written by hand: baseline (alias l3d50_proj0.05) seeds 1 and 2 finished on val with
+    mean_mm 2 and 4, no_l3d seed 1 finished (3), seed 2 pending, no_2d seed 1 failed; one reference."""
+    runs = [("baseline_s1", "baseline", 1, {"mean_mm": 2.0}), ("baseline_s2", "baseline", 2, {"mean_mm": 4.0}),
+            ("no_l3d_s1", "no_l3d", 1, {"mean_mm": 3.0}), ("no_l3d_s2", "no_l3d", 2, None),
+            ("no_2d_s1", "no_2d", 1, "failed")]
+    for run, _, seed, metrics in runs:
+        d = root / "runs" / run
+        d.mkdir(parents=True)
+        if isinstance(metrics, dict):
+            (d / "metrics.json").write_text(json.dumps({**metrics, "angle_error_deg": 10.0 * seed, "split": "val"}))
+            pd.DataFrame({"item_id": ["a", "b"], "pose": ["front", "side"], "quality": ["hq", "lq"],
+                          "mean_mm": [metrics["mean_mm"] - 1, metrics["mean_mm"] + 1]}).to_csv(d / "per_sample.csv")
+        elif metrics == "failed":
+            (d / "error.json").write_text("{}")
+    (root / "study.json").write_text(json.dumps({"runs": [
+        {"run": run, "ablation": abl, "seed": seed, "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []}
+        for run, abl, seed, _ in runs]}))
+    (root / "references" / "constant").mkdir(parents=True)
+    (root / "references" / "constant" / "metrics.json").write_text(json.dumps({"mean_mm": 9.0}))
+    (root / "references" / "references.json").write_text(json.dumps({"descriptions": {"constant": "The mean head."},
+                                                                     "split": "val"}))
     return root

@@ -423,7 +423,7 @@ def other_flame(tmp_path_factory):
 
 
 def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, tmp_path, monkeypatch):
-    from dad3dlib import report, viz
+    from dad3dlib import viz
     from dad3dlib.evaluate import _split_dataset
     from dad3dlib.config import with_defaults
     from dad3dlib.train import make_datasets
@@ -435,7 +435,7 @@ def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, t
     assert data.flame_dir({"root": str(root), "flame_path": "/else"}) == type(flame)("/else")
     params = with_defaults({"data": {"root": str(root), "crop_size": 64}})
     fit = make_datasets(params)["train"].dataset  # no test split: training fits on train without its holdout
-    for ds in [_split_dataset(params, "train")[0], fit, report._dataset(str(root), "train", 64, params["data"])]:
+    for ds in [_split_dataset(params, "train")[0], fit, viz._dataset(str(root), "train", 64, params["data"])]:
         assert ds.n_vertices == 60 and len(ds) == 3
 
 

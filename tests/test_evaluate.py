@@ -115,7 +115,7 @@ def test_every_list_of_metrics_derives_from_the_records():
     notebook = json.loads((REPO_ROOT / "notebooks" / "aggregate.ipynb").read_text())
     code = "".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
     assert "report.ATTRIBUTE_METRICS" in code and not any(f"'{k}'" in code or f'"{k}"' in code for k in M.METRICS)
-    assert report._num("z5_accuracy", 0.5) == "0.500" and report._num("mean_mm", 0.5) == "0.50"
+    assert report.format_metric("z5_accuracy", 0.5) == "0.500" and report.format_metric("mean_mm", 0.5) == "0.50"
     with pytest.raises(ValueError, match="benchmark scope and a benchmark function go together"):
         M.register_metric("nothing", "Nothing", "lower", lambda c: None, scopes=("benchmark",))
 

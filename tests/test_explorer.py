@@ -118,9 +118,9 @@ def test_faces_beyond_uint16_are_embedded_as_uint32():
 
 
 def test_report_explorer_of_a_study_without_finished_runs_says_so(tmp_path):
-    from dad3dlib import report
+    from dad3dlib import viz
 
     (tmp_path / "study.json").write_text(json.dumps(
         {"runs": [{"run": "baseline_s1", "ablation": "baseline", "aliases": [], "seed": 1}]}))
-    assert report.explorer(tmp_path) == ("<p>No finished run yet: the explorer shows predictions once a run has "
-                                         "finished.</p>")
+    assert viz.explorer(tmp_path) == ("<p>No finished run yet: the explorer shows predictions once a run has "
+                                      "finished.</p>")

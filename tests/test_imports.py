@@ -1,5 +1,5 @@
-"""Module structure: only training imports Lightning, and no dad3dlib modules import each other in a cycle
-(not even through an import deferred into a function)."""
+"""Module structure: only training imports Lightning, the report's numbers need no rendering stack, and
+no dad3dlib modules import each other in a cycle (not even through an import deferred into a function)."""
 import ast
 import subprocess
 import sys
@@ -10,6 +10,7 @@ import dad3dlib
 PACKAGE = Path(dad3dlib.__file__).parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
 LIGHTNING_MODULES = {"train"}  # the LightningModule and the Trainer
+RENDERING = {"cv2", "matplotlib", "seaborn", "moderngl", ".render", ".flame", ".viz", ".explorer"}  # figures' stack
 
 
 def imports(module: str) -> set[str]:
@@ -22,6 +23,34 @@ def imports(module: str) -> set[str]:
             names = [node.module] if node.module else [a.name for a in node.names]
             out |= {n.split(".")[0] for n in names if n.split(".")[0] in MODULES}
     return out
+
+
+def imported_anywhere(module: str) -> set[str]:
+    """Everything ``module`` imports, at module level or inside a function: top-level packages
+    ("cv2") and dad3dlib modules with a leading dot (".render")."""
+    out = set()
+    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            out.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module] if node.module else [a.name for a in node.names]
+            out |= {"." + n.split(".")[0] for n in names}
+    return out
+
+
+def test_report_reads_numbers_without_the_rendering_stack():
+    """report.py (tables, differences, Findings, summary.csv) imports none of the figures' stack, not
+    even inside a function (its figures are viz.py's), and importing it loads no OpenCV, matplotlib
+    or OpenGL."""
+    assert imported_anywhere("report") & RENDERING == set()
+    assert {".render", ".flame", "matplotlib", "cv2"} <= imported_anywhere("viz")  # the parser sees them
+    script = ("import sys, dad3dlib.report\n"
+              "print(sorted({'cv2', 'matplotlib', 'seaborn', 'moderngl', 'dad3dlib.render', 'dad3dlib.viz'} "
+              "& set(sys.modules)))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
 def test_only_training_imports_lightning():
