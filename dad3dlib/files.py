@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 

@@ -19,7 +19,7 @@ from conftest import random_3dmm, tiny_flame_assets
 from dad3dlib.board import BOARD_DIR
 from dad3dlib.config import run_params, with_defaults
 from dad3dlib.progress import read_progress
-from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, matrix_to_rot6d, save_flame_assets
+from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, save_flame_assets
 from dad3dlib.geometry import crop_to_image
 from dad3dlib.model import load_model
 from dad3dlib.report import read_metrics
