@@ -297,18 +297,22 @@ def _run_dirs(study_dir: Path) -> dict[str, Path]:
     return out
 
 
+def _predictions(run_dir: Path) -> dict:
+    """A finished run's ``predictions.npz`` as a dict of arrays, plus ``split`` (the split they were
+    made on) and ``index`` (item id -> row)."""
+    pred = dict(np.load(run_dir / "predictions.npz", allow_pickle=False))
+    pred["split"] = str(pred.get("split", UNRECORDED_SPLIT))
+    pred["index"] = {str(x): k for k, x in enumerate(pred["item_id"])}
+    return pred
+
+
 def _run_context(run_dir: Path):
-    """(params, FlameLayer, predictions dict) of a finished run; the predictions' ``split`` is the
-    split they were made on, ``index`` maps an item id to its row."""
+    """(params, FlameLayer, :func:`_predictions`) of a finished run."""
     from .config import load_params
     from .data import flame_dir
 
     params = load_params(run_dir / "params.yaml")
-    layer = _layer(flame_dir(params["data"]))
-    pred = dict(np.load(run_dir / "predictions.npz", allow_pickle=False))
-    pred["split"] = str(pred.get("split", UNRECORDED_SPLIT))
-    pred["index"] = {str(x): k for k, x in enumerate(pred["item_id"])}
-    return params, layer, pred
+    return params, _layer(flame_dir(params["data"])), _predictions(run_dir)
 
 
 def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray, crop_size: int) -> np.ndarray:
@@ -426,11 +430,8 @@ def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
     import matplotlib.pyplot as plt
 
     runs = _run_dirs(Path(study_dir))
-    errs = {}
-    for name, d in runs.items():
-        pred = np.load(d / "predictions.npz", allow_pickle=False)
-        if "vertex_error_mm" in pred:
-            errs[name] = pred["vertex_error_mm"]
+    errs = {name: pred["vertex_error_mm"] for name, pred in ((n, _predictions(d)) for n, d in runs.items())
+            if "vertex_error_mm" in pred}
     if not errs:
         return None
     params, layer, _ = _run_context(next(iter(runs.values())))
