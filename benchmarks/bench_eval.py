@@ -20,6 +20,7 @@ from torch import Tensor
 from dad3dlib import benchmark as BM
 from dad3dlib import metrics as M
 from dad3dlib.flame import ALIGN7, N_EXPR, N_SHAPE, FlameLayer, load_flame_assets
+from dad3dlib.synthetic_head import default_flame_dir
 
 REFERENCE_S_PER_ITEM = 2.0
 
@@ -56,7 +57,7 @@ def metric_table(layer: FlameLayer, topo, batch: int, repeats: int) -> list[tupl
     rng, gen = np.random.default_rng(0), torch.Generator().manual_seed(0)
     gt, pred = random_heads(layer, batch, gen)
     scorer = BM.Scorer(topo)
-    faces, head, face = scorer.faces, scorer.head, scorer.face
+    faces, z_n, face = scorer.faces, scorer.z_n, scorer.face
     lmk_gt, lmk_pred = scorer.landmarks68(gt), scorer.landmarks68(pred)
     R_gt = torch.as_tensor(_rotations(batch, rng))
     R_pred = torch.as_tensor(_rotations(batch, rng))
@@ -66,9 +67,9 @@ def metric_table(layer: FlameLayer, topo, batch: int, repeats: int) -> list[tupl
         "nme_reprojection": lambda: M.nme_reprojection(lmk_pred[..., :2], lmk_gt[..., :2], bbox),
         "pose_error + angle_error_deg": lambda: (M.pose_error(R_pred, R_gt), M.angle_error_deg(R_pred, R_gt)),
         "yaw_pitch_roll_error_deg": lambda: M.yaw_pitch_roll_error_deg(R_pred, R_gt),
-        "z5_accuracy (reference pairing)": lambda: M.z_n_accuracy_reference(pred[:, head].float(),
-                                                                           gt[:, head].float()),
-        "z5_accuracy_local": lambda: M.z_n_accuracy_local(pred[:, head].float(), gt[:, head].float()),
+        "z5_accuracy (reference pairing)": lambda: M.z_n_accuracy_reference(pred[:, z_n].float(),
+                                                                           gt[:, z_n].float()),
+        "z5_accuracy_local": lambda: M.z_n_accuracy_local(pred[:, z_n].float(), gt[:, z_n].float()),
         "chamfer (reference)": lambda: M.chamfer_reference(pred, lmk_pred[:, a7], gt, lmk_gt, face),
         "shape_error_mm": lambda: M.shape_error_mm(pred, lmk_pred[:, a7], gt[:, face], lmk_gt[:, a7], faces),
         "shape_error_mm, 10 ICP steps": lambda: M.shape_error_mm(pred, lmk_pred[:, a7], gt[:, face],
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    assets = load_flame_assets(args.flame_assets)
+    assets = load_flame_assets(args.flame_assets or default_flame_dir())
     layer, topo = FlameLayer(assets), assets.topology
     n_vert = layer.num_vertices
     print(f"metrics on {n_vert}-vertex meshes ({len(topo.faces)} faces), batch {args.batch}, "

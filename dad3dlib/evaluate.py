@@ -85,7 +85,7 @@ def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topo
     pv, R = pred["vertices_canonical"].double(), pred["rotation"].double()
     gt68, pred68 = topo.landmarks68(gt_v), topo.landmarks68(pv)
     a7 = list(ALIGN7)
-    zn_pred, zn_gt = pred["vertices_image"][:, topo.head].float(), (gt_v @ R_gt.transpose(1, 2))[:, topo.head].float()
+    zn_pred, zn_gt = pred["vertices_image"][:, topo.z_n].float(), (gt_v @ R_gt.transpose(1, 2))[:, topo.z_n].float()
     shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, topo.face], gt68[:, a7], topo.faces, refine_iters)
     c = {"pred": pred, "batch": batch, "topo": topo, "pred_vertices": pv, "gt_vertices": gt_v, "pred_lmk68": pred68,
          "gt_lmk68": gt68, "R": R, "R_gt": R_gt, "zn_pred": zn_pred, "zn_gt": zn_gt, "shape": shape}
@@ -103,7 +103,7 @@ def _attribute_key(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def aggregate(df, distances: np.ndarray) -> dict:
+def summarize(df, distances: np.ndarray) -> dict:
     """Means over samples of METRIC_COLUMNS; median_mm / mean_mm / std_mm pooled over all
     distances [N,P]; n_samples; by_attribute {attribute: {value: {metric: mean, "n": count}}}."""
     out = {m: float(df[m].mean()) for m in METRIC_COLUMNS}
@@ -133,7 +133,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
 
     predictor: batch -> predict_batch's dict; dataset: a DAD3DHeadsDataset (or anything with its
     batch keys and ``items``) -> (per-sample DataFrame: item_id, one column per attribute,
-    METRIC_COLUMNS; the aggregate dict, see :func:`aggregate`; arrays for predictions.npz:
+    METRIC_COLUMNS; the aggregate dict, see :func:`summarize`; arrays for predictions.npz:
     item_id, params_3dmm, crop_affine, landmarks_2d_image, crop_size, vertex_error_mm [V]
     (face-region mean, NaN elsewhere)).
     """
@@ -166,7 +166,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     vertex_error[topo.face.numpy()] = distances.mean(axis=0)
     arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
               "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
-    return df, aggregate(df, distances), arrays
+    return df, summarize(df, distances), arrays
 
 
 # --------------------------------------------------------------------------------------------

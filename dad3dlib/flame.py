@@ -30,7 +30,7 @@ LAYOUT_3DMM = (("shape", N_SHAPE), ("expression", N_EXPR), ("jaw", N_JAW),
                ("rot6d", N_ROT6D), ("translation", N_TRANS), ("scale", N_SCALE))
 ALIGN7 = (36, 39, 42, 45, 33, 48, 54)
 SUBSETS = ("face", "face_w_ears", "head")
-HEAD_SUBSET = "face_w_ears"  # the benchmark's head set for Z_n (the reference's head_indices.npy)
+Z_N_SUBSET = "face_w_ears"  # the vertices Z_n is scored on (the reference benchmark's head_indices.npy)
 FACE_SUBSET = "face"
 CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (DAD-3DNet's canonical space)
 
@@ -329,8 +329,8 @@ def save_flame_assets(model: FlameModel, topology: FlameTopology, out_dir: str |
 
 class TopologyTensors:
     """The topology the metrics read, as tensors on one device: ``faces`` [F,3], ``lmk_face_idx``
-    [68] and ``lmk_bary`` [68,3] (the 68 landmarks, dynamic contour row 0), the ``head``
-    (:data:`HEAD_SUBSET`) and ``face`` (:data:`FACE_SUBSET`) vertex ids [n], ``n_vertices``.
+    [68] and ``lmk_bary`` [68,3] (the 68 landmarks, dynamic contour row 0), the ``z_n``
+    (:data:`Z_N_SUBSET`) and ``face`` (:data:`FACE_SUBSET`) vertex ids [n], ``n_vertices``.
     Evaluation and the benchmark scorer share it."""
 
     def __init__(self, topology: FlameTopology, device: str | torch.device = "cpu"):
@@ -338,7 +338,7 @@ class TopologyTensors:
         self.faces = as_long(topology.faces)
         self.lmk_face_idx = as_long(topology.lmk_face_idx)
         self.lmk_bary = torch.as_tensor(topology.lmk_bary, device=device)
-        self.head = as_long(topology.subsets[HEAD_SUBSET])
+        self.z_n = as_long(topology.subsets[Z_N_SUBSET])
         self.face = as_long(topology.subsets[FACE_SUBSET])
         self.n_vertices = int(topology.faces.max()) + 1
 

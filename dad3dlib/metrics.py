@@ -388,7 +388,7 @@ def metric_names(scope: str | None = None) -> tuple[str, ...]:
 
 def _bench_zn(g: dict, p: dict, s) -> tuple[Tensor, Tensor]:
     """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
-    return p["N_landmarks_3d"][:, s.head].float(), (-g["world"][:, s.head]).float()
+    return p["N_landmarks_3d"][:, s.z_n].float(), (-g["world"][:, s.z_n]).float()
 
 
 def _bench_rotation(fn):

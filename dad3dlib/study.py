@@ -483,7 +483,7 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
     return out
 
 
-def aggregate(study_dir: Path, stop: Interrupt | None = None) -> Path:
+def write_report(study_dir: Path, stop: Interrupt | None = None) -> Path:
     """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
     import papermill as pm
 
@@ -585,7 +585,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
             if not stop.is_set():
                 references.wait("reference predictors")  # the runs stand without them
                 try:
-                    report = aggregate(out, stop)
+                    report = write_report(out, stop)
                 except Exception:
                     if not stop.is_set():
                         raise

@@ -1,0 +1,40 @@
+"""The benchmark scripts (``make bench-*``) run end to end at tiny sizes and print their figures, so
+that a change elsewhere cannot leave one broken until someone measures."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dad3dlib
+
+BENCHMARKS = dad3dlib.REPO_ROOT / "benchmarks"
+
+
+def _bench(script: str, tmp_path, *args) -> str:
+    env = {**os.environ, "DAD3D_OUTPUTS": str(tmp_path / "outputs"), "PYTHONPATH": str(dad3dlib.REPO_ROOT)}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_bench_eval_prints_each_metric_and_the_benchmark_cli(tmp_path):
+    out = _bench("bench_eval.py", tmp_path, "--batch", "2", "--items", "4", "--repeats", "1")
+    assert "nme_reprojection" in out and "z5_accuracy_local" in out and "total per item" in out
+
+
+@pytest.mark.slow
+def test_bench_train_writes_its_figures(tmp_path):
+    _bench("bench_train.py", tmp_path, "--config", "smoke", "--steps", "1", "--warmup", "0",
+           "--out", str(tmp_path / "train.json"))
+    (result,) = json.loads((tmp_path / "train.json").read_text())["results"]
+    assert result["config"] == "smoke" and result["steps"] == 1 and result["images_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_data_measures_generation_and_loading(tmp_path):
+    out = _bench("bench_data.py", tmp_path, "--images", "4")
+    assert "make-data (cpu preset sizes), 2 worker(s)" in out and "loader cached" in out
