@@ -654,6 +654,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ParamsError(f"{path}: no data.synthetic recipe (a preset for real data generates nothing)")
     if args.seed is not None:
         recipe = {**recipe, "seed": args.seed}
+    try:
+        recipe = synthetic_recipe(recipe)
+    except ValueError as e:
+        raise ParamsError(f"{path}: {e}") from None
     out = make_data(args.out, recipe, args.flame_assets, args.workers, name=path.stem)
     record = json.loads((Path(args.out) / "make_data.json").read_text())
     print(f"wrote {out} in {record['seconds']} s ({record['images_per_second']} images/s)")

@@ -306,13 +306,18 @@ def _predictions(run_dir: Path) -> dict:
     return pred
 
 
-def _run_context(run_dir: Path):
-    """(params, FlameLayer, :func:`_predictions`) of a finished run."""
+def _run_layer(run_dir: Path):
+    """(params, FlameLayer) of a run."""
     from .config import load_params
     from .data import flame_dir
 
     params = load_params(run_dir / "params.yaml")
-    return params, _layer(flame_dir(params["data"])), _predictions(run_dir)
+    return params, _layer(flame_dir(params["data"]))
+
+
+def _run_context(run_dir: Path):
+    """(params, FlameLayer, :func:`_predictions`) of a finished run."""
+    return (*_run_layer(run_dir), _predictions(run_dir))
 
 
 def predicted_mesh_image(layer, params_3dmm: np.ndarray, crop_affine: np.ndarray, crop_size: int) -> np.ndarray:
@@ -430,11 +435,14 @@ def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
     import matplotlib.pyplot as plt
 
     runs = _run_dirs(Path(study_dir))
-    errs = {name: pred["vertex_error_mm"] for name, pred in ((n, _predictions(d)) for n, d in runs.items())
-            if "vertex_error_mm" in pred}
+    errs = {}
+    for name, d in runs.items():
+        with np.load(d / "predictions.npz", allow_pickle=False) as pred:  # reads only the array it takes
+            if "vertex_error_mm" in pred:
+                errs[name] = pred["vertex_error_mm"]
     if not errs:
         return None
-    params, layer, _ = _run_context(next(iter(runs.values())))
+    _, layer = _run_layer(next(iter(runs.values())))
     v = layer.v_template.numpy()
     faces = layer.faces.numpy()
     vmax = float(np.nanpercentile(np.concatenate(list(errs.values())), 98))

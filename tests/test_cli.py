@@ -49,9 +49,12 @@ def test_show_data_reports_a_missing_split_file_in_one_line(tmp_path):
     (["show-head", "--out", "{tmp}/head.png", "--flame-assets", "/nonexistent/flame"],
      "/nonexistent/flame: FLAME assets directory not found"),
     (["make-data", "--preset", "{tmp}/real.yaml", "--out", "{tmp}/d"], "real.yaml: no data.synthetic recipe"),
+    (["make-data", "--preset", "{tmp}/bad.yaml", "--out", "{tmp}/d"],
+     "bad.yaml: data.synthetic.sampling: unknown key(s) ['yaw']"),
 ])
 def test_every_command_reports_bad_input_in_one_line(tmp_path, capsys, argv, message):
     (tmp_path / "real.yaml").write_text("data: {root: /somewhere/real}\n")
+    (tmp_path / "bad.yaml").write_text("data: {synthetic: {splits: {train: 2}, image_sizes: [[64, 64]], sampling: {yaw: 1}}}\n")
     assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and len(err.splitlines()) == 1
