@@ -9,7 +9,7 @@ OUT ?= outputs/$(PRESET)
 JOBS ?=
 SEEDS ?=
 
-.PHONY: setup sysdeps test test-fast study smoke-study lab bench bench-data bench-train bench-eval clean-venv
+.PHONY: setup sysdeps test test-fast study smoke-study lab bench bench-data bench-train bench-eval bench-run clean-venv
 
 setup: $(STAMP) sysdeps
 
@@ -43,7 +43,7 @@ lab: setup
 	$(PY) -m ipykernel install --user --name dad3d --display-name "dad3dlib (.venv)"
 	$(VENV)/bin/jupyter lab notebooks/
 
-bench: bench-data bench-train bench-eval
+bench: bench-data bench-train bench-eval bench-run
 
 bench-data: setup
 	$(PY) benchmarks/bench_data.py
@@ -53,6 +53,9 @@ bench-train: setup
 
 bench-eval: setup
 	$(PY) benchmarks/bench_eval.py
+
+bench-run: setup
+	$(PY) benchmarks/bench_run.py --preset $(PRESET)
 
 clean-venv:
 	rm -rf $(VENV)

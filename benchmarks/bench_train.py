@@ -5,7 +5,7 @@
 
 For each configuration: training images/s of a full step (network forward, FLAME canonical +
 reprojection, the four losses, backward, Adam), and per batch the time of the FLAME layer
-(forward + backward) and of the losses (forward + backward). A configuration takes the model/data
+(forward + backward) and of the losses (forward + backward), all together and each term alone. A configuration takes the model/data
 sections of ``params/presets/<name>.yaml`` (``paper``: the reference network and recipe); ``cpu``
 has a built-in fallback. ``--precision auto`` is what training uses: the network in bf16
 autocast on a GPU and on a CPU with native bfloat16 (FLAME and losses in fp32), channels-last
@@ -126,7 +126,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pose_prior_samples", "pretrained_path")}
     model = create_model(model_cfg).to(device).to(memory_format=torch.channels_last).train()
     loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as training
     data = synthetic_batch(B, S, flame.num_vertices, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     image = data["image"].contiguous(memory_format=torch.channels_last)
@@ -160,6 +160,12 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
         pred = {k: v.clone().requires_grad_() for k, v in fixed.items()}
         loss_fn(pred, data)[0].backward()
 
+    def term_fwd_bwd(name):
+        def run():
+            pred = {k: v.clone().requires_grad_() for k, v in fixed.items()}
+            loss_fn.terms(pred, data, [name])[name].backward()
+        return run
+
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -179,7 +185,9 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
            "images_per_s": round(B / sec_step, 2), "ms_per_step": round(1000 * sec_step, 1),
            "cpu_core_s_per_step": round(cpu_step, 2),  # shows how much of the wall time was ours
            "flame_ms_per_batch": round(1000 * _timed(flame_fwd_bwd, device, max(3, steps // 2))[0], 2),
-           "loss_ms_per_batch": round(1000 * _timed(loss_fwd_bwd, device, max(3, steps // 2))[0], 2)}
+           "loss_ms_per_batch": round(1000 * _timed(loss_fwd_bwd, device, max(3, steps // 2))[0], 2),
+           "term_ms_per_batch": {k: round(1000 * _timed(term_fwd_bwd(k), device, max(3, steps // 2))[0], 2)
+                                 for k in LAMBDAS}}
     if device.type == "cuda":
         row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         row["gpu_util_mean_pct"] = round(float(np.mean(sampler.samples)), 1) if sampler.samples else None

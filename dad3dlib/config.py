@@ -48,13 +48,14 @@ DEFAULTS: dict = {
                 "accelerator": "auto", "devices": "auto", "num_nodes": 1, "strategy": "auto",
                 "val_check_interval": None, "check_val_every_n_epoch": 1, "limit_val_batches": None,
                 "log_every_n_steps": 10, "checkpoint_every_n_steps": None, "gradient_clip_val": None,
-                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None},
+                "num_threads": None, "progress_bar": True, "early_stopping_patience": None, "min_epochs": None,
+                "compile": False},
 }
 # Keys added after studies had run, whose defaults reproduce what ran before them: they count in a
 # run's training fingerprint only when set otherwise, so that finished runs stay finished.
 LATER_KEYS = {"model": ("bifpn_levels", "bifpn_depthwise_kernel", "bifpn_act", "bifpn_bn_momentum", "bifpn_bn_eps",
                         "bifpn_downsample", "bifpn_lateral", "bifpn_top_inputs"),
-              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs",)}
+              "data": ("clip_bbox", "holdout_fraction"), "trainer": ("min_epochs", "compile")}
 MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not constructor arguments
 
 
@@ -172,6 +173,7 @@ FIELD_CHECKS = {
     ("data", "holdout_fraction"): (lambda v: _finite(v) and 0 < v < 1, "a number between 0 and 1"),
     ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    ("trainer", "compile"): (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

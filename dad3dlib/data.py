@@ -314,6 +314,7 @@ class SplitIndex:
     projection: np.ndarray | None   # [N,4,4] float64
     landmarks: np.ndarray | None    # [N,68,2] float64 image pixels
     skipped: list            # [(position in the split file, file, reason)]
+    path: Path | None = None  # the cache's folder (None: not cached)
 
 
 def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
@@ -459,7 +460,84 @@ def _load_cache(path: Path, ds, split, entries, files, skip_bad: bool) -> SplitI
     kept = meta["kept"]
     return SplitIndex([entries[i] for i in kept], [files[i][0] for i in kept], np.load(path / "sizes.npy"),
                       arr["vertices"], arr["model_view"], arr["projection"], arr["landmarks"],
-                      skipped=[tuple(s) for s in meta["skipped"]])
+                      skipped=[tuple(s) for s in meta["skipped"]], path=path)
+
+
+# --------------------------------------------------------------------------------------------
+# The decoded-image cache: each item's pixels that any of its crops can read
+# --------------------------------------------------------------------------------------------
+IMAGE_CACHE_VERSION = 1
+
+
+def shrink_factors(bbox, size: int, clip: bool) -> tuple[int, int]:
+    """The smallest and largest integer pre-shrink factor (:func:`warp_crop`'s k) of any crop of
+    a bbox (x, y, w, h) at crop side ``size``: training's random margins (:data:`MARGIN_TRAIN`)
+    and evaluation's fixed one lie between the smallest and the largest grown box."""
+    w, h = float(bbox[2]), float(bbox[3])
+    k = lambda side: max(1, int(side / size)) if size / side < 0.5 else 1  # noqa: E731 (warp_crop's rule)
+    grow_lo, grow_hi = 1 + 2 * min(MARGIN_TRAIN[0], MARGIN_EVAL), 1 + 2 * max(MARGIN_TRAIN[1], MARGIN_EVAL)
+    return (1 if clip else k(max(w, h) * grow_lo)), k(max(w, h) * grow_hi)
+
+
+def crop_region(bbox, image_size: tuple[int, int], size: int, clip: bool) -> tuple[int, int, int, int]:
+    """The part (x0, y0, x1, y1) of an image that every crop of a bbox at side ``size`` reads,
+    with room for the bilinear taps and the pre-shrink's blocks, its corner on a multiple of every
+    pre-shrink factor the crops use (so that shrinking the part equals cutting the shrunk image)."""
+    x, y, w, h = (float(v) for v in bbox)
+    k_lo, k_hi = shrink_factors(bbox, size, clip)
+    step = math.lcm(*range(k_lo, k_hi + 1))
+    # the crop is the square of side max(grown w, grown h) about the grown box's centre, which the
+    # asymmetric margins move by up to half their spread
+    spread = max(MARGIN_TRAIN[1] - MARGIN_TRAIN[0], 0.0)
+    half = max(w, h) * (1 + 2 * max(MARGIN_TRAIN[1], MARGIN_EVAL)) / 2 + spread * max(w, h) / 2 + 2 * k_hi + 2
+    cx, cy = x + w / 2, y + h / 2
+    W, H = image_size
+    x0, y0 = max(0, int(math.floor((cx - half) / step)) * step), max(0, int(math.floor((cy - half) / step)) * step)
+    x1, y1 = min(W, int(math.ceil(cx + half)) + step), min(H, int(math.ceil(cy + half)) + step)
+    return (x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)) if x0 < W and y0 < H else (0, 0, W, H)
+
+
+@dataclass
+class ImageCache:
+    """Each item's :func:`crop_region` of its decoded image, uint8 RGB, in one memory-mapped file:
+    ``pixels`` [total] and ``table`` [N,5] (offset, x0, y0, height, width). Built once per split
+    and crop side (``image(i)`` then costs a slice instead of a PNG/JPEG decode)."""
+
+    pixels: np.ndarray
+    table: np.ndarray
+
+    def region(self, i: int) -> tuple[np.ndarray, int, int]:
+        """Item i's region [h,w,3] and its corner (x0, y0) in the image."""
+        off, x0, y0, h, w = (int(v) for v in self.table[i])
+        return self.pixels[off: off + h * w * 3].reshape(h, w, 3), x0, y0
+
+
+def build_image_cache(path: Path, images: list[Path], entries: list[dict], sizes: np.ndarray, size: int,
+                      clip: bool) -> ImageCache:
+    """Load (or write, atomically, with a progress bar) the :class:`ImageCache` in ``path``."""
+    if not (path / "table.npy").is_file():
+        from tqdm import tqdm
+
+        boxes = [crop_region(e["bbox"], tuple(int(v) for v in wh), size, clip) for e, wh in zip(entries, sizes)]
+        table, offset = [], 0
+        for x0, y0, x1, y1 in boxes:
+            table.append((offset, x0, y0, y1 - y0, x1 - x0))
+            offset += (y1 - y0) * (x1 - x0) * 3
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        pixels = np.lib.format.open_memmap(tmp / "pixels.npy", mode="w+", dtype=np.uint8, shape=(max(offset, 1),))
+        for (off, x0, y0, h, w), img in zip(table, tqdm(images, desc="decode images", unit="img",
+                                                         disable=len(images) < 500)):
+            pixels[off: off + h * w * 3] = read_image(img)[y0: y0 + h, x0: x0 + w].reshape(-1)
+        pixels.flush()
+        del pixels
+        np.save(tmp / "table.npy", np.array(table, np.int64).reshape(-1, 5))
+        try:
+            os.replace(tmp, path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return ImageCache(np.load(path / "pixels.npy", mmap_mode="r"), np.load(path / "table.npy"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +608,47 @@ class DAD3DHeadsDataset(Dataset):
         """The original image of sample i, [H,W,3] uint8 RGB."""
         return read_image(self.index.images[i])
 
+    def _source(self, i: int) -> tuple[np.ndarray, int, int, int, int]:
+        """The pixels sample i's crops read, their corner in the image and the image's size:
+        (pixels [h,w,3] uint8 RGB, x0, y0, width, height). With the data cache, the item's region
+        of the :class:`ImageCache` (decoded once), else that region of the image file: crops are
+        the same either way (``tests/test_data.py``). (Cropped from the whole image instead, a
+        crop differs by OpenCV's fixed-point rounding of the shifted map: at most one grey level,
+        in under 1 % of pixels.)"""
+        if self.index.path is None:
+            image = self.image(i)
+            x0, y0, x1, y1 = crop_region(self.index.entries[i]["bbox"], image.shape[1::-1], self.crop_size,
+                                         self.clip_bbox)
+            return image[y0:y1, x0:x1], x0, y0, image.shape[1], image.shape[0]
+        if getattr(self, "_images", None) is None:
+            path = self.index.path / f"images_{IMAGE_CACHE_VERSION}_S{self.crop_size}_clip{int(self.clip_bbox)}"
+            with exclusive_lock(self.index.path.parent / ".lock"):
+                self._images = build_image_cache(path, self.index.images, self.index.entries, self.index.sizes,
+                                                 self.crop_size, self.clip_bbox)
+        region, x0, y0 = self._images.region(i)
+        return (region, x0, y0, *(int(v) for v in self.index.sizes[i]))
+
+    def _vertices_image(self, i: int, verts, mv, P, height: int) -> np.ndarray:
+        """GT vertices of sample i in image pixels [V,2] float64 (:func:`project`); with the data
+        cache, projected once per split (``vertices_image.npy`` beside the cached arrays)."""
+        if self.index.path is None or self.index.vertices is None:
+            return project(verts.astype(np.float64), mv, P, height)
+        if getattr(self, "_projected", None) is None:
+            path = self.index.path / "vertices_image.npy"
+            with exclusive_lock(self.index.path.parent / ".lock"):
+                if not path.is_file():
+                    ix = self.index
+                    out = np.empty((len(ix.entries), ix.vertices.shape[1], 2))
+                    for k in range(len(out)):
+                        out[k] = project(np.asarray(ix.vertices[k], np.float64), ix.model_view[k], ix.projection[k],
+                                         int(ix.sizes[k][1]))
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    with open(tmp, "wb") as f:
+                        np.save(f, out)
+                    os.replace(tmp, path)
+            self._projected = np.load(path, mmap_mode="r")
+        return np.asarray(self._projected[i])
+
     def geometry(self, i: int, height: int) -> tuple[np.ndarray, ...]:
         """Annotation of sample i: vertices [V,3] float32, MV [4,4], P [4,4], GT landmarks [68,2]
         image pixels (``height``: the image's)."""
@@ -548,15 +667,16 @@ class DAD3DHeadsDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         entry, S = self.index.entries[i], self.crop_size
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
-        image = self.image(i)
-        height, width = image.shape[:2]
+        pixels, x0, y0, width, height = self._source(i)
         margins = rng.uniform(*MARGIN_TRAIN, 4) if self.train else (MARGIN_EVAL,) * 4
         bbox = np.asarray(entry["bbox"], np.float64)
         try:
             A = crop_affine(bbox, margins, S, (width, height) if self.clip_bbox else None)
         except ValueError as e:
             raise ValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
-        crop = warp_crop(image, A, S)
+        A_pixels = A.copy()
+        A_pixels[:, 2] += A[:, :2] @ [x0, y0]  # the same map from the region's pixels
+        crop = warp_crop(pixels, A_pixels, S)
         if self.augment:
             crop = photometric(rng, crop)
         out = {"image": normalize_image(crop), "crop_affine": torch.tensor(A, dtype=torch.float32),
@@ -564,11 +684,12 @@ class DAD3DHeadsDataset(Dataset):
         if not self.annotations:
             return out
         verts, mv, P, lmk_img = self._arrays(i, height)
+        verts_img = self._vertices_image(i, verts, mv, P, height)
         lmk_crop = apply_affine(A, lmk_img)
         inside_crop = ((lmk_crop > 0) & (lmk_crop < S)).all(1)
         inside_image = ((lmk_img >= 0) & (lmk_img < [width, height])).all(1)
         visibility = (inside_crop & inside_image).astype(np.float32)
-        vertices_crop = apply_affine(A, project(verts.astype(np.float64), mv, P, height))
+        vertices_crop = apply_affine(A, verts_img)
         out.update({
             "landmarks_2d": torch.tensor(lmk_crop, dtype=torch.float32),
             "visibility": torch.from_numpy(visibility),

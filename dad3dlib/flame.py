@@ -33,6 +33,7 @@ SUBSETS = ("face", "face_w_ears", "head")
 Z_N_SUBSET = "face_w_ears"  # the vertices Z_n is scored on (the reference benchmark's head_indices.npy)
 FACE_SUBSET = "face"
 CANONICAL_Z_OFFSET = 0.05  # moves the origin to the skull centre (DAD-3DNet's canonical space)
+JAW_JOINT = 2  # FLAME's joints: global, neck, jaw, left eye, right eye
 
 MODEL_FILE = "generic_model.pkl"
 STATIC_FILE = "flame_static_embedding.pkl"
@@ -407,6 +408,33 @@ def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop
     return s, dst.mean(1) - s[:, None] * src.mean(1)
 
 
+def jaw_lbs(betas: Tensor, jaw: Tensor, v_template: Tensor, shapedirs: Tensor, posedirs_jaw: Tensor,
+            regressor_jaw: Tensor, weights_jaw: Tensor, weights_sum: Tensor) -> Tensor:
+    """FLAME's linear blend skinning when only the jaw rotates (global pose, neck and eyes zero),
+    as smplx's ``lbs`` computes it, without its per-vertex 4x4 transforms.
+
+    With every other joint at the identity and the jaw a child of that identity chain, the jaw's
+    transform relative to the rest pose is ``[R | J - R·J]`` (J the jaw joint) and every other
+    joint's is ``[I | 0]``, so each vertex is
+    ``v = (Σ_k w_k)·v_posed + w_jaw·(R - I)·(v_posed - J)``; the pose blend shapes of the other
+    joints are zero. ``tests/test_flame.py`` checks it against smplx's ``lbs``.
+
+    betas [B,L] shape and expression coefficients, jaw [B,3] axis-angle, v_template [V,3],
+    shapedirs [L,V*3], posedirs_jaw [9,V*3] (the jaw's rows of the pose blend shapes),
+    regressor_jaw [V] (the jaw's row of the joint regressor), weights_jaw [V] (the jaw's skinning
+    weights), weights_sum [V] (each vertex's weights summed) -> [B,V,3]
+    """
+    from smplx.lbs import batch_rodrigues
+
+    B = betas.shape[0]
+    v_shaped = v_template + (betas @ shapedirs).view(B, -1, 3)             # [B,V,3]
+    joint = torch.einsum("v,bvc->bc", regressor_jaw, v_shaped)              # [B,3]
+    rot = batch_rodrigues(jaw)                                              # [B,3,3]
+    turn = rot - torch.eye(3, dtype=rot.dtype, device=rot.device)           # R - I
+    v_posed = v_shaped + (turn.reshape(B, 9) @ posedirs_jaw).view(B, -1, 3)
+    return weights_sum[:, None] * v_posed + weights_jaw[:, None] * ((v_posed - joint[:, None]) @ turn.transpose(1, 2))
+
+
 # --------------------------------------------------------------------------------------------
 # The layer
 # --------------------------------------------------------------------------------------------
@@ -421,11 +449,13 @@ class FlameLayer(nn.Module):
         self.topology = t
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
         self.register_buffer("v_template", f32(m.v_template))
-        self.register_buffer("shapedirs", f32(m.shapedirs))
+        self.register_buffer("shapedirs_flat", f32(m.shapedirs.reshape(-1, m.shapedirs.shape[-1]).T))  # [L,V*3]
         self.register_buffer("posedirs", f32(m.posedirs.reshape(-1, m.posedirs.shape[-1]).T))  # [36,V*3]
         self.register_buffer("J_regressor", f32(m.J_regressor))
         self.register_buffer("lbs_weights", f32(m.weights))
         self.register_buffer("parents", torch.as_tensor(m.parents))
+        # jaw_lbs holds when no joint hangs below the jaw (FLAME: the eyes hang below the neck)
+        self.jaw_only = JAW_JOINT not in m.parents
         self.register_buffer("faces", torch.as_tensor(m.faces, dtype=torch.long))
         self.register_buffer("lmk_face_idx", torch.as_tensor(t.lmk_face_idx))
         self.register_buffer("lmk_bary", torch.as_tensor(t.lmk_bary))
@@ -436,22 +466,32 @@ class FlameLayer(nn.Module):
     def num_vertices(self) -> int:
         return self.v_template.shape[0]
 
+    @property
+    def shapedirs(self) -> Tensor:
+        """[V,3,L] (smplx's layout; a view of ``shapedirs_flat``)."""
+        return self.shapedirs_flat.T.view(self.num_vertices, 3, -1)
+
     def subset(self, name: str) -> Tensor:
         """Vertex ids [n] of "face", "face_w_ears" or "head"."""
         return getattr(self, f"subset_{name}")
 
     def vertices(self, shape: Tensor, expression: Tensor, jaw: Tensor, neck: Tensor | None = None,
                  global_pose: Tensor | None = None) -> Tensor:
-        """Model-space vertices by LBS; eyes are zero.
+        """Model-space vertices by LBS; eyes are zero. Only the jaw rotating (neck and global_pose
+        None), :func:`jaw_lbs`; else smplx's ``lbs``.
 
         shape [B,300], expression [B,100], jaw/neck/global_pose [B,3] axis-angle -> [B,V,3]
         """
         from smplx.lbs import lbs
 
+        betas = torch.cat([shape, expression], dim=-1)
+        if neck is None and global_pose is None and self.jaw_only:
+            j = slice(9 * (JAW_JOINT - 1), 9 * JAW_JOINT)  # the pose features of joints 1..4, 9 each
+            return jaw_lbs(betas, jaw, self.v_template, self.shapedirs_flat, self.posedirs[j],
+                           self.J_regressor[JAW_JOINT], self.lbs_weights[:, JAW_JOINT], self.lbs_weights.sum(1))
         zeros = torch.zeros_like(jaw)
         pose = torch.cat([zeros if global_pose is None else global_pose,
                           zeros if neck is None else neck, jaw, zeros, zeros], dim=-1)
-        betas = torch.cat([shape, expression], dim=-1)
         verts, _ = lbs(betas, pose, self.v_template[None].expand(len(betas), -1, -1), self.shapedirs,
                        self.posedirs, self.J_regressor, self.parents, self.lbs_weights)
         return verts

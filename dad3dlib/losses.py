@@ -31,34 +31,93 @@ REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj
 
 
 # --------------------------------------------------------------------------------------------
+# Vertex subsets
+# --------------------------------------------------------------------------------------------
+class VertexSubsets(nn.Module):
+    """Named vertex subsets, taken from a batch of points with as few gathers as possible: when
+    the subsets nest (FLAME's face ⊂ head ⊂ face_w_ears; the synthetic head's face ⊂ face_w_ears ⊂
+    head), their vertices are ordered once so that each subset is a prefix of the largest, and one
+    gather serves them all. Otherwise one gather per subset. The ids are buffers (they move with the
+    module) and stay out of state dicts.
+
+    subsets: name -> [n] vertex ids (any order; a subset's points come in the order of its ids
+    unless the subsets nest).
+    """
+
+    def __init__(self, subsets: dict):
+        super().__init__()
+        ids = {k: torch.as_tensor(v, dtype=torch.long).cpu() for k, v in subsets.items()}
+        self.names = list(ids)
+        chain = sorted(ids, key=lambda k: len(ids[k]))
+        sets = [set(ids[k].tolist()) for k in chain]
+        self.nested = all(a <= b for a, b in zip(sets, sets[1:]))
+        if self.nested:
+            order, seen = [], set()
+            for k in chain:
+                order += [i for i in ids[k].tolist() if i not in seen]
+                seen.update(ids[k].tolist())
+            self.register_buffer("order", torch.tensor(order, dtype=torch.long), persistent=False)
+            self.sizes = {k: len(ids[k]) for k in self.names}
+        for k, v in ids.items():
+            self.register_buffer(f"ids_{k}", v, persistent=False)
+
+    def ids(self, name: str) -> Tensor:
+        return getattr(self, f"ids_{name}")
+
+    def take(self, points: Tensor, names, dim: int = 1) -> dict[str, Tensor]:
+        """points [...,V,...] (vertices along ``dim``) -> {name: [...,n,...]}, views of one gather
+        when the subsets nest."""
+        if self.nested:
+            taken = points.index_select(dim, self.order[: max(self.sizes[k] for k in names)])
+            return {k: taken.narrow(dim, 0, self.sizes[k]) for k in names}
+        return {k: points.index_select(dim, self.ids(k)) for k in names}
+
+
+def as_vertex_subsets(subsets) -> VertexSubsets:
+    """A :class:`VertexSubsets` as it is, or made from a dict name -> ids."""
+    if isinstance(subsets, VertexSubsets):
+        return subsets
+    first = next(iter(subsets.values()))
+    return VertexSubsets(subsets).to(first.device if torch.is_tensor(first) else "cpu")
+
+
+# --------------------------------------------------------------------------------------------
 # L_3D
 # --------------------------------------------------------------------------------------------
-def normalize_unit_cube(points: Tensor) -> Tensor:
+def normalize_unit_cube(points: Tensor, dim: int = 1) -> Tensor:
     """Per sample: subtract the per-axis min, subtract half the per-axis max, divide by the
-    largest coordinate. [B,N,3] -> [B,N,3] centred, largest axis spanning [-1,1]."""
-    p = points - points.amin(dim=1, keepdim=True)
-    p = p - p.amax(dim=1, keepdim=True) / 2
-    return p / p.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    largest coordinate; that is, centre each axis's range on 0 and divide by half the longest
+    range. [B,N,3] (points along ``dim`` 1; ``dim`` -1: [B,3,N]) -> the same shape, centred, the
+    largest axis spanning [-1,1]."""
+    axes = 2 if dim == 1 else 1
+    lo, hi = points.amin(dim=dim, keepdim=True), points.amax(dim=dim, keepdim=True)
+    half = (hi - lo).amax(dim=axes, keepdim=True) / 2
+    return (points - (lo + hi) / 2) / half.clamp_min(1e-12)
 
 
-def shape_loss(pred: Tensor, target: Tensor, subsets: dict[str, Tensor],
+def shape_loss(pred: Tensor, target: Tensor, subsets,
                subset_weights: dict[str, float] = L3D_SUBSET_WEIGHTS) -> Tensor:
     """L_3D: sum over subsets of weight · MSE(unit-cube(pred[subset]), unit-cube(target[subset])).
 
     pred [B,V,3] canonical predicted vertices, target [B,V,3] GT model-space vertices,
-    subsets name -> [n] vertex ids -> scalar
+    subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's side is
+    computed without autograd; the points are reduced in a [B,3,n] layout (contiguous reductions).
     """
+    subsets, names = as_vertex_subsets(subsets), list(subset_weights)
+    p = subsets.take(pred.transpose(1, 2), names, dim=2)        # {name: [B,3,n]}
+    with torch.no_grad():
+        t = subsets.take(target.transpose(1, 2), names, dim=2)
+        t = {k: normalize_unit_cube(v, dim=-1) for k, v in t.items()}
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
-        idx = subsets[name]
-        total = total + w * F.mse_loss(normalize_unit_cube(pred[:, idx]), normalize_unit_cube(target[:, idx]))
+        total = total + w * F.mse_loss(normalize_unit_cube(p[name], dim=-1), t[name])
     return total
 
 
 # --------------------------------------------------------------------------------------------
 # L_proj
 # --------------------------------------------------------------------------------------------
-def reprojection_loss(pred: Tensor, target: Tensor, subsets: dict[str, Tensor],
+def reprojection_loss(pred: Tensor, target: Tensor, subsets,
                       subset_weights: dict[str, float] = LPROJ_SUBSET_WEIGHTS,
                       crop_size: float = REFERENCE_CROP) -> Tensor:
     """L_proj: sum over subsets of weight · smooth-L1 (mean) between vertex positions measured in
@@ -66,13 +125,14 @@ def reprojection_loss(pred: Tensor, target: Tensor, subsets: dict[str, Tensor],
     256-px crop is unchanged).
 
     pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels,
-    crop_size S of both -> scalar
+    subsets as :func:`shape_loss`'s, crop_size S of both -> scalar
     """
     k = REFERENCE_CROP / crop_size
+    subsets, names = as_vertex_subsets(subsets), list(subset_weights)
+    p, t = subsets.take(pred[..., :2], names), subsets.take(target[..., :2], names)
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
-        idx = subsets[name]
-        total = total + w * F.smooth_l1_loss(pred[:, idx, :2] * k, target[:, idx, :2] * k)
+        total = total + w * F.smooth_l1_loss(p[name] * k, t[name] * k)
     return total
 
 
@@ -92,13 +152,15 @@ def landmark_loss(pred: Tensor, target: Tensor, visibility: Tensor, crop_size: f
 # Heatmap losses (registry)
 # --------------------------------------------------------------------------------------------
 def dilate3x3(mask: Tensor) -> Tensor:
-    """Binary 3x3 dilation over the last two dims (separable, on bool tensors). [...,H,W] -> [...,H,W]"""
-    h = mask.clone()
-    h[..., :, 1:] |= mask[..., :, :-1]
-    h[..., :, :-1] |= mask[..., :, 1:]
+    """Binary 3x3 dilation over the last two dims of a 0/1 (or bool) map: a separable 3x3 max
+    filter. [...,H,W] -> [...,H,W] float"""
+    m = mask.float()
+    h = m.clone()
+    torch.maximum(h[..., :, 1:], m[..., :, :-1], out=h[..., :, 1:])
+    torch.maximum(h[..., :, :-1], m[..., :, 1:], out=h[..., :, :-1])
     out = h.clone()
-    out[..., 1:, :] |= h[..., :-1, :]
-    out[..., :-1, :] |= h[..., 1:, :]
+    torch.maximum(out[..., 1:, :], h[..., :-1, :], out=out[..., 1:, :])
+    torch.maximum(out[..., :-1, :], h[..., 1:, :], out=out[..., :-1, :])
     return out
 
 
@@ -111,19 +173,44 @@ def adaptive_wing_loss(pred: Tensor, target: Tensor, alpha: float = 2.1, omega: 
 
     with A, C making it continuous and smooth at θ; the map is W·M + 1 with M the 3x3-dilated
     foreground (target > fg_threshold). Everything that depends on the target only is computed
-    without autograd.
+    without autograd, and the gradient is formed with the loss (:class:`_AdaptiveWing`): one
+    pass over the maps instead of autograd's chain of elementwise steps.
     pred [B,K,H,W] heatmaps in [0,1], target [B,K,H,W] Gaussian heatmaps in [0,1] -> scalar
     """
     with torch.no_grad():
         power = alpha - target
         ratio = theta / epsilon
-        ratio_pow = torch.pow(ratio, power)
+        ratio_pow = torch.exp(power * math.log(ratio))
         a = omega / (1 + ratio_pow) * power * ratio_pow / ratio / epsilon
         c = theta * a - omega * torch.log1p(ratio_pow)
-        weight = dilate3x3(target > fg_threshold).to(pred.dtype) * w + 1
-    diff = (target - pred).abs()
-    loss = torch.where(diff < theta, omega * torch.log1p((diff / epsilon) ** power), a * diff - c)
-    return (loss * weight).mean()
+        foreground = (target - fg_threshold).sign_().clamp_(min=0)    # 1 where target > fg_threshold
+        weight = dilate3x3(foreground) * w + 1
+    return _AdaptiveWing.apply(pred, target, power, a, c, weight, omega, epsilon, theta)
+
+
+class _AdaptiveWing(torch.autograd.Function):
+    """mean(weight · AWing(|target - pred|)) and its gradient in pred, which the forward pass forms
+    from what it computes anyway: d/d|d| is ω·p·x^(p-1) / (ε·(1 + x^p)) with x = |d|/ε below θ, A
+    above. Branches are blended with a 0/1 mask (``lerp``), which CPUs run much faster than
+    ``torch.where``. ``tests/test_losses.py`` checks value and gradient against autograd of the
+    formula."""
+
+    @staticmethod
+    def forward(ctx, pred, target, power, a, c, weight, omega, epsilon, theta):
+        d = pred - target
+        diff = d.abs()
+        xp = torch.exp(power * torch.log(diff / epsilon))            # x^p, 0 at x = 0 (p > 0)
+        small = (theta - diff).sign_().clamp_(min=0)                  # 1 below theta (the branches meet at it)
+        loss = torch.lerp(a * diff - c, omega * torch.log1p(xp), small)
+        if ctx.needs_input_grad[0]:
+            slope = torch.lerp(a, omega * power * xp / (diff * (1 + xp)).clamp_min(1e-30), small)
+            ctx.save_for_backward(slope.mul_(weight).mul_(d.sign()).div_(d.numel()))
+        return (loss * weight).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return grad * g, None, None, None, None, None, None, None, None
 
 
 def soft_iou_loss(pred: Tensor, target: Tensor, eps: float = 1e-6) -> Tensor:
@@ -170,7 +257,7 @@ def register_term(name: str, label: str, reference_weight: float, needs: str):
 
 @register_term("l3d", "L_3D", 50.0, needs="vertices_canonical")
 def _l3d(loss, p, b):
-    return shape_loss(p["vertices_canonical"].float(), b["vertices_model"], loss.subsets)
+    return shape_loss(p["vertices_canonical"].float(), b["vertices_model"], loss.vertex_subsets)
 
 
 @register_term("l1", "L_1", 100.0, needs="landmarks_2d")
@@ -180,7 +267,7 @@ def _l1(loss, p, b):
 
 @register_term("lproj", "L_proj", 0.05, needs="vertices_reprojected")
 def _lproj(loss, p, b):
-    return reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"], loss.subsets,
+    return reprojection_loss(p["vertices_reprojected"].float(), b["vertices_crop"], loss.vertex_subsets,
                              crop_size=b["image"].shape[-1])
 
 
@@ -215,7 +302,8 @@ def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
 class DADLoss(nn.Module):
     """Weighted sum of the active terms (:data:`LOSS_TERMS`, in their order).
 
-    forward(pred, batch) -> (total scalar, {term: weighted scalar} for the active terms).
+    forward(pred, batch) -> (total scalar, {term: weighted scalar} for the active terms);
+    :meth:`terms` gives unweighted terms (any of them), :meth:`combine` weighs and sums them.
     ``pred`` holds what the active terms read (see :attr:`needs`):
       ``vertices_canonical`` [B,V,3] (l3d), ``vertices_reprojected`` [B,V,>=2] crop pixels (lproj),
       ``landmarks_2d`` [B,K,2] in [0,1] (l1), ``heatmaps`` [B,K,H,W] logits (awing).
@@ -230,19 +318,26 @@ class DADLoss(nn.Module):
         if heatmap_loss not in HEATMAP_LOSSES:
             raise ValueError(f"unknown heatmap loss '{heatmap_loss}' (known: {sorted(HEATMAP_LOSSES)})")
         self.heatmap_loss = HEATMAP_LOSSES[heatmap_loss]
-        for name in L3D_SUBSET_WEIGHTS:
-            self.register_buffer(f"subset_{name}", torch.as_tensor(subsets[name], dtype=torch.long),
-                                 persistent=False)
+        self.vertex_subsets = VertexSubsets({name: subsets[name] for name in L3D_SUBSET_WEIGHTS})
 
     @property
     def subsets(self) -> dict[str, Tensor]:
-        return {name: getattr(self, f"subset_{name}") for name in L3D_SUBSET_WEIGHTS}
+        return {name: self.vertex_subsets.ids(name) for name in L3D_SUBSET_WEIGHTS}
 
     @property
     def needs(self) -> set[str]:
         """Prediction keys the active terms read."""
         return {LOSS_TERMS[k].needs for k in self.weights}
 
+    def terms(self, pred: dict, batch: dict, names=None) -> dict[str, Tensor]:
+        """The unweighted terms ``names`` (default: the active ones; any registered term can be
+        computed, e.g. at validation, given the predictions it reads) -> {term: scalar}."""
+        return {k: LOSS_TERMS[k].fn(self, pred, batch) for k in (self.weights if names is None else names)}
+
+    def combine(self, raw: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Unweighted terms (at least the active ones) -> (total, {active term: weighted scalar})."""
+        weighted = {k: w * raw[k] for k, w in self.weights.items()}
+        return sum(weighted.values()), weighted
+
     def forward(self, pred: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        terms = {k: w * LOSS_TERMS[k].fn(self, pred, batch) for k, w in self.weights.items()}
-        return sum(terms.values()), terms
+        return self.combine(self.terms(pred, batch))

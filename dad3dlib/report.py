@@ -385,3 +385,21 @@ def read_metrics(out_dir: str | Path):
         later = [f["step"].min() for f in frames[i + 1:] if len(f)]
         kept.append(df[df["step"] < min(later)] if later else df)
     return pd.concat(kept, ignore_index=True) if kept else pd.DataFrame()
+
+
+TIME_PARTS = ("train_steps", "data", "validation", "evaluation", "rest")  # a run's provenance.json time_s
+
+
+def time_table(study_dir: str | Path) -> pd.DataFrame:
+    """Where the study's time went: per part of a run (:data:`TIME_PARTS`, from each run's
+    ``provenance.json``; runs recorded before it was kept are left out and counted) the seconds
+    summed over runs and their share. Index: part; columns: seconds, share, runs."""
+    study_dir = Path(study_dir)
+    rows = [(_read_json(study_dir / "runs" / r["run"] / "provenance.json") or {}).get("time_s")
+            for r in study_runs(study_dir)]
+    rows = [r for r in rows if r]
+    total = pd.DataFrame(rows, columns=list(TIME_PARTS)).fillna(0.0).sum()
+    out = pd.DataFrame({"seconds": total.round(1), "share": (total / max(total.sum(), 1e-9)).round(3)})
+    out["runs"] = len(rows)
+    out.index.name = "part"
+    return out

@@ -165,12 +165,13 @@ def finish_run(params: dict, checkpoint: str | Path, run_dir: str | Path, device
     from .data import split_protocol
     from .evaluate import evaluate_run, predict
 
-    splits, run_dir = split_protocol(params["data"]), Path(run_dir)
+    splits, run_dir, start = split_protocol(params["data"]), Path(run_dir), time.perf_counter()
     metrics = evaluate_run(params, checkpoint, run_dir, splits["evaluate"], device)
     if splits["submit"]:
         metrics["submission"] = f"submission_{splits['submit']}.json"
         predict(checkpoint, data_root(params["data"]), splits["submit"], run_dir / metrics["submission"],
                 device=device)
+    metrics["evaluation_time_s"] = round(time.perf_counter() - start, 2)
     write_run_metrics(run_dir, metrics, params)
     return metrics
 
@@ -348,8 +349,25 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
         if status == "failed":
             write_record(run_dir / "error.json", error)
     prov.update(status=status, wall_time_s=round(time.time() - start, 1))
+    if status == "finished":
+        prov["time_s"] = time_parts(run_dir, prov["wall_time_s"])
     write_record(run_dir / "provenance.json", prov)
     return {"run": run.name, "status": status, "error": error and error["error"]}
+
+
+def time_parts(run_dir: Path, wall_time_s: float) -> dict:
+    """A finished run's wall time by part, seconds (``report.TIME_PARTS``): the training steps, waiting
+    for training batches and validation (this execution's fit, ``train.PhaseTimes``), the
+    evaluation (:func:`finish_run`), and the rest: kernel start, imports, data and pose-prior
+    set-up, checkpoints, logging, plots."""
+    from .report import TIME_PARTS
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fit = metrics.get("fit_time_s") or {}
+    parts = {k: float(fit.get(k, 0.0)) for k in TIME_PARTS[:3]}
+    parts["evaluation"] = float(metrics.get("evaluation_time_s", 0.0))
+    parts["rest"] = max(0.0, wall_time_s - sum(parts.values()))
+    return {k: round(v, 1) for k, v in parts.items()}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

@@ -38,3 +38,13 @@ def test_bench_train_writes_its_figures(tmp_path):
 def test_bench_data_measures_generation_and_loading(tmp_path):
     out = _bench("bench_data.py", tmp_path, "--images", "4")
     assert "make-data (cpu preset sizes), 2 worker(s)" in out and "loader cached" in out
+
+
+@pytest.mark.slow
+def test_bench_run_times_a_whole_run_by_part(tmp_path):
+    _bench("bench_run.py", tmp_path, "--preset", "smoke", "--epochs", "1", "--out", str(tmp_path / "run.json"))
+    row = json.loads((tmp_path / "run.json").read_text())
+    assert row["steps"] > 0 and row["images_per_s_whole_run"] > 0
+    assert set(row["time_s"]) == {"train_steps", "data", "validation", "evaluation", "rest"}
+    assert sum(row["time_s"].values()) == pytest.approx(row["wall_s"], abs=0.5)
+    assert row["time_s"]["train_steps"] > 0 and row["time_s"]["evaluation"] > 0

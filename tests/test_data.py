@@ -476,3 +476,37 @@ def test_show_head_title_names_the_model(other_flame):
     _, flame = other_flame
     assert head_title(load_flame_assets(flame)) == f"FLAME-format head model: {flame}"
     assert "synthetic" in head_title(load_flame_assets(default_flame_dir()))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_crops_from_the_decoded_image_cache_are_the_crops_from_the_files(root, assets, clip):
+    """The image cache holds each item's region that its crops read: training crops (random margins)
+    and evaluation crops from it are the crops cut from the image files, pixel for pixel, at
+    several crop sizes; and within one grey level of a warp of the whole image (OpenCV's
+    fixed-point map moves with the region's corner), in a small fraction of pixels."""
+    from dad3dlib.data import IMAGE_CACHE_VERSION, crop_affine, denormalize_image, read_image, warp_crop
+
+    for size in (32, S, 256):
+        for train in (True, False):
+            cached = DAD3DHeadsDataset(root, "train", size, assets, train=train, clip_bbox=clip, cache_dir=root / "cache")
+            files = DAD3DHeadsDataset(root, "train", size, assets, train=train, clip_bbox=clip, cache=False)
+            for i in range(len(cached)):
+                for seed in range(3):
+                    torch.manual_seed(seed)
+                    a = cached[i]
+                    torch.manual_seed(seed)
+                    b = files[i]
+                    assert torch.equal(a["image"], b["image"]), (size, train, i)
+                    torch.testing.assert_close(a["vertices_crop"], b["vertices_crop"], rtol=0, atol=0)
+    assert list((root / "cache").rglob(f"images_{IMAGE_CACHE_VERSION}_S256_clip{int(clip)}/pixels.npy"))
+    # against a warp of the whole image
+    ds = DAD3DHeadsDataset(root, "train", 256, assets, clip_bbox=clip, cache_dir=root / "cache")
+    changed = total = 0
+    for i in range(len(ds)):
+        img = read_image(ds.index.images[i])
+        A = crop_affine(ds.items[i]["bbox"], (0.1,) * 4, 256, img.shape[1::-1] if clip else None)
+        whole = warp_crop(img, A, 256).astype(int)
+        diff = np.abs(denormalize_image(ds[i]["image"]).astype(int) - whole)
+        assert diff.max() <= 1
+        changed, total = changed + (diff.max(-1) > 0).sum(), total + diff.shape[0] * diff.shape[1]
+    assert changed / total < 0.01

@@ -368,3 +368,29 @@ def test_flame_needs_a_path_and_imports_no_synthetic_head():
     assert not any("synthetic_head" in (m or "") for m in imported)
     with pytest.raises(TypeError):
         load_flame_assets()
+
+
+def test_jaw_only_skinning_matches_smplx_and_the_reference(tiny_dir):
+    """The layer's fast path (only the jaw rotates: every canonical mesh of training and
+    evaluation) gives smplx's lbs and the independent reference, values and gradients."""
+    from smplx.lbs import lbs
+
+    path, model, _ = tiny_dir
+    layer = FlameLayer(load_flame_assets(path))
+    assert layer.jaw_only
+    g = torch.Generator().manual_seed(2)
+    shape, expr = torch.randn(4, 300, generator=g), torch.randn(4, 100, generator=g)
+    jaw = (torch.randn(4, 3, generator=g) * 0.4).requires_grad_()
+    fast = layer.vertices(shape, expr, jaw)
+    zero = torch.zeros_like(jaw)
+    pose = torch.cat([zero, zero, jaw, zero, zero], -1)
+    ref, _ = lbs(torch.cat([shape, expr], -1), pose, layer.v_template[None].expand(4, -1, -1), layer.shapedirs,
+                 layer.posedirs, layer.J_regressor, layer.parents, layer.lbs_weights)
+    torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+    for i in range(4):
+        np.testing.assert_allclose(fast[i].detach().numpy(), numpy_lbs(model, torch.cat([shape, expr], -1)[i].numpy(),
+                                                                       pose[i].detach().numpy()), atol=1e-5)
+    w = torch.randn(fast.shape, generator=g)
+    g_fast, = torch.autograd.grad((fast * w).sum(), jaw)
+    g_ref, = torch.autograd.grad((ref * w).sum(), jaw)
+    torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)

@@ -8,8 +8,8 @@ import torch
 
 from conftest import tiny_flame_assets
 from dad3dlib.flame import FlameLayer, split_3dmm
-from dad3dlib.losses import (DADLoss, adaptive_wing_loss, landmark_loss, normalize_unit_cube,
-                             reprojection_loss, shape_loss, soft_iou_loss)
+from dad3dlib.losses import (L3D_SUBSET_WEIGHTS, LOSS_TERMS, DADLoss, VertexSubsets, adaptive_wing_loss, dilate3x3,
+                             landmark_loss, normalize_unit_cube, reprojection_loss, shape_loss, soft_iou_loss)
 
 ALL_ONE = {"face": torch.tensor([0, 1]), "face_w_ears": torch.tensor([0, 1]), "head": torch.tensor([0, 1])}
 WEIGHTS = {"l3d": 50.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
@@ -280,3 +280,88 @@ def test_every_list_of_loss_terms_derives_from_the_records(monkeypatch):
     total, terms = losses.DADLoss(weights, {n: torch.arange(3) for n in losses.L3D_SUBSET_WEIGHTS})(
         {"landmarks_2d": torch.zeros(1, 68, 2)}, {})
     assert terms == {"lzero": 6.0} and total == 6.0
+
+
+# --------------------------------------------------------------------------------------------
+# The fast forms of the terms against their plain definitions
+# --------------------------------------------------------------------------------------------
+def _plain_unit_cube(p):
+    """The definition, step by step: subtract the min, then half the max, divide by the largest."""
+    p = p - p.amin(dim=1, keepdim=True)
+    p = p - p.amax(dim=1, keepdim=True) / 2
+    return p / p.amax(dim=(1, 2), keepdim=True)
+
+
+def _plain_shape_loss(pred, target, subsets):
+    return sum(w * torch.nn.functional.mse_loss(_plain_unit_cube(pred[:, subsets[k]]), _plain_unit_cube(target[:, subsets[k]]))
+               for k, w in L3D_SUBSET_WEIGHTS.items())
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_shape_loss_is_its_definition_with_one_gather_or_several(nested):
+    g = torch.Generator().manual_seed(0)
+    V = 50
+    perm = torch.randperm(V, generator=g)
+    subsets = ({"face": perm[:12], "face_w_ears": perm[:40], "head": perm[:30]} if nested else
+               {"face": perm[:12], "face_w_ears": perm[5:40], "head": perm[20:]})
+    vs = VertexSubsets(subsets)
+    assert vs.nested == nested
+    pred = torch.randn(3, V, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(3, V, 3, generator=g, dtype=torch.float64)
+    fast = shape_loss(pred, target, vs)
+    plain = _plain_shape_loss(pred, target, subsets)
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(torch.autograd.grad(fast, pred)[0], torch.autograd.grad(plain, pred)[0])
+    taken = vs.take(pred, list(subsets))
+    for k, ids in subsets.items():  # the same points, in some order
+        assert sorted(taken[k][0, :, 0].tolist()) == sorted(pred[0, ids, 0].tolist())
+
+
+def _plain_awing(pred, target, alpha=2.1, omega=14.0, epsilon=1.0, theta=0.5, w=10.0):
+    """Adaptive Wing from its formula, through autograd."""
+    power = alpha - target
+    a = omega / (1 + (theta / epsilon) ** power) * power * (theta / epsilon) ** (power - 1) / epsilon
+    c = theta * a - omega * torch.log1p((theta / epsilon) ** power)
+    diff = (target - pred).abs()
+    loss = torch.where(diff < theta, omega * torch.log1p((diff / epsilon) ** power), a * diff - c)
+    fg = torch.nn.functional.max_pool2d((target > 0.2).to(pred.dtype), 3, stride=1, padding=1)
+    return (loss * (fg * w + 1)).mean()
+
+
+def test_adaptive_wing_value_and_gradient_are_its_formula():
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(2, 5, 8, 8, generator=g, dtype=torch.float64) ** 3
+    target[0, 0] = 0  # no foreground at all
+    pred = torch.rand(2, 5, 8, 8, generator=g, dtype=torch.float64)
+    pred[1, 1, :2] = target[1, 1, :2]  # |d| = 0
+    pred = pred.requires_grad_()
+    fast, plain = adaptive_wing_loss(pred, target), _plain_awing(pred, target)
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(torch.autograd.grad(fast, pred)[0], torch.autograd.grad(plain, pred)[0])
+    small = pred.detach()[:1, 1:3].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: adaptive_wing_loss(p, target[:1, 1:3]), (small,))
+
+
+def test_dilate3x3_is_a_3x3_max_filter():
+    m = torch.rand(3, 4, 9, 7, generator=torch.Generator().manual_seed(2)) > 0.9
+    expect = torch.nn.functional.max_pool2d(m.float(), 3, stride=1, padding=1)
+    torch.testing.assert_close(dilate3x3(m), expect)
+
+
+def test_terms_gives_every_term_unweighted_and_combine_weighs_the_active_ones():
+    g = torch.Generator().manual_seed(3)
+    V, B, S = 30, 2, 32
+    subsets = {"face": torch.arange(10), "face_w_ears": torch.arange(20), "head": torch.arange(5, V)}
+    loss = DADLoss({"l3d": 0.0, "l1": 2.0, "lproj": 0.5, "awing": 1.0}, subsets)
+    pred = {"vertices_canonical": torch.randn(B, V, 3, generator=g), "vertices_reprojected": torch.rand(B, V, 3, generator=g) * S,
+            "landmarks_2d": torch.rand(B, 68, 2, generator=g), "heatmaps": torch.randn(B, 68, S // 4, S // 4, generator=g)}
+    batch = {"vertices_model": torch.randn(B, V, 3, generator=g), "vertices_crop": torch.rand(B, V, 2, generator=g) * S,
+             "landmarks_2d": torch.rand(B, 68, 2, generator=g) * S, "visibility": torch.ones(B, 68),
+             "heatmaps": torch.rand(B, 68, S // 4, S // 4, generator=g), "image": torch.zeros(B, 3, S, S)}
+    raw = loss.terms(pred, batch, LOSS_TERMS)
+    assert set(raw) == set(LOSS_TERMS) and set(loss.terms(pred, batch)) == {"l1", "lproj", "awing"}
+    torch.testing.assert_close(raw["l3d"], shape_loss(pred["vertices_canonical"], batch["vertices_model"], subsets))
+    total, weighted = loss.combine(raw)
+    assert set(weighted) == {"l1", "lproj", "awing"}
+    torch.testing.assert_close(weighted["l1"], 2.0 * raw["l1"])
+    torch.testing.assert_close(total, loss(pred, batch)[0])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import subprocess
@@ -386,3 +387,23 @@ def test_splits_too_small_for_the_processes_are_refused():
         check_shares({"train": 16, "val": 1}, world=2, batch_size=8)
     with pytest.raises(ValueError, match="for each of 1 process"):
         check_shares({"train": 7, "val": 1}, world=1, batch_size=8)
+
+
+def test_curves_hold_every_term_unweighted_and_the_fit_is_timed_by_part(tmp_path, flame_dir, datasets):
+    """metrics.csv: train/<term> is the weighted contribution and train/raw/<term> the term itself
+    (active terms, every step); val/raw/<term> holds every term, those weighted 0 included."""
+    params = tiny_params(flame_dir, max_steps=6, check_val_every_n_epoch=1)
+    params["loss"]["lambdas"] = {"l3d": 0.0, "l1": 100.0, "lproj": 0.05, "awing": 1.0}
+    train(params, tmp_path, datasets)
+    log = read_metrics(tmp_path)
+    assert "train/l3d_step" not in log and "train/raw/l3d_step" not in log
+    for term, lam in (("l1", 100.0), ("lproj", 0.05), ("awing", 1.0)):
+        np.testing.assert_allclose(log[f"train/{term}_step"].dropna(), lam * log[f"train/raw/{term}_step"].dropna(),
+                                   rtol=1e-5)
+    for term in ("l3d", "l1", "lproj", "awing"):
+        assert log[f"val/raw/{term}"].notna().sum() >= 1
+    assert "val/l3d" not in log and log["val/raw/l3d"].dropna().gt(0).all()
+    times = json.loads((tmp_path / "training.json").read_text())["fit_time_s"]
+    assert set(times) == {"train_steps", "data", "validation", "fit"}
+    assert 0 < times["train_steps"] < times["fit"] and times["validation"] > 0
+    assert times["train_steps"] + times["data"] + times["validation"] <= times["fit"]
