@@ -329,7 +329,9 @@ def test_tensorboard_compares_the_runs(smoke_study):
         assert {"train/loss_step", "val/nme", "eval/nme_reprojection", "eval/angle_error_deg"} <= set(tags["scalars"])
         assert mux.SummaryMetadata(run, "_hparams_/session_start_info").plugin_data.plugin_name == "hparams"
         metrics = json.loads((out / "runs" / run.split("/")[0] / "metrics.json").read_text())
-        assert mux.Scalars(run, "eval/angle_error_deg")[-1].value == pytest.approx(metrics["angle_error_deg"])
+        final = mux.Scalars(run, "eval/angle_error_deg")[-1]
+        assert final.value == pytest.approx(metrics["angle_error_deg"])
+        assert final.step == max(e.step for e in mux.Scalars(run, "train/loss_step")) > 0  # at the training's end
 
 
 @pytest.mark.slow
