@@ -108,6 +108,42 @@ def test_a_full_disk_fails_the_run_without_crashing_the_runner(tmp_path, monkeyp
     assert "Traceback" not in err and not list(tmp_path.glob("runs/*/.*.tmp"))
 
 
+HUNG_KERNEL = "import os, signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)  # deaf to an interrupt too\n" \
+              "print(os.getpid(), flush=True)\nwhile True:\n    pass"
+
+
+def test_a_hung_kernel_fails_its_run_after_the_cell_timeout(tmp_path, monkeypatch):
+    """A cell that never ends (and ignores SIGINT) fails its run once it has run study.cell_timeout_s
+    seconds: one line in error.json naming the setting, and the kernel is gone."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(metadata=nbformat.read(study.ABLATION_NB, as_version=4).metadata)
+    nb.cells = [nbformat.v4.new_code_cell("params_file = out_dir = device = num_threads = None",
+                                          metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell(HUNG_KERNEL)]
+    nbformat.write(nb, tmp_path / "hangs.ipynb")
+    monkeypatch.setattr(study, "ABLATION_NB", tmp_path / "hangs.ipynb")
+    run = study.plan_runs("smoke", ["baseline"], [1], overrides={"study": {"cell_timeout_s": 2}})[0]
+    start = time.time()
+    result = study.execute_run(run, tmp_path, "cpu", 1)
+    assert result["status"] == "failed" and time.time() - start < 60
+    error = json.loads((tmp_path / "runs" / run.name / "error.json").read_text())
+    assert error["error"] == result["error"] == ("CellTimeoutError: a cell ran longer than study.cell_timeout_s (2 s); "
+                                                 "its kernel was stopped")
+    executed = nbformat.read(tmp_path / "runs" / run.name / "ablation.ipynb", as_version=4)
+    kernel = int(executed.cells[-1].outputs[0]["text"])
+    deadline = time.time() + 10
+    while time.time() < deadline and Path(f"/proc/{kernel}").exists():
+        time.sleep(0.2)
+    assert not Path(f"/proc/{kernel}").exists(), "the hung kernel is still running"
+
+
+def test_a_bad_cell_timeout_is_one_line():
+    with pytest.raises(ParamsError, match=r"^study.cell_timeout_s must be a positive number of seconds or null, "
+                                          r"got '1h'$"):
+        study.cell_timeout({"study": {"cell_timeout_s": "1h"}})
+    assert study.cell_timeout({}) is None and study.cell_timeout(config.run_params("smoke"))
+
+
 def _study_cmd(out: Path) -> list[str]:
     return [sys.executable, "-m", "dad3dlib", "study", "--preset", "smoke", "--out", str(out)]
 
