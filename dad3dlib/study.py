@@ -507,14 +507,15 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
 
 def write_report(study_dir: Path, stop: Interrupt | None = None, timeout: int | None = None) -> Path:
     """summary.csv, the executed aggregate notebook (each cell at most ``timeout`` seconds, None: no
-    limit), and report.html (inputs hidden)."""
+    limit; without the live results browser, which needs a kernel), and report.html (inputs hidden)."""
     import papermill as pm
 
     from .report import write_summary
 
     write_summary(study_dir)
     out_nb = study_dir / "aggregate.ipynb"
-    pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
+    pm.execute_notebook(str(AGGREGATE_NB), str(out_nb),
+                        parameters={"study_dir": str(study_dir.resolve()), "live_browser": False},
                         kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS), execution_timeout=timeout,
                         **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
     report = study_dir / "report.html"
