@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import dad3dlib
-from conftest import as_released
+from conftest import as_released, study_cmd
 from dad3dlib import config, data, report, study
 from dad3dlib.config import ParamsError
 
@@ -144,26 +144,6 @@ def test_a_bad_cell_timeout_is_one_line():
     assert study.cell_timeout({}) is None and study.cell_timeout(config.run_params("smoke"))
 
 
-def _study_cmd(out: Path) -> list[str]:
-    return [sys.executable, "-m", "dad3dlib", "study", "--preset", "smoke", "--out", str(out)]
-
-
-def _start(out: Path) -> subprocess.Popen:
-    return subprocess.Popen(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _wait_for_finished_runs(proc: subprocess.Popen, out: Path, n: int) -> None:
-    deadline = time.time() + 600
-    while len(list(out.glob("runs/*/metrics.json"))) < n:
-        if proc.poll() is not None:
-            pytest.fail(f"study exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
-        if time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"no {n} run(s) finished within 10 minutes")
-        time.sleep(0.5)
-
-
 def test_identical_configurations_run_once():
     runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
     assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
@@ -257,32 +237,6 @@ def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_thread
     assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
     one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
     assert (one["devices"], one["num_threads"]) == ([1], 8)
-
-
-@pytest.fixture(scope="module")
-def smoke_study(tmp_path_factory):
-    """Start the smoke study. Once its first run has finished, a second runner on the directory is
-    refused and Ctrl-C stops the first; run it again and kill it (and its kernels) once another
-    run has finished; run it a third time, to the end."""
-    out = tmp_path_factory.mktemp("smoke_study")
-    proc = _start(out)
-    _wait_for_finished_runs(proc, out, 1)
-    second = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=300)
-    checkpoints = set(out.glob("runs/*/checkpoints/*.ckpt"))
-    os.killpg(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    ctrl_c = {"pid": proc.pid, "returncode": proc.returncode, "stderr": stderr, "second": second,
-              "checkpoints": checkpoints, "record": json.loads((out / "study.json").read_text())}
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
-    proc = _start(out)
-    _wait_for_finished_runs(proc, out, len(stamps) + 1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
-    res = subprocess.run(_study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ctrl_c["final_stderr"] = res.stderr
-    return out, stamps, ctrl_c
 
 
 @pytest.mark.slow
@@ -579,7 +533,7 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
 @pytest.mark.slow
 def test_the_smoke_study_runs_unchanged_on_the_released_layout(released, tmp_path):
     out = tmp_path / "study"
-    res = subprocess.run(_study_cmd(out) + ["--data", str(released)], cwd=dad3dlib.REPO_ROOT, capture_output=True,
+    res = subprocess.run(study_cmd(out) + ["--data", str(released)], cwd=dad3dlib.REPO_ROOT, capture_output=True,
                          text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = pd.read_csv(out / "summary.csv", index_col="ablation")
