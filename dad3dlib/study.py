@@ -323,7 +323,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     run_dir = study_dir / "runs" / run.name
     start = time.time()
     prov = {**provenance(run), "status": "running", "started_at": start, "device": device}
-    status, error = "finished", None
+    status, error, timeout = "finished", None, cell_timeout(run.params)
     try:
         retire_stale(run_dir, run)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -335,13 +335,13 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
             str(ABLATION_NB), str(run_dir / "ablation.ipynb"),
             parameters={"params_file": str(run_dir / "params.yaml"), "out_dir": str(run_dir),
                         "device": device, "num_threads": num_threads},
-            kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
+            kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS), execution_timeout=timeout,
             **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
         if not is_finished(run_dir, run):
             raise RuntimeError(f"{run_dir / 'ablation.ipynb'} ran but wrote no valid metrics.json")
     except Exception as e:  # a failed run must not stop the study
         status = "interrupted" if stop and stop.is_set() else "failed"
-        error = {"error": f"{type(e).__name__}: {getattr(e, 'evalue', e)}",
+        error = {"error": f"{type(e).__name__}: {_one_line(e, timeout)}",
                  "notebook": str(run_dir / "ablation.ipynb"),
                  "cell": _failed_cell(run_dir / "ablation.ipynb"),
                  "traceback": [_ANSI.sub("", line) for line in
@@ -371,6 +371,14 @@ def time_parts(run_dir: Path, wall_time_s: float) -> dict:
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _one_line(e: Exception, timeout: int | None) -> str:
+    """What failed a notebook: the cell's error, or that a cell ran past ``timeout`` (nbclient's
+    CellTimeoutError, a TimeoutError)."""
+    if isinstance(e, TimeoutError) and timeout and "timed out while it was being executed" in str(e):
+        return f"a cell ran longer than study.{CELL_TIMEOUT} ({timeout} s); its kernel was stopped"
+    return str(getattr(e, "evalue", e))
 
 
 def complete_provenance(run_dir: Path) -> None:
@@ -404,6 +412,20 @@ def study_setting(params: dict, key: str, given: int | None = None) -> int:
     value = given if given is not None else (params.get("study") or {}).get(key, 1)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ParamsError(f"{key} must be a positive integer, got {value!r} (--{key} or the preset's study.{key})")
+    return value
+
+
+CELL_TIMEOUT = "cell_timeout_s"  # the preset's study.cell_timeout_s
+
+
+def cell_timeout(params: dict) -> int | None:
+    """The longest one notebook cell may run, in seconds (the preset's ``study.cell_timeout_s``;
+    unset or null: no limit). A cell still running then fails its notebook (the run's
+    ``error.json``, or the report) and its kernel is stopped, so that a hung kernel cannot hang the
+    study."""
+    value = (params.get("study") or {}).get(CELL_TIMEOUT)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ParamsError(f"study.{CELL_TIMEOUT} must be a positive number of seconds or null, got {value!r}")
     return value
 
 
@@ -501,16 +523,18 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
     return out
 
 
-def write_report(study_dir: Path, stop: Interrupt | None = None) -> Path:
-    """summary.csv, the executed aggregate notebook, and report.html (inputs hidden)."""
+def write_report(study_dir: Path, stop: Interrupt | None = None, timeout: int | None = None) -> Path:
+    """summary.csv, the executed aggregate notebook (each cell at most ``timeout`` seconds, None: no
+    limit; without the live results browser, which needs a kernel), and report.html (inputs hidden)."""
     import papermill as pm
 
     from .report import write_summary
 
     write_summary(study_dir)
     out_nb = study_dir / "aggregate.ipynb"
-    pm.execute_notebook(str(AGGREGATE_NB), str(out_nb), parameters={"study_dir": str(study_dir.resolve())},
-                        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS),
+    pm.execute_notebook(str(AGGREGATE_NB), str(out_nb),
+                        parameters={"study_dir": str(study_dir.resolve()), "live_browser": False},
+                        kernel_name="python3", progress_bar=False, cwd=str(NOTEBOOKS), execution_timeout=timeout,
                         **(stop.notebook_options() if stop else {"kernel_manager_class": ipc_kernel_manager()}))
     report = study_dir / "report.html"
     atomic_write(report, report_html(out_nb))
@@ -579,6 +603,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
         ensure_data(runs[0].params)
         launch = launcher_settings(runs[0].params, launcher)
         jobs = study_jobs(runs[0].params, jobs, launch["name"])
+        timeout = cell_timeout(runs[0].params)
         record = {"preset": preset, "ablations": ablations, "seeds": seeds, "launcher": launch["name"],
                   "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
                             "fingerprint": r.fingerprint} for r in runs]}
@@ -603,7 +628,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
             if not stop.is_set():
                 references.wait("reference predictors")  # the runs stand without them
                 try:
-                    report = write_report(out, stop)
+                    report = write_report(out, stop, timeout)
                 except Exception:
                     if not stop.is_set():
                         raise

@@ -460,18 +460,20 @@ def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
 # --------------------------------------------------------------------------------------------
 # The explorer's data (dad3dlib.explorer builds its HTML)
 # --------------------------------------------------------------------------------------------
-def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192) -> str:
+def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192, items: list[str] | None = None,
+             runs: dict[str, Path] | None = None) -> str:
     """The offline explorer (:func:`dad3dlib.explorer.explorer_html`, an HTML fragment) of a study's
-    first ``n_samples`` evaluation images: each ablation's first finished seed beside the ground truth,
-    every sample cut around its head and shown at ``size`` pixels. A sentence when no run has
-    finished yet."""
-    runs = _run_dirs(Path(study_dir))
+    first ``n_samples`` evaluation images (or of the evaluation images ``items``, by item id): each
+    ablation's first finished seed (or ``runs``, display name -> finished run directory) beside the
+    ground truth, every sample cut around its head and shown at ``size`` pixels. A sentence when no
+    run has finished yet."""
+    runs = runs or _run_dirs(Path(study_dir))
     if not runs:
         return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
     ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
     params, layer, pred0 = next(iter(ctx.values()))
     faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
-    items = [str(x) for x in pred0["item_id"][:n_samples]]
+    items = [str(x) for x in pred0["item_id"][:n_samples]] if items is None else [str(x) for x in items]
     if not items:
         return "<p>No evaluation sample to explore.</p>"
     frames, samples = [], []

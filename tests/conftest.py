@@ -1,4 +1,5 @@
-"""Shared test helpers: a tiny FLAME model, the released DAD-3DHeads layout, a hand-written study.
+"""Shared test helpers: a tiny FLAME model, the released DAD-3DHeads layout, a hand-written study;
+the smoke study (``smoke_study``, a session fixture: built once, read by several test files).
 
 Plain functions, imported as ``from conftest import ...``: pytest's default import mode puts this
 directory (no ``__init__.py``) on the import path when it loads this file.
@@ -6,12 +7,20 @@ directory (no ``__init__.py``) on the import path when it loads this file.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
+
+import dad3dlib
 
 from dad3dlib.flame import FlameAssets, FlameModel, FlameTopology, matrix_to_rot6d, pack_3dmm
 
@@ -84,3 +93,51 @@ def small_study(root: Path) -> Path:
     (root / "references" / "references.json").write_text(json.dumps({"descriptions": {"constant": "The mean head."},
                                                                      "split": "val"}))
     return root
+
+
+def study_cmd(out: Path) -> list[str]:
+    return [sys.executable, "-m", "dad3dlib", "study", "--preset", "smoke", "--out", str(out)]
+
+
+def _start(out: Path) -> subprocess.Popen:
+    return subprocess.Popen(study_cmd(out), cwd=dad3dlib.REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_finished_runs(proc: subprocess.Popen, out: Path, n: int) -> None:
+    deadline = time.time() + 600
+    while len(list(out.glob("runs/*/metrics.json"))) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"study exited early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"no {n} run(s) finished within 10 minutes")
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """The smoke study, built once for the session (tests/test_study.py checks how it was built, other
+    files read it): start it; once its first run has finished, a second runner on the directory is
+    refused and Ctrl-C stops the first; run it again and kill it (and its kernels) once another
+    run has finished; run it a third time, to the end. -> (study directory, {metrics.json: mtime}
+    before the last start, what the interrupted runners did)"""
+    out = tmp_path_factory.mktemp("smoke_study")
+    proc = _start(out)
+    _wait_for_finished_runs(proc, out, 1)
+    second = subprocess.run(study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=300)
+    checkpoints = set(out.glob("runs/*/checkpoints/*.ckpt"))
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    ctrl_c = {"pid": proc.pid, "returncode": proc.returncode, "stderr": stderr, "second": second,
+              "checkpoints": checkpoints, "record": json.loads((out / "study.json").read_text())}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    proc = _start(out)
+    _wait_for_finished_runs(proc, out, len(stamps) + 1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
+    res = subprocess.run(study_cmd(out), cwd=dad3dlib.REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ctrl_c["final_stderr"] = res.stderr
+    return out, stamps, ctrl_c

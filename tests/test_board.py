@@ -28,3 +28,21 @@ def test_run_params_and_metrics_are_one_hparams_session(tmp_path):
     assert session.hparams["loss.lambdas.l3d"].number_value == 0.0
     assert session.hparams["seed"].number_value == 2 and session.hparams["ablation"].string_value == "no_l3d"
     assert acc.Scalars(f"{HPARAM_METRIC_PREFIX}angle_error_deg")[0].value == 9.25
+
+
+def test_eval_scalars_are_at_the_final_training_step(tmp_path):
+    """Beside the end of the training curves (TensorBoard draws a lone point at step 0 as an empty
+    chart), also when the run is evaluated again."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(log_dir=str(tmp_path / "tensorboard")) as w:  # what training logged
+        for step in (0, 10, 837):
+            w.add_scalar("train/loss_step", 1.0, global_step=step)
+    params = run_params("smoke")
+    for value in (9.25, 9.5):
+        record_hparams(tmp_path, params, {"angle_error_deg": value})
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars(f"{HPARAM_METRIC_PREFIX}angle_error_deg")] == [(837, 9.25),
+                                                                                                  (837, 9.5)]
