@@ -129,6 +129,9 @@ class DADModule(L.LightningModule):
         # faster convolutions, bf16 above all; here, before DDP wraps the model (its gradient
         # buckets take the parameters' layout then)
         self.model.to(memory_format=torch.channels_last)
+        # Deterministic algorithms (set by the Trainer on CPUs) also fill every new tensor with NaN,
+        # a debugging aid that costs ~8 % of a cpu-preset step; the algorithms stay deterministic.
+        torch.utils.deterministic.fill_uninitialized_memory = False
         if self.hparams["params"]["trainer"].get("compile"):  # in place: state-dict keys unchanged
             self.model.compile()
 
