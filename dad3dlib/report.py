@@ -22,7 +22,10 @@ from .metrics import metric_names
 # name: (label, lower is better), the registered metrics in the study scope (metrics.METRICS)
 METRICS = {k: (REGISTRY[k].label, REGISTRY[k].lower_is_better) for k in metric_names("study")}
 ATTRIBUTE_METRICS = metric_names("attributes")  # plotted by image attribute, the explorer's captions
-CURVES = ("train/loss_step", *(f"train/{k}_step" for k in LOSS_TERMS), "val/loss", "val/nme", "val/angle_error")
+# The report's training curves: each term unweighted, per step while it is trained and at each
+# validation for every run (those whose weight is 0 too); train/<term> holds the weighted contributions.
+CURVES = ("train/loss_step", *(f"train/raw/{k}_step" for k in LOSS_TERMS), *(f"val/raw/{k}" for k in LOSS_TERMS),
+          "val/nme", "val/angle_error")
 ATTRIBUTES = ("pose", "occlusions", "quality", "expression", "standard light")
 UNRECORDED_SPLIT = "test"  # the split of runs whose records predate the split protocol (always test)
 

@@ -48,9 +48,22 @@ def plot_metrics(runs: pd.DataFrame):
     return fig
 
 
+def curve_title(metric: str) -> str:
+    """A panel title: a loss term's display name and which of its values the curve holds."""
+    for k, t in LOSS_TERMS.items():
+        if metric == f"train/raw/{k}_step":
+            return f"{t.label} unweighted, training steps ({metric})"
+        if metric == f"val/raw/{k}":
+            return f"{t.label} unweighted, validation, every run ({metric})"
+        if metric in (f"train/{k}_step", f"val/{k}"):
+            return f"λ·{t.label}, weighted ({metric})"
+    return metric
+
+
 def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None):
-    """Training curves of all runs on shared axes, one panel per metric (default: the weighted loss
-    terms per step, titled with their display names, and the validation metrics)."""
+    """Training curves of all runs on shared axes, one panel per metric (default: ``report.CURVES``,
+    each loss term unweighted, while trained and at validation for every run, and the validation
+    metrics; runs logged before the unweighted terms were kept show only the rest)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -65,8 +78,7 @@ def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None)
         d = curves[curves.metric == m]
         x = "step" if "step" in d and d["step"].notna().any() else "epoch"
         sns.lineplot(data=d, x=x, y="value", hue="ablation", ax=ax, legend=ax is axes.flat[0], errorbar=None)
-        ax.set_title(next((f"{t.label} ({m})" for k, t in LOSS_TERMS.items() if m == f"train/{k}_step"), m),
-                     fontsize=9)
+        ax.set_title(curve_title(m), fontsize=9)
         ax.set_ylabel("")
         if d["value"].gt(0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 50:
             ax.set_yscale("log")

@@ -269,7 +269,7 @@ def test_every_list_of_loss_terms_derives_from_the_records(monkeypatch):
 
     assert tuple(config.DEFAULTS["loss"]["lambdas"]) == ("l3d", "l1", "lproj", "awing")
     assert config.DEFAULTS["loss"]["lambdas"] == {k: t.reference_weight for k, t in losses.LOSS_TERMS.items()}
-    assert all(f"train/{k}_step" in report.CURVES for k in losses.LOSS_TERMS)
+    assert all(f"train/raw/{k}_step" in report.CURVES and f"val/raw/{k}" in report.CURVES for k in losses.LOSS_TERMS)
     with pytest.raises(KeyError, match="'l1' is registered already"):
         losses.register_term("l1", "L_1", 1.0, "landmarks_2d")
     monkeypatch.setattr(losses, "LOSS_TERMS", dict(losses.LOSS_TERMS))

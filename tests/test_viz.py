@@ -94,14 +94,21 @@ def test_predicted_mesh_overlay_from_the_front_shows_the_face(head):
     assert r > b + 40
 
 
-def test_training_curves_name_each_loss_term_by_its_label():
+def test_training_curves_show_each_loss_term_unweighted_by_its_label():
+    """The default panels are the unweighted terms (per step while trained; at validation for every
+    run, weight 0 included), never the weighted contributions under the term's name."""
     from dad3dlib.losses import LOSS_TERMS
 
-    curves = pd.DataFrame([{"ablation": "a", "step": s, "epoch": 0, "metric": m, "value": 1.0 + s}
-                           for m in ("train/l3d_step", "val/nme") for s in range(3)])
+    label = LOSS_TERMS["l3d"].label
+    curves = pd.DataFrame([{"ablation": a, "step": s, "epoch": 0, "metric": m, "value": 1.0 + s}
+                           for a, ms in (("baseline", ("train/l3d_step", "train/raw/l3d_step", "val/raw/l3d")),
+                                         ("no_l3d", ("val/raw/l3d",)))
+                           for m in (*ms, "val/nme") for s in range(3)])
     fig = viz.plot_training_curves(curves)
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == [f"{LOSS_TERMS['l3d'].label} (train/l3d_step)", "val/nme"]
+    assert titles == [f"{label} unweighted, training steps (train/raw/l3d_step)",
+                      f"{label} unweighted, validation, every run (val/raw/l3d)", "val/nme"]
+    assert viz.curve_title("train/l3d_step") == f"λ·{label}, weighted (train/l3d_step)"
 
 
 def test_render_head_and_render_views_share_the_view_convention(head):
