@@ -101,7 +101,8 @@ def shape_loss(pred: Tensor, target: Tensor, subsets,
 
     pred [B,V,3] canonical predicted vertices, target [B,V,3] GT model-space vertices,
     subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's side is
-    computed without autograd; the points are reduced in a [B,3,n] layout (contiguous reductions).
+    computed without autograd; the points are reduced in a [B,3,n] layout (contiguous reductions),
+    and each subset's term forms its gradient with its value (:class:`_UnitCubeMSE`).
     """
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
     p = subsets.take(pred.transpose(1, 2), names, dim=2)        # {name: [B,3,n]}
@@ -110,8 +111,45 @@ def shape_loss(pred: Tensor, target: Tensor, subsets,
         t = {k: normalize_unit_cube(v, dim=-1) for k, v in t.items()}
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
-        total = total + w * F.mse_loss(normalize_unit_cube(p[name], dim=-1), t[name])
+        total = total + w * _UnitCubeMSE.apply(p[name], t[name])
     return total
+
+
+class _UnitCubeMSE(torch.autograd.Function):
+    """MSE(unit-cube(p), t) for p [B,3,n] (points along the last dim), t [B,3,n] -> scalar, with its
+    gradient in p formed in the forward pass from what it computes anyway.
+
+    With y = (p - c) / h (c = (lo + hi) / 2 per axis, h = half the longest axis range) and
+    g = dL/dy = 2 (y - t) / N, the gradient is g / h, plus, at each axis's min and max point, the
+    part that flows through c (half of -Σ g / h each) and, on the longest axis, through h
+    (∓ half of Σ g·y / h). Autograd's chain over ``amin``/``amax`` takes several passes over the
+    points per step; this takes two. Where several points tie for a min or max, autograd splits
+    that part among them and this gives it to one (both are valid subgradients); elsewhere the two
+    agree (``tests/test_losses.py``, with ``gradcheck``)."""
+
+    @staticmethod
+    def forward(ctx, p, t):
+        lo, i_lo = p.min(dim=-1, keepdim=True)                      # [B,3,1]
+        hi, i_hi = p.max(dim=-1, keepdim=True)
+        half, axis = ((hi - lo) / 2).max(dim=1, keepdim=True)       # [B,1,1]
+        half = half.clamp_min(1e-12)
+        y = (p - (lo + hi) / 2).div_(half)
+        r = y - t
+        loss = r.pow(2).mean()
+        if ctx.needs_input_grad[0]:
+            g = r.mul_(2 / r.numel()).div_(half)                    # dL/dp through y alone
+            d_centre = -g.sum(-1, keepdim=True)                     # [B,3,1]
+            d_half = -(g * y).sum((1, 2), keepdim=True)             # [B,1,1]
+            longest = torch.zeros_like(lo).scatter_(1, axis, 1.0)   # [B,3,1] one-hot
+            g.scatter_add_(-1, i_lo, d_centre / 2 - longest * d_half / 2)
+            g.scatter_add_(-1, i_hi, d_centre / 2 + longest * d_half / 2)
+            ctx.save_for_backward(g)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return grad * g, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,11 +163,13 @@ def reprojection_loss(pred: Tensor, target: Tensor, subsets,
     256-px crop is unchanged).
 
     pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels,
-    subsets as :func:`shape_loss`'s, crop_size S of both -> scalar
+    subsets as :func:`shape_loss`'s, crop_size S of both -> scalar. Reduced in a [B,2,n] layout,
+    as :func:`shape_loss`.
     """
     k = REFERENCE_CROP / crop_size
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
-    p, t = subsets.take(pred[..., :2], names), subsets.take(target[..., :2], names)
+    p = subsets.take(pred.transpose(1, 2)[:, :2], names, dim=2)      # {name: [B,2,n]}
+    t = subsets.take(target.transpose(1, 2)[:, :2], names, dim=2)
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
         total = total + w * F.smooth_l1_loss(p[name] * k, t[name] * k)
