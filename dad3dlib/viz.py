@@ -72,8 +72,8 @@ def plot_metrics(runs: pd.DataFrame):
     done, palette = _labelled(runs[runs.status == "finished"])
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.9))
     for ax, (k, (label, lower)) in zip(axes, METRICS.items()):
-        sns.barplot(data=done, x="label", y=k, hue="label", palette=palette, ax=ax, errorbar=("pi", 100),
-                    legend=False)
+        sns.barplot(data=done, x="label", y=k, hue="label", palette=palette, saturation=1, ax=ax,
+                    errorbar=("pi", 100), legend=False)
         sns.stripplot(data=done, x="label", y=k, ax=ax, color="k", size=3)
         ax.set_title(label + (" ↓" if lower else " ↑"), fontsize=9)
         ax.set_xlabel("")
@@ -155,7 +155,8 @@ def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"
     per_sample, palette = _labelled(per_sample)
     fig, axes = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
     for ax, a in zip(axes.flat, attrs):
-        sns.barplot(data=per_sample, x=a, y=metric, hue="label", palette=palette, ax=ax, errorbar=None)
+        sns.barplot(data=per_sample, x=a, y=metric, hue="label", palette=palette, saturation=1, ax=ax,
+                    errorbar=None)
         ax.set_title(f"{METRICS.get(metric, (metric,))[0]} by {a}", fontsize=9)
         ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
     fig.tight_layout()
