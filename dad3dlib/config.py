@@ -315,7 +315,7 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     params["preset"] = params.pop("name", ppath.stem)
     params["ablation"] = abl.get("name", apath.stem)
     params["ablation_description"] = abl.get("description", "")
-    params["hypothesis"] = abl.get("hypothesis") or {}
+    params["hypothesis"] = hypothesis(abl.get("hypothesis"), str(apath))  # a bad one names the ablation file
     params["seed"] = int(seed)
     data = params.setdefault("data", {})
     if data.get("root"):

@@ -264,6 +264,11 @@ def study_hypotheses(study_dir: str | Path) -> dict[str, dict[str, str]]:
     record = json.loads((Path(study_dir) / "study.json").read_text())
     if "hypotheses" in record:
         return record["hypotheses"]
+    import warnings
+
+    warnings.warn(f"{Path(study_dir) / 'study.json'} records no hypotheses (the study was planned before they were "
+                  "recorded): the ablation files' present ones are used, which were not stated before this study ran",
+                  stacklevel=2)
     out = {}
     for name in dict.fromkeys(n for r in record["runs"] for n in [r["ablation"], *r["aliases"]]):
         try:

@@ -47,7 +47,9 @@ interval above, with its seed-level SD itself estimated from ``S`` seeds, exclud
 difference is ``δ``; the minimum detectable effect is the ``δ`` found with 80 % power. More seeds
 shrink the training-noise part; the test-image part (``σ_b²/N``) stays, so an effect below the test
 split's own resolution is never resolved by seeds alone. ``tests/test_stats.py`` simulates studies at
-the detectable effect and checks that about 80 % of them find it.
+the detectable effect and checks that about 80 % of them find it. Given a study's own estimates of the
+variances these are plug-in values: with 3 seeds the training-noise variance rests on 2 degrees of
+freedom, so the detectable effect is an order of magnitude, not a precise bound.
 
 With one seed training noise is not measured and no interval, p-value or verdict is given; the
 test-image-only interval (``mean ± t(0.975, N-1) · se_img``, reported for every ``S``) still says how

@@ -299,3 +299,17 @@ def test_summary_table_is_the_mean_and_spread_over_finished_seeds_then_the_refer
     assert pd.isna(summary.loc["constant", "seeds"])
 
 
+
+
+def test_hypotheses_come_from_study_json_else_the_ablation_files(tmp_path):
+    """A study records its hypotheses when it is planned; one planned before that takes the ablation
+    files' present ones, with a warning that they were not stated in advance."""
+    root = write_study(tmp_path / "new", seeds=(1, 2))
+    assert report.study_hypotheses(root) == HYPOTHESES
+    record = json.loads((root / "study.json").read_text())
+    del record["hypotheses"]
+    (root / "study.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="records no hypotheses"):
+        old = report.study_hypotheses(root)
+    assert old == {"baseline": {}, "l3d50_proj0.05": {}, "no_lproj": {"angle_error_deg": "worse"},
+                   "good": {}, "noisy": {}}  # good and noisy have no ablation file
