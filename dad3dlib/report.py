@@ -498,13 +498,13 @@ def write_summary(study_dir: str | Path) -> Path:
     """``summary.csv``: :func:`summary_table` (runs and reference predictors, mean and seed spread of
     each metric) joined with :func:`baseline_differences` under the study's hypotheses
     (``<metric>_role``, ``_expected``, ``_delta``, ``_delta_sd``, ``_lo``, ``_hi``, ``_p``, ``_p_holm``,
-    ``_verdict``, ``_hypothesis``, ``_img_lo``, ``_img_hi``, ``_mde``, ``_seeds_needed``)."""
+    ``_verdict``, ``_hypothesis``, ``_img_lo``, ``_img_hi``, ``_alpha``, ``_mde``, ``_seeds_needed``)."""
     study_dir = Path(study_dir)
     summary = summary_table(run_table(study_dir), reference_table(study_dir))
     diffs = baseline_differences(per_sample_table(study_dir), hypotheses=study_hypotheses(study_dir))
     if not diffs.empty:
         stats_cols = ["role", "expected", "delta", "delta_sd", "lo", "hi", "p", "p_holm", "verdict", "hypothesis",
-                      "img_lo", "img_hi", "mde", "seeds_needed"]
+                      "img_lo", "img_hi", "alpha", "mde", "seeds_needed"]
         wide = diffs.pivot(index="ablation", columns="metric", values=stats_cols)
         wide.columns = [f"{m}_{stat}" for stat, m in wide.columns]
         summary = summary.join(wide[[f"{m}_{stat}" for m in METRICS for stat in stats_cols

@@ -165,7 +165,7 @@ def test_summary_csv_has_spread_differences_and_reference_rows(study):
     assert np.isclose(summary.loc["noisy", "mean_mm_sd"], seed_values.std())
     assert np.isclose(summary.loc["noisy", "mean_mm_min"], seed_values.min())
     assert np.isclose(summary.loc["noisy", "mean_mm_max"], seed_values.max())
-    for stat in ("delta", "delta_sd", "lo", "hi", "p", "p_holm", "img_lo", "img_hi", "mde"):
+    for stat in ("delta", "delta_sd", "lo", "hi", "p", "p_holm", "img_lo", "img_hi", "alpha", "mde"):
         assert np.isclose(summary.loc["no_lproj", f"angle_error_deg_{stat}"], d.loc[("no_lproj", "angle_error_deg"), stat])
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "worse"
     assert summary.loc[["constant", "camera_floor"], "angle_error_deg_verdict"].isna().all()
