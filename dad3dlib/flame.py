@@ -411,7 +411,7 @@ def fit_weak_perspective(vertices_model: Tensor, rotation: Tensor, vertices_crop
 
 
 def jaw_lbs(betas: Tensor, jaw: Tensor, v_template: Tensor, shapedirs: Tensor, posedirs_jaw: Tensor,
-            regressor_jaw: Tensor, weights_jaw: Tensor, weights_sum: Tensor) -> Tensor:
+            joint_template: Tensor, joint_dirs: Tensor, weights_jaw: Tensor, weights_sum: Tensor) -> Tensor:
     """FLAME's linear blend skinning when only the jaw rotates (global pose, neck and eyes zero),
     as smplx's ``lbs`` computes it, without its per-vertex 4x4 transforms.
 
@@ -419,20 +419,23 @@ def jaw_lbs(betas: Tensor, jaw: Tensor, v_template: Tensor, shapedirs: Tensor, p
     transform relative to the rest pose is ``[R | J - R·J]`` (J the jaw joint) and every other
     joint's is ``[I | 0]``, so each vertex is
     ``v = (Σ_k w_k)·v_posed + w_jaw·(R - I)·(v_posed - J)``; the pose blend shapes of the other
-    joints are zero. ``tests/test_flame.py`` checks it against smplx's ``lbs``.
+    joints are zero. J is linear in the coefficients (the regressor's row applied to the shaped
+    template), so it comes from ``joint_template`` and ``joint_dirs`` and any subset of the
+    vertices can be skinned alone. ``tests/test_flame.py`` checks it against smplx's ``lbs``.
 
     Coordinate-major (the x of every vertex, then every y, then every z): the rotation is then one
-    small matrix times a [3,V] block, which CPUs run ~10x faster than [V,3] times a 3x3.
-    betas [B,L] shape and expression coefficients, jaw [B,3] axis-angle, v_template [3,V],
-    shapedirs [L,3*V], posedirs_jaw [9,3*V] (the jaw's rows of the pose blend shapes),
-    regressor_jaw [V] (the jaw's row of the joint regressor), weights_jaw [V] (the jaw's skinning
-    weights), weights_sum [V] (each vertex's weights summed) -> [B,3,V]
+    small matrix times a [3,n] block, which CPUs run ~10x faster than [n,3] times a 3x3.
+    betas [B,L] shape and expression coefficients, jaw [B,3] axis-angle; for the n vertices skinned:
+    v_template [3,n], shapedirs [L,3*n], posedirs_jaw [9,3*n] (the jaw's rows of the pose blend
+    shapes), weights_jaw [n] (the jaw's skinning weights), weights_sum [n] (each vertex's weights
+    summed); joint_template [3] and joint_dirs [L,3], the jaw joint of the template and its change
+    per coefficient -> [B,3,n]
     """
     from smplx.lbs import batch_rodrigues
 
     B = betas.shape[0]
-    v_shaped = v_template + (betas @ shapedirs).view(B, 3, -1)              # [B,3,V]
-    joint = (v_shaped @ regressor_jaw)[:, :, None]                          # [B,3,1]
+    v_shaped = v_template + (betas @ shapedirs).view(B, 3, -1)              # [B,3,n]
+    joint = (joint_template + betas @ joint_dirs)[:, :, None]               # [B,3,1]
     rot = batch_rodrigues(jaw)                                              # [B,3,3]
     turn = rot - torch.eye(3, dtype=rot.dtype, device=rot.device)           # R - I
     v_posed = v_shaped + (turn.reshape(B, 9) @ posedirs_jaw).view(B, 3, -1)
@@ -453,14 +456,20 @@ class FlameLayer(nn.Module):
         self.topology = t
         f32 = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32)  # noqa: E731
         self.register_buffer("v_template", f32(m.v_template))
-        # coordinate-major (jaw_lbs): the x of every vertex, then y, then z
-        self.register_buffer("v_template_cm", f32(m.v_template.T))  # [3,V]
-        self.register_buffer("shapedirs_cm", f32(m.shapedirs.transpose(2, 1, 0).reshape(m.shapedirs.shape[-1], -1)))
         self.register_buffer("posedirs", f32(m.posedirs.reshape(-1, m.posedirs.shape[-1]).T))  # [36,V*3]
-        jaw_rows = m.posedirs[..., 9 * (JAW_JOINT - 1): 9 * JAW_JOINT]  # [V,3,9]: the jaw's pose features
-        self.register_buffer("posedirs_jaw_cm", f32(jaw_rows.transpose(2, 1, 0).reshape(9, -1)))  # [9,3*V]
         self.register_buffer("J_regressor", f32(m.J_regressor))
         self.register_buffer("lbs_weights", f32(m.weights))
+        # jaw_lbs's arrays, coordinate-major (the x of every vertex, then y, then z): all vertices,
+        # and the selection of select_vertices (registered there)
+        jaw_rows = m.posedirs[..., 9 * (JAW_JOINT - 1): 9 * JAW_JOINT]  # [V,3,9]: the jaw's pose features
+        self.register_buffer("shapedirs_cm", f32(m.shapedirs.transpose(2, 1, 0).reshape(m.shapedirs.shape[-1], -1)))
+        self._jaw_arrays = {"v_template": f32(m.v_template.T), "posedirs_jaw": f32(jaw_rows.transpose(2, 1, 0)),
+                            "weights_jaw": f32(m.weights[:, JAW_JOINT]), "weights_sum": f32(m.weights.sum(1))}
+        regressor = m.J_regressor[JAW_JOINT].astype(np.float64)
+        self.register_buffer("joint_template", f32(regressor @ m.v_template))                       # [3]
+        self.register_buffer("joint_dirs", f32(np.einsum("v,vcl->lc", regressor, m.shapedirs)))     # [L,3]
+        self._register_jaw_arrays("all", None)
+        self.select_vertices(None)
         self.register_buffer("parents", torch.as_tensor(m.parents))
         # jaw_lbs holds when no joint hangs below the jaw (FLAME: the eyes hang below the neck)
         self.jaw_only = JAW_JOINT not in m.parents
@@ -473,6 +482,32 @@ class FlameLayer(nn.Module):
     @property
     def num_vertices(self) -> int:
         return self.v_template.shape[0]
+
+    def _register_jaw_arrays(self, prefix: str, ids: Tensor | None) -> None:
+        """Buffers ``<prefix>_*``: :func:`jaw_lbs`'s per-vertex arrays for the vertices ``ids`` (None:
+        all), coordinate-major. Not in state dicts (FLAME is data)."""
+        ix = slice(None) if ids is None else ids.cpu()
+        a = self._jaw_arrays
+        L = self.shapedirs_cm.shape[0]
+        arrays = {"v_template": a["v_template"][:, ix], "posedirs_jaw": a["posedirs_jaw"][:, :, ix].reshape(9, -1),
+                  "weights_jaw": a["weights_jaw"][ix], "weights_sum": a["weights_sum"][ix]}
+        arrays["shapedirs"] = (self.shapedirs_cm if ids is None else
+                               self.shapedirs_cm.view(L, 3, -1)[:, :, ix.to(self.shapedirs_cm.device)].reshape(L, -1))
+        for k, v in arrays.items():
+            self.register_buffer(f"{prefix}_{k}", v.to(self.shapedirs_cm.device).contiguous(), persistent=False)
+
+    def select_vertices(self, ids: Tensor | None) -> None:
+        """Let :meth:`canonical` compute only the vertices ``ids`` [n] (in that order) when asked
+        for the selection: training computes just the vertices its losses read. None: all."""
+        self.selected = None if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu()
+        self._register_jaw_arrays("sel", self.selected)
+
+    def _jaw_lbs(self, betas: Tensor, jaw: Tensor, prefix: str) -> Tensor:
+        """:func:`jaw_lbs` on the vertices of ``prefix`` ("all" or "sel") -> [B,3,n]."""
+        b = {k: getattr(self, f"{prefix}_{k}") for k in ("v_template", "shapedirs", "posedirs_jaw", "weights_jaw",
+                                                        "weights_sum")}
+        return jaw_lbs(betas, jaw, b["v_template"], b["shapedirs"], b["posedirs_jaw"], self.joint_template,
+                       self.joint_dirs, b["weights_jaw"], b["weights_sum"])
 
     @property
     def shapedirs(self) -> Tensor:
@@ -489,15 +524,12 @@ class FlameLayer(nn.Module):
         None), :func:`jaw_lbs`; else smplx's ``lbs``.
 
         shape [B,300], expression [B,100], jaw/neck/global_pose [B,3] axis-angle -> [B,V,3]
-        (with only the jaw, a view of a coordinate-major [B,3,V] tensor)
         """
         from smplx.lbs import lbs
 
         betas = torch.cat([shape, expression], dim=-1)
         if neck is None and global_pose is None and self.jaw_only:
-            return jaw_lbs(betas, jaw, self.v_template_cm, self.shapedirs_cm, self.posedirs_jaw_cm,
-                           self.J_regressor[JAW_JOINT], self.lbs_weights[:, JAW_JOINT],
-                           self.lbs_weights.sum(1)).transpose(1, 2)
+            return self._jaw_lbs(betas, jaw, "all").transpose(1, 2).contiguous()
         zeros = torch.zeros_like(jaw)
         pose = torch.cat([zeros if global_pose is None else global_pose,
                           zeros if neck is None else neck, jaw, zeros, zeros], dim=-1)
@@ -505,10 +537,15 @@ class FlameLayer(nn.Module):
                        self.posedirs, self.J_regressor, self.parents, self.lbs_weights)
         return verts
 
-    def canonical(self, params: Tensor) -> Tensor:
-        """[B,413] -> [B,V,3]: global rotation, neck and eyes zero, jaw from the vector, z += 0.05."""
+    def canonical(self, params: Tensor, selected: bool = False) -> Tensor:
+        """[B,413] -> [B,V,3]: global rotation, neck and eyes zero, jaw from the vector, z += 0.05.
+        ``selected``: only the vertices of :meth:`select_vertices`, [B,n,3] (all when none are)."""
         p = split_3dmm(params)
-        v = self.vertices(p["shape"], p["expression"], p["jaw"]).transpose(1, 2)  # [B,3,V]
+        if self.jaw_only:  # coordinate-major throughout: the result is a [B,V,3] view of [B,3,V]
+            v = self._jaw_lbs(torch.cat([p["shape"], p["expression"]], dim=-1), p["jaw"],
+                              "sel" if selected and self.selected is not None else "all")
+        else:
+            v = self.vertices(p["shape"], p["expression"], p["jaw"]).transpose(1, 2)  # [B,3,V]
         return (v + v.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET])[:, None]).transpose(1, 2)
 
     def posed(self, params: Tensor) -> Tensor:

@@ -64,13 +64,26 @@ class VertexSubsets(nn.Module):
     def ids(self, name: str) -> Tensor:
         return getattr(self, f"ids_{name}")
 
-    def take(self, points: Tensor, names, dim: int = 1) -> dict[str, Tensor]:
-        """points [...,V,...] (vertices along ``dim``) -> {name: [...,n,...]}, views of one gather
-        when the subsets nest."""
-        if self.nested:
+    @property
+    def union(self) -> Tensor | None:
+        """The ids of every subset's vertices, in the order of the one gather ([U]; None when the
+        subsets do not nest). Points computed for these vertices alone (``FlameLayer.select_vertices``)
+        are taken without a gather."""
+        return self.order if self.nested else None
+
+    def take(self, points: Tensor, names, dim: int = 1, gathered: bool = False) -> dict[str, Tensor]:
+        """points [...,V,...] (vertices along ``dim``), or, ``gathered``, [...,U,...] holding
+        :attr:`union` -> {name: [...,n,...]}, views of one gather (or of none) when the subsets nest."""
+        if gathered:
+            if self.union is None or points.shape[dim] != len(self.union):
+                raise ValueError(f"points with {points.shape[dim]} vertices are not the subsets' union "
+                                 f"({None if self.union is None else len(self.union)} vertices)")
+            taken = points
+        elif self.nested:
             taken = points.index_select(dim, self.order[: max(self.sizes[k] for k in names)])
-            return {k: taken.narrow(dim, 0, self.sizes[k]) for k in names}
-        return {k: points.index_select(dim, self.ids(k)) for k in names}
+        else:
+            return {k: points.index_select(dim, self.ids(k)) for k in names}
+        return {k: taken.narrow(dim, 0, self.sizes[k]) for k in names}
 
 
 def as_vertex_subsets(subsets) -> VertexSubsets:
@@ -99,13 +112,14 @@ def shape_loss(pred: Tensor, target: Tensor, subsets,
                subset_weights: dict[str, float] = L3D_SUBSET_WEIGHTS) -> Tensor:
     """L_3D: sum over subsets of weight · MSE(unit-cube(pred[subset]), unit-cube(target[subset])).
 
-    pred [B,V,3] canonical predicted vertices, target [B,V,3] GT model-space vertices,
-    subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's side is
-    computed without autograd; the points are reduced in a [B,3,n] layout (contiguous reductions),
-    and each subset's term forms its gradient with its value (:class:`_UnitCubeMSE`).
+    pred [B,V,3] canonical predicted vertices (or [B,U,3], the subsets' union
+    :attr:`VertexSubsets.union` alone, as training computes it), target [B,V,3] GT model-space
+    vertices, subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's
+    side is computed without autograd; the points are reduced in a [B,3,n] layout (contiguous
+    reductions), and each subset's term forms its gradient with its value (:class:`_UnitCubeMSE`).
     """
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
-    p = subsets.take(pred.transpose(1, 2), names, dim=2)        # {name: [B,3,n]}
+    p = subsets.take(pred.transpose(1, 2), names, dim=2, gathered=pred.shape[1] != target.shape[1])  # {name: [B,3,n]}
     with torch.no_grad():
         t = subsets.take(target.transpose(1, 2), names, dim=2)
         t = {k: normalize_unit_cube(v, dim=-1) for k, v in t.items()}
@@ -162,13 +176,13 @@ def reprojection_loss(pred: Tensor, target: Tensor, subsets,
     pixels of a :data:`REFERENCE_CROP` crop (crop pixels × REFERENCE_CROP / ``crop_size``; a
     256-px crop is unchanged).
 
-    pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels,
-    subsets as :func:`shape_loss`'s, crop_size S of both -> scalar. Reduced in a [B,2,n] layout,
-    as :func:`shape_loss`.
+    pred [B,V,>=2] reprojected predicted vertices (x, y used; or [B,U,>=2] as :func:`shape_loss`'s),
+    target [B,V,2] GT crop pixels, subsets as :func:`shape_loss`'s, crop_size S of both -> scalar.
+    Reduced in a [B,2,n] layout, as :func:`shape_loss`.
     """
     k = REFERENCE_CROP / crop_size
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
-    p = subsets.take(pred.transpose(1, 2)[:, :2], names, dim=2)      # {name: [B,2,n]}
+    p = subsets.take(pred.transpose(1, 2)[:, :2], names, dim=2, gathered=pred.shape[1] != target.shape[1])  # [B,2,n]
     t = subsets.take(target.transpose(1, 2)[:, :2], names, dim=2)
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
