@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .errors import InputValueError
 from .files import write_json
 from .geometry import flip_yz, project
 from .flame import FlameTopology, TopologyTensors, load_flame_assets
@@ -35,7 +36,7 @@ PRED_KEYS = {"68_landmarks_2d": (68, 2), "N_landmarks_3d": ("N", 3), "7_landmark
              "rotation_matrix": (3, 3)}
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(InputValueError):
     """A ground-truth or submission file does not follow the reference format."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import OUTPUTS_DIR, report
+from .errors import InputFileNotFound
 
 DEFAULT_STUDY = "cpu"  # under outputs/: what `make study` writes (the default preset's study)
 
@@ -21,7 +22,7 @@ DEFAULT_STUDY = "cpu"  # under outputs/: what `make study` writes (the default p
 # --------------------------------------------------------------------------------------------
 # Which study
 # --------------------------------------------------------------------------------------------
-class StudyNotFound(FileNotFoundError):
+class StudyNotFound(InputFileNotFound):
     """No study where a notebook looked. A notebook shows it as its one-line message (IPython's
     ``_render_traceback_`` hook), not as a traceback."""
 

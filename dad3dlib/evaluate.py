@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from . import metrics as M
 from .config import data_root, with_defaults
 from .data import flame_dir, open_split, split_protocol
+from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
                     fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
@@ -159,7 +160,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
             keep[k].append(pred[k].numpy())
         keep["crop_affine"].append(batch["crop_affine"].numpy())
     if not rows:
-        raise ValueError("evaluate: the dataset is empty")
+        raise InputValueError("evaluate: the dataset is empty")
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
     vertex_error = np.full(layer.num_vertices, np.nan)
@@ -323,7 +324,7 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
         try:
             flame_assets = flame_dir(params["data"])
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
+            raise InputFileNotFound(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
                                     "name it with --flame-assets") from None
     layer = FlameLayer(load_flame_assets(flame_assets))
     return now.export(model, layer, images, out, params["data"]["crop_size"], resolve_device(device), batch_size)
