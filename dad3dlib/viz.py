@@ -70,11 +70,11 @@ def plot_metrics(runs: pd.DataFrame):
 
     done, palette = _labelled(runs[runs.status == "finished"])
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.9))
-    for ax, (k, (label, lower)) in zip(axes, METRICS.items()):
+    for ax, (k, metric) in zip(axes, METRICS.items()):
         sns.barplot(data=done, x="label", y=k, hue="label", palette=palette, saturation=1, ax=ax,
                     errorbar=("pi", 100), legend=False)
         sns.stripplot(data=done, x="label", y=k, ax=ax, color="k", size=3)
-        ax.set_title(label + (" ↓" if lower else " ↑"), fontsize=9)
+        ax.set_title(metric.label + (" ↓" if metric.lower_is_better else " ↑"), fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=70, labelsize=8)
@@ -156,7 +156,7 @@ def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"
     for ax, a in zip(axes.flat, attrs):
         sns.barplot(data=per_sample, x=a, y=metric, hue="label", palette=palette, saturation=1, ax=ax,
                     errorbar=None)
-        ax.set_title(f"{METRICS.get(metric, (metric,))[0]} by {a}", fontsize=9)
+        ax.set_title(f"{METRICS[metric].label if metric in METRICS else metric} by {a}", fontsize=9)
         ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
     fig.tight_layout()
     return fig
@@ -582,7 +582,7 @@ def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192, items: 
                 continue
             pv = _predicted_mesh(lay, pred, k)
             m = per_sample.loc[item] if item in per_sample.index else {}
-            caption = ", ".join(f"{METRICS[c][0]} {format_metric(c, m[c])}" for c in ATTRIBUTE_METRICS if c in m)
+            caption = ", ".join(f"{METRICS[c].label} {format_metric(c, m[c])}" for c in ATTRIBUTE_METRICS if c in m)
             rows.append({"landmarks": _display(pred["landmarks_2d_image"][k], *frame),
                          "vertices": _display(pv[keep], *frame), "caption": caption})
         predictions[d.name] = rows
