@@ -10,7 +10,7 @@ Shapes: B batch, V vertices, N points of a subset, L landmarks, F faces.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
@@ -352,6 +352,21 @@ class MetricInputs:
 
 
 @dataclass(frozen=True)
+class BenchmarkGT:
+    """The ground truth a benchmark metric reads for b rows, prepared by ``benchmark.Scorer.prepare``
+    from the benchmark's GT file."""
+    landmarks_2d: Tensor     # [b,68,2] image pixels
+    world: Tensor            # [b,V,3] the mesh under its model-view matrix
+    landmarks_world: Tensor  # [b,68,3] the landmarks of world
+    rotation: Tensor         # [b,3,3] the model-view rotation, y and z flipped
+    bbox: Tensor             # [b,4] x, y, w, h
+
+    def rows(self, idx: Tensor) -> BenchmarkGT:
+        """The same for rows ``idx``."""
+        return BenchmarkGT(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+@dataclass(frozen=True)
 class Metric:
     """One metric: every table, plot and list of metrics reads it from here.
 
@@ -363,7 +378,7 @@ class Metric:
     ``sample(c) -> [B]``: the value per sample in a study's evaluation, from the batch's
     :class:`MetricInputs` ``c``.
     ``benchmark``: (the submission keys it needs, ``fn(g, p, scorer) -> [b]``) on the benchmark's
-    file formats (see ``benchmark.Scorer``: ``g`` its prepared GT, ``p`` the stacked predictions).
+    file formats (see ``benchmark.Scorer``: ``g`` its prepared :class:`BenchmarkGT`, ``p`` the stacked predictions).
     ``short``: its column header in the benchmark's per-attribute table.
     """
     name: str
@@ -401,11 +416,11 @@ def metric_names(scope: str | None = None) -> tuple[str, ...]:
 
 def _bench_zn(g: dict, p: dict, s) -> tuple[Tensor, Tensor]:
     """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
-    return p["N_landmarks_3d"][:, s.z_n].float(), (-g["world"][:, s.z_n]).float()
+    return p["N_landmarks_3d"][:, s.z_n].float(), (-g.world[:, s.z_n]).float()
 
 
 def _bench_rotation(fn):
-    return (("rotation_matrix",), lambda g, p, s: fn(p["rotation_matrix"], g["rotation"]))
+    return (("rotation_matrix",), lambda g, p, s: fn(p["rotation_matrix"], g.rotation))
 
 
 register_metric("median_mm", "Median (mm)", "lower", lambda c: c.shape["median"], scopes=("study",))
@@ -419,8 +434,7 @@ register_metric(
     lambda c: nme_reprojection(c.pred["landmarks_2d_image"].double(), c.batch["landmarks_2d_image"].double(),
                                c.batch["bbox"].double()),
     scopes=("study", "benchmark", "attributes"), short="nme",
-    benchmark=(("68_landmarks_2d",), lambda g, p, s: nme_reprojection(p["68_landmarks_2d"], g["landmarks_2d"],
-                                                                       g["bbox"])))
+    benchmark=(("68_landmarks_2d",), lambda g, p, s: nme_reprojection(p["68_landmarks_2d"], g.landmarks_2d, g.bbox)))
 register_metric("z5_accuracy", "Z₅ accuracy (reference pairing)", "higher",
                 lambda c: z_n_accuracy_reference(c.zn_pred, c.zn_gt, Z_N), precision=3,
                 scopes=("study", "benchmark"), short="z5",
@@ -440,8 +454,8 @@ register_metric(
                                 c.topo.face),
     scopes=("benchmark",),
     benchmark=(("N_landmarks_3d", "7_landmarks_3d"),
-               lambda g, p, s: chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g["world"],
-                                                 g["landmarks_world"], s.face)))
+               lambda g, p, s: chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g.world, g.landmarks_world,
+                                                 s.face)))
 
 
 def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
@@ -456,5 +470,5 @@ def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tenso
 __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
            "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
-           "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "MetricInputs", "METRICS", "register_metric",
-           "metric_names"]
+           "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "MetricInputs", "BenchmarkGT", "METRICS",
+           "register_metric", "metric_names"]
