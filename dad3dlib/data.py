@@ -287,7 +287,7 @@ def image_size(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             size = im.size
             im.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:  # what PIL raises for a damaged file
         raise InputValueError(f"{path}: unreadable image ({e})") from e
     return size
 
