@@ -115,7 +115,7 @@ def execute_runs_submitit(execute, todo: list, out: Path, settings: dict, stop, 
             run = pending.pop(job)
             try:
                 result = job.result()
-            except Exception:
+            except Exception:  # the job failed, however: recorded as a failed run, the others go on
                 result = job_failure(run, job, out)
             results.append(result)
             on_result(result)

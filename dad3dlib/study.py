@@ -43,6 +43,7 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import (TRAINING_RECORD, ParamsError, available, data_overrides, run_params, save_params,
                      synthetic_recipe, training_fingerprint)
+from .errors import InputFileNotFound
 from .files import atomic_write, exclusive_lock, write_json, write_record
 from .launch import execute_runs_submitit, launcher_settings
 from .progress import StudyProgress
@@ -444,12 +445,9 @@ def study_jobs(params: dict, jobs: int | None = None, launcher: str = "local") -
 
 def devices_for(jobs: int) -> list[str]:
     """One device string per concurrent job: a GPU each when there are GPUs, else the CPU."""
-    try:
-        import torch
+    import torch
 
-        n = torch.cuda.device_count()
-    except Exception:
-        n = 0
+    n = torch.cuda.device_count()  # 0 without CUDA or with a broken driver (torch warns), never raises
     return [f"cuda:{i % n}" for i in range(jobs)] if n else ["cpu"] * jobs
 
 
@@ -467,7 +465,7 @@ def ensure_data(params: dict) -> Path:
             print(f"{root}: generating the data set ({why})", flush=True)
             make_data(root, recipe, params["data"].get("flame_path"), name=params.get("preset", "custom"))
     elif not (root / DATASET_DIR).is_dir():
-        raise FileNotFoundError(f"data directory {root} not found (expected the DAD-3DHeads layout "
+        raise InputFileNotFound(f"data directory {root} not found (expected the DAD-3DHeads layout "
                                 f"{root / DATASET_DIR}/{{train,val,test}}); set data.root or --data")
     return root
 
@@ -490,7 +488,7 @@ class BackgroundJob:
         torch.set_num_threads(1)
         try:
             fn(*args)
-        except Exception as e:
+        except Exception as e:  # any failure, told by wait(): the study goes on without this job's output
             self.error = e
 
     def wait(self, what: str) -> bool:
@@ -631,7 +629,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
                 references.wait("reference predictors")  # the runs stand without them
                 try:
                     report = write_report(out, stop, timeout)
-                except Exception:
+                except Exception:  # whatever Ctrl-C broke in the report's notebooks; any other is re-raised
                     if not stop.is_set():
                         raise
         record.update(failed=[r["run"] for r in failed], report=report and str(report), jobs=jobs,
