@@ -125,10 +125,9 @@ def make_executor(settings: dict, folder: Path, job_name: str):
     if settings["mem_gb"]:
         common["mem_gb"] = settings["mem_gb"]
     specific = {f"slurm_{k}": settings[k] for k in ("partition", "account", "qos", "constraint") if settings[k]}
-    specific.update(slurm_array_parallelism=settings["array_parallelism"])
-    prefix = "slurm" if slurm else "local"
-    executor.update_parameters(**common, **(specific if slurm else {}),
-                               **{f"{prefix}_signal_delay_s": signal_delay_s(settings["time_min"])})
+    specific.update(slurm_array_parallelism=settings["array_parallelism"],
+                    slurm_signal_delay_s=signal_delay_s(settings["time_min"]))  # submitit-local: 30 s
+    executor.update_parameters(**common, **(specific if slurm else {}))
     return executor
 
 
