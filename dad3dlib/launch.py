@@ -291,9 +291,10 @@ def execute_runs_submitit(execute, todo: list, out: Path, settings: dict, stop, 
                 results.append({"run": run.name, "status": "interrupted", "error": None})
                 on_result(results[-1])
             break
-        on_tick({run.name: out / "runs" / run.name for job, run in pending.items()})
         if queue is not None:
             queue.poll([str(j.job_id) for j in pending])
+        on_tick({run.name: out / "runs" / run.name for job, run in pending.items()  # not those waiting in the queue
+                 if queue is None or queue.last.get(str(job.job_id)) != "PENDING"})
         for job in list(pending):
             result = _settled(job, pending[job], out, queue)
             if result is not None:

@@ -204,7 +204,7 @@ def test_the_runner_ends_when_jobs_are_cancelled_or_vanish(tmp_path, monkeypatch
     """Three tasks: one finishes its run; one is cancelled while pending (no result, then no record
     in squeue); one is cancelled while running (its notebook's kernel dies: the run says only
     'Kernel died'). The runner does not wait forever: the two are failed, each with the scheduler's
-    word and how to resume, in the run's error.json."""
+    word and how to resume, in the run's error.json. A task waiting in the queue is not shown as running."""
     import threading
 
     from dad3dlib import launch
@@ -229,7 +229,10 @@ def test_the_runner_ends_when_jobs_are_cancelled_or_vanish(tmp_path, monkeypatch
     queue = SlurmQueue({"time_min": 720, "mem_gb": None}, grace_s=5, squeue=squeue, clock=clock)
     settings = {**launcher_settings({}, {"name": "slurm", "gpus_per_run": 0}), "name": "slurm"}
     monkeypatch.setattr(launch, "settle_gpus", lambda s: s)
-    results = launch.execute_runs_submitit(None, runs, tmp_path, settings, threading.Event(), poll_s=0, queue=queue)
+    ticks = []
+    results = launch.execute_runs_submitit(None, runs, tmp_path, settings, threading.Event(), poll_s=0, queue=queue,
+                                           on_tick=lambda active: ticks.append(sorted(active)))
+    assert ticks[0] == ["baseline_s1", "no_l3d_s1"]  # shown as running: not the one waiting in the queue
     by_run = {r["run"]: r for r in results}
     assert by_run["baseline_s1"]["status"] == "finished" and len(polls) == 2
     assert by_run["no_2d_s1"]["error"].startswith("job 9_1 was cancelled before it started")
