@@ -23,8 +23,14 @@ CONF=$DIR/slurm.conf
 NODE=$(hostname -s)
 ME=$(id -un)
 
+STARTING=0  # set while `start` runs: a failure then stops what it had started
 say() { echo "slurm_cluster: $*"; }
-fail() { echo "slurm_cluster: error: $*" >&2; exit 1; }
+fail() {
+  echo "slurm_cluster: error: $*" >&2
+  [ "$STARTING" = 1 ] && stop >/dev/null
+  exit 1
+}
+[[ "$PORT" =~ ^[1-9][0-9]*$ ]] || fail "SLURM_CLUSTER_PORT must be a port number, got '$PORT'"
 
 pid_alive() {  # pid file, program name: whether that program runs under the pid in the file
   local pid
@@ -104,7 +110,7 @@ start_munged() {
   fi
 }
 
-running() { SLURM_CONF=$CONF timeout 10 sinfo -h -o %T >/dev/null 2>&1; }
+running() { SLURM_CONF=$CONF timeout 5 sinfo -h -o %T >/dev/null 2>&1; }
 
 start() {
   mkdir -p "$DIR" || fail "cannot create $DIR"
@@ -114,21 +120,25 @@ start() {
     return 0
   fi
   mkdir -p "$DIR/state" "$DIR/spool" "$DIR/log"
-  write_config
+  STARTING=1
+  write_config || fail "cannot write $CONF"
   start_munged
   export SLURM_CONF=$CONF
   pid_alive "$DIR/slurmctld.pid" slurmctld || slurmctld -c -f "$CONF" || fail "slurmctld did not start (see $DIR/log/slurmctld.log)"
   pid_alive "$DIR/slurmd.pid" slurmd || slurmd -f "$CONF" || fail "slurmd did not start (see $DIR/log/slurmd.log)"
-  local state="" i
-  for i in $(seq 60); do
-    state=$(timeout 10 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1)
+  local state="" begin=$SECONDS d
+  while [ $((SECONDS - begin)) -lt 60 ]; do
+    state=$(timeout 5 sinfo -h -n "$NODE" -o %T 2>/dev/null | head -1)
     [ "$state" = idle ] && break
+    if [ $((SECONDS - begin)) -ge 3 ]; then  # a daemon that stopped (a port in use, a bad setting)
+      for d in slurmctld slurmd; do
+        pid_alive "$DIR/$d.pid" "$d" || fail "$d stopped: $(grep -h 'error\|fatal' "$DIR/log/$d.log" 2>/dev/null | tail -1)"
+      done
+    fi
     sleep 1
   done
-  if [ "$state" != idle ]; then
-    stop >/dev/null
-    fail "node $NODE not idle after 60 s (state '${state:-none}'; see $DIR/log/)"
-  fi
+  [ "$state" = idle ] || fail "node $NODE not idle after 60 s (state '${state:-none}'; see $DIR/log/)"
+  STARTING=0
   say "running: node $NODE idle, partition debug; SLURM_CONF=$CONF"
 }
 
