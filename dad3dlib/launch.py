@@ -191,12 +191,13 @@ class SlurmQueue:
         arrays = sorted({j.split("_")[0] for j in job_ids})
         try:
             out = self.squeue("squeue", "-h", "-r", "-t", "all", "-j", ",".join(arrays), "-o", "%i|%T")
-        except ClusterError as e:  # the controller is unreachable: nothing is decided
-            if self.error is None:
-                print(f"warning: {e}; still waiting for the jobs", flush=True)
-            self.error = str(e)
-            self.states = {}
-            return
+        except ClusterError as e:
+            if "Invalid job id" not in str(e):  # the controller is unreachable: nothing is decided
+                if self.error is None:
+                    print(f"warning: {e}; still waiting for the jobs", flush=True)
+                self.error, self.states = str(e), {}
+                return
+            out = ""  # every job asked of has left the queue
         self.error, now = None, self.clock()
         self.states = dict(line.strip().split("|", 1) for line in out.splitlines() if "|" in line)
         for job_id in job_ids:  # when each job was first seen ended, or not listed

@@ -149,10 +149,12 @@ class FakeClock:
 def test_the_queue_says_what_ended_a_job():
     """squeue's state of each array task: queued or running is no verdict; an ended one is, after a
     grace for its result; a pending task that leaves the queue was cancelled before it started; an
-    unreachable controller decides nothing."""
+    unreachable controller decides nothing; ids it no longer knows at all are no jobs listed."""
     said, clock = {"out": ""}, FakeClock()
 
     def squeue(*args):
+        if said.get("purged"):
+            raise ClusterError("squeue failed: slurm_load_jobs error: Invalid job id specified")
         if said["out"] is None:
             raise ClusterError("squeue failed: Unable to contact slurm controller")
         return said["out"]
@@ -173,8 +175,14 @@ def test_the_queue_says_what_ended_a_job():
     said["out"] = None
     q.poll(ids)
     assert q.outcome("7_2") is None and q.outcome("7_2", has_result=True) == (None, "")
-    said["out"] = ""  # purged, after it was seen running
+    said["out"] = "7_3|RUNNING\n"
     q.poll(ids)
+    assert q.outcome("7_3") is None
+    said["out"] = None
+    said["purged"] = True  # every job asked of has left: squeue refuses the ids
+    q.poll(ids)
+    assert q.outcome("7_3") is None  # its result may be on its way
+    clock.t = 30
     assert q.outcome("7_3")[1].startswith("left the queue without a result")
 
 
@@ -282,6 +290,8 @@ def test_submitit_jobs_fail_resume_and_aggregate(tmp_path):
     first = _study(out)
     assert first.returncode == 1, first.stderr[-3000:]
     assert "submitted 2 job(s) (submitit-local)" in first.stdout
+    assert "1 run(s) failed; once the cause is fixed, resume with: python -m dad3dlib study --preset smoke " \
+           f"--out {out}" in first.stderr
     error = json.loads((out / "runs" / "no_l3d_s1" / "error.json").read_text())
     assert "checkpoints" in error["error"], error["error"]
     done = out / "runs" / "baseline_s1" / "metrics.json"

@@ -121,7 +121,7 @@ def test_smoke_study_on_slurm_with_defaults_cancelled_jobs_and_reruns(slurm_env,
     subprocess.run(["scancel", running], env=slurm_env, check=True, timeout=30)
     assert first.finish(timeout=600) == 1, first.output[-3000:]
     assert "partition debug has no GPUs: each job runs on CPUs" in first.output  # no GPU asked by default
-    assert not list((out / "jobs").glob("*gres*")) and "gpus" not in next((out / "jobs").glob("*_submission.sh")).read_text()
+    assert "gpus" not in next((out / "jobs").glob("*_submission.sh")).read_text()
     assert "sacct" not in first.output  # without accounting submitit's sacct calls fail: not shown
     failed = {rec["run"] for rec in record(out)["runs"] if rec["run"] in record(out)["failed"]}
     assert len(failed) == 2 and len(finished(out)) == RUNS - 2, first.output[-3000:]
