@@ -114,7 +114,8 @@ def test_smoke_study_on_slurm_with_defaults_cancelled_jobs_and_reruns(slurm_env,
     first = Runner(slurm_env, *args)
     ids = first.wait_for(r"submitted 6 job\(s\) \(slurm\): (.*); logs in").group(1).split(", ")
     pending, running = ids[-1], ids[0]
-    assert squeue_state(slurm_env, pending) == "PENDING"  # one core each, two cores: 2 run, 4 wait
+    assert squeue_state(slurm_env, pending) == "PENDING", \
+        "the cluster runs all 6 jobs at once: this test needs one with fewer cores (scripts/slurm_cluster.sh has 2)"
     subprocess.run(["scancel", pending], env=slurm_env, check=True, timeout=30)
     wait_state(slurm_env, running, "RUNNING")
     time.sleep(5)  # its notebook is starting
