@@ -137,7 +137,7 @@ class Renderer:
         self._project_program = None
 
     def _vao(self, vertices, normals, colors, faces):
-        data = np.concatenate([vertices, normals, colors], axis=1).astype(np.float32)
+        data = np.ascontiguousarray(np.concatenate([vertices, normals, colors], axis=1), dtype=np.float32)  # any layout in
         idx = np.ascontiguousarray(faces, dtype=np.int32)
         key = (data.nbytes, idx.nbytes)  # one buffer set per mesh size, reused across calls
         if key not in self._buffers:

@@ -156,3 +156,15 @@ def test_scenery_is_drawn_in_the_same_zbuffer_but_left_out_of_the_mask(scene):
     assert not hidden.any()
     with pytest.raises(ValueError, match="samples=0"):
         Renderer(W, H, samples=4).render(v, f, np.full_like(v, 0.7), mv, P, scenery=[(wall, [[0, 1, 2]], red, front)])
+
+
+def test_arrays_of_any_memory_layout_render_alike(scene):
+    """Vertices as a view of a coordinate-major array (what FLAME gives) draw the same image."""
+    v, f, mv, P = scene
+    rgb, mask = Renderer(W, H, samples=0).render(v, f, np.full_like(v, 0.7), mv, P)
+    transposed = np.ascontiguousarray(v.T).T  # the same numbers, Fortran order
+    assert not transposed.flags.c_contiguous
+    one_colour = np.broadcast_to(np.float32([0.7, 0.7, 0.7]), v.shape)  # as viz.overlay_mesh passes it
+    rgb2, mask2 = Renderer(W, H, samples=0).render(transposed, f, one_colour, mv, P)
+    np.testing.assert_array_equal(rgb, rgb2)
+    np.testing.assert_array_equal(mask, mask2)
