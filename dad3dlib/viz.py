@@ -89,7 +89,9 @@ def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None)
 
 
 def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"):
-    """The metric per ablation, split by each image attribute present in the table."""
+    """The metric per ablation, split by each image attribute present in the table: the mean of its
+    per-image values (for the mm statistics, of each image's own median / mean / std, not the
+    statistics of the pooled distances that evaluation.json's by_attribute holds)."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -100,6 +102,7 @@ def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"
     for ax, a in zip(axes.flat, attrs):
         sns.barplot(data=per_sample, x=a, y=metric, hue="ablation", ax=ax, errorbar=None)
         ax.set_title(f"{METRICS.get(metric, (metric,))[0]} by {a}", fontsize=9)
+        ax.set_ylabel(f"{metric}: mean over images", fontsize=8)  # of per-image values, not pooled distances
         ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
     fig.tight_layout()
     return fig
