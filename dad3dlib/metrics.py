@@ -475,7 +475,9 @@ def shape_error_mm(pred_vertices: Tensor, pred_lmk7: Tensor, gt_points: Tensor, 
       around the ground truth's landmarks; the predicted mesh is mapped by the least-squares
       similarity of its 7 landmarks onto the scan's, reflection allowed when it fits better (the
       official Procrustes' ``reflection='best'``), then refined by :func:`scan_to_mesh_refine` (in mm,
-      on the cropped points); each cropped point's exact distance to the refined surface is scored.
+      on the cropped points, rotating about the mean of ``gt_points``: the official code rotates
+      about its scan's origin, which changes the optimiser's path, not its optimum); each cropped
+      point's exact distance to the refined surface is scored.
 
     Points outside the crop are NaN in "distances"; the per-sample statistics are over the rest.
     pred_vertices [B,V,3], pred_lmk7 [B,7,3], gt_points [B,P,3], gt_lmk7 [B,7,3], faces [F,3] long
@@ -490,7 +492,8 @@ def shape_error_mm(pred_vertices: Tensor, pred_lmk7: Tensor, gt_points: Tensor, 
     if not now:
         d = point_to_surface_distance(points, aligned, faces)
     else:
-        keep = now_crop_mask(gt_points, gt_lmk7)
+        keep = now_crop_mask(gt_points, gt_lmk7).cpu()  # the refinement runs on CPU (scipy, numpy)
+        points, aligned, faces = points.cpu(), aligned.cpu(), faces.cpu()
         d = torch.full(keep.shape, float("nan"))
         for b in range(len(points)):
             scan = points[b][keep[b]].float()
