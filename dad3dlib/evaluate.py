@@ -9,11 +9,11 @@ to the original image), Z5 accuracy with the reference pairing and with the pape
 subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (median,
 mean, std of the GT points' distances to the predicted canonical surface, by a shape protocol of
 :data:`metrics.SHAPE_PROTOCOLS`: ``landmarks``, the FLAME face region after a 7-landmark similarity,
-or ``now``, the NoW protocol; a run's choice is its ``study.shape_protocol``, :func:`config.shape_protocol`) and the reference's
-"chamfer". The aggregate is the mean over samples, except median_mm / mean_mm / std_mm, which pool
-every scored distance of the split (as the NoW benchmark does); ``by_attribute`` breaks every metric
-down by the split's attributes the same way (means over samples, the three shape statistics pooled
-over the group's distances).
+or ``now``, the NoW protocol; a run's choice is its ``study.shape_protocol``,
+:func:`config.shape_protocol`) and the reference's "chamfer". The aggregate is the mean over
+samples, except median_mm / mean_mm / std_mm, which pool every scored distance of the split (as the
+NoW benchmark does); ``by_attribute`` breaks every metric down by the split's attributes the same
+way (means over samples, the three shape statistics pooled over the group's distances).
 
 The network runs on ``device``; FLAME on the same device; the metrics on CPU.
 """
@@ -183,10 +183,11 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
         raise ValueError("evaluate: the dataset is empty")
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
-    scored = ~np.isnan(distances)
     vertex_error = np.full(layer.num_vertices, np.nan)
-    some = scored.any(axis=0)
-    vertex_error[some] = np.where(scored, distances, 0)[:, some].sum(axis=0) / scored[:, some].sum(axis=0)
+    counts = (~np.isnan(distances)).sum(axis=0)
+    some = counts > 0
+    scored = np.ascontiguousarray(distances[:, some])  # row-major, so that the sums run as they always did
+    vertex_error[some] = np.nansum(scored, axis=0) / counts[some].astype(distances.dtype)
     arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
               "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
     return df, summarize(df, distances, protocol), arrays
