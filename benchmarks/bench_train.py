@@ -50,7 +50,7 @@ def flame_sized_assets(seed: int = 0) -> FlameAssets:
                        (rng.standard_normal((FLAME_V, 3, 36)) * 1e-3).astype(np.float32),
                        rows(rng.uniform(0, 1, (5, FLAME_V))), rows(rng.uniform(0, 1, (FLAME_V, 5))),
                        np.array([[-1, 0, 1, 1, 1], [0, 1, 2, 3, 4]]))
-    subsets = {"face": np.arange(2094), "face_w_ears": np.arange(3669), "head": np.arange(FLAME_V - 3457, FLAME_V)}
+    subsets = {"face": np.arange(2094), "face_w_ears": np.arange(3669), "head": np.arange(3457)}  # nested, as FLAME's
     topo = FlameTopology(faces, rng.integers(0, FLAME_F, 51), rows(rng.uniform(0, 1, (51, 3))),
                          rng.integers(0, FLAME_F, (79, 17)), rows(rng.uniform(0, 1, (79, 17, 3))), subsets)
     return FlameAssets(topo, model, Path("random"))
@@ -126,6 +126,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
     model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pose_prior_samples", "pretrained_path")}
     model = create_model(model_cfg).to(device).to(memory_format=torch.channels_last).train()
     loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
+    flame.select_vertices(loss_fn.vertex_subsets.union)  # as training: the vertices the losses read
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as training
     data = synthetic_batch(B, S, flame.num_vertices, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -135,7 +136,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
         with amp:
             out = model(image)
         params = out["params_3dmm"].float()
-        canonical = flame.canonical(params)
+        canonical = flame.canonical(params, selected=True)
         pred = {**out, "vertices_canonical": canonical, "vertices_reprojected": flame.reproject(params, S, canonical)}
         total, _ = loss_fn(pred, data)
         opt.zero_grad(set_to_none=True)
@@ -147,11 +148,11 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
 
     def flame_fwd_bwd():
         p = params0.clone().requires_grad_()
-        c = flame.canonical(p)
+        c = flame.canonical(p, selected=True)
         (c.sum() + flame.reproject(p, S, c).sum()).backward()
 
     with torch.no_grad():
-        c = flame.canonical(params0)
+        c = flame.canonical(params0, selected=True)
         fixed = {"vertices_canonical": c, "vertices_reprojected": flame.reproject(params0, S, c),
                  "landmarks_2d": torch.rand(B, 68, 2, device=device), "heatmaps": torch.randn(B, 68, S // 4, S // 4,
                                                                                                device=device)}

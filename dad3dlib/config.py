@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from . import OUTPUTS_DIR, REPO_ROOT
+from . import OUTPUTS_DIR, REPO_ROOT, stats
 from .files import atomic_write, read_bytes
 from .losses import LOSS_TERMS, validate_lambdas  # the objective's terms, one record each
 from .metrics import SHAPE_PROTOCOLS
@@ -23,8 +23,9 @@ PARAMS_DIR = REPO_ROOT / "params"
 
 
 SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", "optim", "trainer", "study",
-            "launcher"}
+            "launcher", "hypothesis"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
+ABLATION_KEYS = ("name", "description", "hypothesis", "loss")  # what an ablation file may set
 MAPPINGS = ("data", "model", "loss", "optim", "trainer", "study", "launcher")
 HOLDOUT_FRACTION = 0.1  # default data.holdout_fraction
 
@@ -231,9 +232,10 @@ def deep_merge(base: dict, override: dict) -> dict:
 
 
 def validate_params(params: dict, source: str) -> dict:
-    """A run's params with its loss weights as floats (see :func:`validate_lambdas`); refuses
-    unknown sections, sections that are not mappings and values failing FIELD_CHECKS, naming
-    ``source`` (the file(s) they came from)."""
+    """A run's params with its loss weights as floats (see :func:`validate_lambdas`) and its
+    ablation's primary hypothesis checked (:func:`hypothesis`); refuses unknown sections, sections
+    that are not mappings and values failing FIELD_CHECKS, naming ``source`` (the file(s) they came
+    from)."""
     _refuse_unknown_sections(params, source, RUN_SECTIONS)
     for name in MAPPINGS:
         if params.get(name) is not None and not isinstance(params[name], dict):
@@ -249,12 +251,48 @@ def validate_params(params: dict, source: str) -> dict:
         value = (params.get(section) or {}).get(key)
         if value is not None and not ok(value):
             raise ParamsError(f"{source}: {section}.{key} must be {what}, got {value!r}")
+    if "hypothesis" in params:
+        params["hypothesis"] = hypothesis(params["hypothesis"], source)
     loss = params.get("loss") or {}
     try:
         params["loss"] = {**loss, "lambdas": validate_lambdas(loss.get("lambdas", {}), source)}
     except ValueError as e:
         raise ParamsError(str(e)) from None
     return params
+
+
+# --------------------------------------------------------------------------------------------
+# An ablation's primary hypothesis: what it is expected to change, stated before the study runs
+# --------------------------------------------------------------------------------------------
+DIRECTIONS = (stats.WORSE, stats.BETTER)  # than the baseline, in each metric's own sense (lower_is_better)
+
+
+def hypothesis(given, source: str) -> dict[str, str]:
+    """An ablation's primary hypothesis as {metric: expected direction}: ``given`` maps registered
+    study metrics (:func:`dad3dlib.metrics.metric_names`) to "worse" or "better" than the baseline;
+    None or {} is no hypothesis (every comparison of that ablation is exploratory). It counts in no
+    training fingerprint. Raises ParamsError naming ``source`` and the bad entry."""
+    from .metrics import metric_names
+
+    if given is None:
+        return {}
+    known = metric_names("study")
+    if not isinstance(given, dict):
+        raise ParamsError(f"{source}: hypothesis must map metrics to an expected direction "
+                          f"({' or '.join(DIRECTIONS)}), e.g. {{mean_mm: worse}}; got {given!r}")
+    for metric, direction in given.items():
+        if metric not in known:
+            raise ParamsError(f"{source}: hypothesis: unknown metric {metric!r}; known: {', '.join(known)}")
+        if direction not in DIRECTIONS:
+            raise ParamsError(f"{source}: hypothesis.{metric} must be {' or '.join(DIRECTIONS)}, got {direction!r}")
+    return dict(given)
+
+
+def stated_hypothesis(ablation: str | Path) -> dict[str, str]:
+    """The primary hypothesis an ablation file states (a name in params/ablations/ or a path), as
+    :func:`hypothesis` validates it."""
+    path = resolve("ablations", ablation)
+    return hypothesis(read_yaml(path).get("hypothesis"), str(path))
 
 
 def resolve(kind: str, name_or_path: str | Path) -> Path:
@@ -280,14 +318,18 @@ def run_params(preset: str | Path, ablation: str | Path = "baseline", seed: int 
     """The full params of one run: preset ⊕ ablation ⊕ overrides, validated."""
     ppath, apath = resolve("presets", preset), resolve("ablations", ablation)
     abl = read_yaml(apath)
-    extra = set(abl) - {"name", "description", "loss"}
+    extra = set(abl) - set(ABLATION_KEYS)
     if extra:
-        raise ParamsError(f"{apath}: an ablation may only set name, description and loss; found {sorted(extra)}")
-    params = deep_merge(read_yaml(ppath), {"loss": abl.get("loss", {})})
+        raise ParamsError(f"{apath}: an ablation may only set {', '.join(ABLATION_KEYS)}; found {sorted(extra)}")
+    params = read_yaml(ppath)
+    if "hypothesis" in params:
+        raise ParamsError(f"{ppath}: hypothesis belongs in an ablation file (params/ablations/), not in a preset")
+    params = deep_merge(params, {"loss": abl.get("loss", {})})
     params = deep_merge(params, overrides or {})
     params["preset"] = params.pop("name", ppath.stem)
     params["ablation"] = abl.get("name", apath.stem)
     params["ablation_description"] = abl.get("description", "")
+    params["hypothesis"] = hypothesis(abl.get("hypothesis"), str(apath))  # a bad one names the ablation file
     params["seed"] = int(seed)
     data = params.setdefault("data", {})
     if data.get("root"):
@@ -337,7 +379,8 @@ def training_fingerprint(params: dict) -> str:
     if params["data"]["synthetic"] is None or recipe_digest(params["data"]["synthetic"]) in FORMER_RECIPES:
         params["data"].pop("synthetic")
     params["trainer"] = {k: v for k, v in params["trainer"].items() if k not in PLACEMENT_KEYS}
-    keep = {k: v for k, v in params.items() if k not in ("ablation", "ablation_description", "description", "study", "launcher")}
+    keep = {k: v for k, v in params.items()
+            if k not in ("ablation", "ablation_description", "hypothesis", "description", "study", "launcher")}
     root = (keep.get("data") or {}).get("root")
     if root and Path(root).is_absolute() and Path(root).is_relative_to(OUTPUTS_DIR):
         keep["data"] = {**keep["data"], "root": str(Path(root).relative_to(OUTPUTS_DIR))}

@@ -64,13 +64,26 @@ class VertexSubsets(nn.Module):
     def ids(self, name: str) -> Tensor:
         return getattr(self, f"ids_{name}")
 
-    def take(self, points: Tensor, names, dim: int = 1) -> dict[str, Tensor]:
-        """points [...,V,...] (vertices along ``dim``) -> {name: [...,n,...]}, views of one gather
-        when the subsets nest."""
-        if self.nested:
+    @property
+    def union(self) -> Tensor | None:
+        """The ids of every subset's vertices, in the order of the one gather ([U]; None when the
+        subsets do not nest). Points computed for these vertices alone (``FlameLayer.select_vertices``)
+        are taken without a gather."""
+        return self.order if self.nested else None
+
+    def take(self, points: Tensor, names, dim: int = 1, gathered: bool = False) -> dict[str, Tensor]:
+        """points [...,V,...] (vertices along ``dim``), or, ``gathered``, [...,U,...] holding
+        :attr:`union` -> {name: [...,n,...]}, views of one gather (or of none) when the subsets nest."""
+        if gathered:
+            if self.union is None or points.shape[dim] != len(self.union):
+                raise ValueError(f"points with {points.shape[dim]} vertices are not the subsets' union "
+                                 f"({None if self.union is None else len(self.union)} vertices)")
+            taken = points
+        elif self.nested:
             taken = points.index_select(dim, self.order[: max(self.sizes[k] for k in names)])
-            return {k: taken.narrow(dim, 0, self.sizes[k]) for k in names}
-        return {k: points.index_select(dim, self.ids(k)) for k in names}
+        else:
+            return {k: points.index_select(dim, self.ids(k)) for k in names}
+        return {k: taken.narrow(dim, 0, self.sizes[k]) for k in names}
 
 
 def as_vertex_subsets(subsets) -> VertexSubsets:
@@ -99,19 +112,58 @@ def shape_loss(pred: Tensor, target: Tensor, subsets,
                subset_weights: dict[str, float] = L3D_SUBSET_WEIGHTS) -> Tensor:
     """L_3D: sum over subsets of weight · MSE(unit-cube(pred[subset]), unit-cube(target[subset])).
 
-    pred [B,V,3] canonical predicted vertices, target [B,V,3] GT model-space vertices,
-    subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's side is
-    computed without autograd; the points are reduced in a [B,3,n] layout (contiguous reductions).
+    pred [B,V,3] canonical predicted vertices (or [B,U,3], the subsets' union
+    :attr:`VertexSubsets.union` alone, as training computes it), target [B,V,3] GT model-space
+    vertices, subsets name -> [n] vertex ids, or a :class:`VertexSubsets` -> scalar. The target's
+    side is computed without autograd; the points are reduced in a [B,3,n] layout (contiguous
+    reductions), and each subset's term forms its gradient with its value (:class:`_UnitCubeMSE`).
     """
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
-    p = subsets.take(pred.transpose(1, 2), names, dim=2)        # {name: [B,3,n]}
+    p = subsets.take(pred.transpose(1, 2), names, dim=2, gathered=pred.shape[1] != target.shape[1])  # {name: [B,3,n]}
     with torch.no_grad():
         t = subsets.take(target.transpose(1, 2), names, dim=2)
         t = {k: normalize_unit_cube(v, dim=-1) for k, v in t.items()}
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
-        total = total + w * F.mse_loss(normalize_unit_cube(p[name], dim=-1), t[name])
+        total = total + w * _UnitCubeMSE.apply(p[name], t[name])
     return total
+
+
+class _UnitCubeMSE(torch.autograd.Function):
+    """MSE(unit-cube(p), t) for p [B,3,n] (points along the last dim), t [B,3,n] -> scalar, with its
+    gradient in p formed in the forward pass from what it computes anyway.
+
+    With y = (p - c) / h (c = (lo + hi) / 2 per axis, h = half the longest axis range) and
+    g = dL/dy = 2 (y - t) / N, the gradient is g / h, plus, at each axis's min and max point, the
+    part that flows through c (half of -Σ g / h each) and, on the longest axis, through h
+    (∓ half of Σ g·y / h). Autograd's chain over ``amin``/``amax`` takes several passes over the
+    points per step; this takes two. Where several points tie for a min or max, autograd splits
+    that part among them and this gives it to one (both are valid subgradients); elsewhere the two
+    agree (``tests/test_losses.py``, with ``gradcheck``)."""
+
+    @staticmethod
+    def forward(ctx, p, t):
+        lo, i_lo = p.min(dim=-1, keepdim=True)                      # [B,3,1]
+        hi, i_hi = p.max(dim=-1, keepdim=True)
+        half, axis = ((hi - lo) / 2).max(dim=1, keepdim=True)       # [B,1,1]
+        half = half.clamp_min(1e-12)
+        y = (p - (lo + hi) / 2).div_(half)
+        r = y - t
+        loss = r.pow(2).mean()
+        if ctx.needs_input_grad[0]:
+            g = r.mul_(2 / r.numel()).div_(half)                    # dL/dp through y alone
+            d_centre = -g.sum(-1, keepdim=True)                     # [B,3,1]
+            d_half = -(g * y).sum((1, 2), keepdim=True)             # [B,1,1]
+            longest = torch.zeros_like(lo).scatter_(1, axis, 1.0)   # [B,3,1] one-hot
+            g.scatter_add_(-1, i_lo, d_centre / 2 - longest * d_half / 2)
+            g.scatter_add_(-1, i_hi, d_centre / 2 + longest * d_half / 2)
+            ctx.save_for_backward(g)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        (g,) = ctx.saved_tensors
+        return grad * g, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,12 +176,14 @@ def reprojection_loss(pred: Tensor, target: Tensor, subsets,
     pixels of a :data:`REFERENCE_CROP` crop (crop pixels × REFERENCE_CROP / ``crop_size``; a
     256-px crop is unchanged).
 
-    pred [B,V,>=2] reprojected predicted vertices (x, y used), target [B,V,2] GT crop pixels,
-    subsets as :func:`shape_loss`'s, crop_size S of both -> scalar
+    pred [B,V,>=2] reprojected predicted vertices (x, y used; or [B,U,>=2] as :func:`shape_loss`'s),
+    target [B,V,2] GT crop pixels, subsets as :func:`shape_loss`'s, crop_size S of both -> scalar.
+    Reduced in a [B,2,n] layout, as :func:`shape_loss`.
     """
     k = REFERENCE_CROP / crop_size
     subsets, names = as_vertex_subsets(subsets), list(subset_weights)
-    p, t = subsets.take(pred[..., :2], names), subsets.take(target[..., :2], names)
+    p = subsets.take(pred.transpose(1, 2)[:, :2], names, dim=2, gathered=pred.shape[1] != target.shape[1])  # [B,2,n]
+    t = subsets.take(target.transpose(1, 2)[:, :2], names, dim=2)
     total = pred.new_zeros(())
     for name, w in subset_weights.items():
         total = total + w * F.smooth_l1_loss(p[name] * k, t[name] * k)
@@ -177,14 +231,14 @@ def adaptive_wing_loss(pred: Tensor, target: Tensor, alpha: float = 2.1, omega: 
     pass over the maps instead of autograd's chain of elementwise steps.
     pred [B,K,H,W] heatmaps in [0,1], target [B,K,H,W] Gaussian heatmaps in [0,1] -> scalar
     """
-    with torch.no_grad():
+    with torch.no_grad():  # in place where it can be: each new map of a 64-px batch is ~2 MB
         power = alpha - target
         ratio = theta / epsilon
-        ratio_pow = torch.exp(power * math.log(ratio))
-        a = omega / (1 + ratio_pow) * power * ratio_pow / ratio / epsilon
-        c = theta * a - omega * torch.log1p(ratio_pow)
+        ratio_pow = torch.mul(power, math.log(ratio)).exp_()                 # ratio^power
+        a = ratio_pow.add(1).reciprocal_().mul_(ratio_pow).mul_(power).mul_(omega / (ratio * epsilon))
+        c = torch.log1p(ratio_pow).mul_(-omega).add_(a, alpha=theta)          # theta·a - omega·ln(1 + ratio^power)
         foreground = (target - fg_threshold).sign_().clamp_(min=0)    # 1 where target > fg_threshold
-        weight = dilate3x3(foreground) * w + 1
+        weight = dilate3x3(foreground).mul_(w).add_(1)
     return _AdaptiveWing.apply(pred, target, power, a, c, weight, omega, epsilon, theta)
 
 
@@ -199,13 +253,14 @@ class _AdaptiveWing(torch.autograd.Function):
     def forward(ctx, pred, target, power, a, c, weight, omega, epsilon, theta):
         d = pred - target
         diff = d.abs()
-        xp = torch.exp(power * torch.log(diff / epsilon))            # x^p, 0 at x = 0 (p > 0)
+        xp = torch.log(diff / epsilon).mul_(power).exp_()           # x^p, 0 at x = 0 (p > 0)
         small = (theta - diff).sign_().clamp_(min=0)                  # 1 below theta (the branches meet at it)
-        loss = torch.lerp(a * diff - c, omega * torch.log1p(xp), small)
+        loss = torch.lerp(torch.mul(a, diff).sub_(c), torch.log1p(xp).mul_(omega), small)
         if ctx.needs_input_grad[0]:
-            slope = torch.lerp(a, omega * power * xp / (diff * (1 + xp)).clamp_min(1e-30), small)
-            ctx.save_for_backward(slope.mul_(weight).mul_(d.sign()).div_(d.numel()))
-        return (loss * weight).mean()
+            steep = torch.mul(power, xp).mul_(omega).div_(xp.add(1).mul_(diff).clamp_min_(1e-30))
+            slope = torch.lerp(a, steep, small)
+            ctx.save_for_backward(slope.mul_(weight).copysign_(d).div_(d.numel()))
+        return loss.mul_(weight).mean()
 
     @staticmethod
     def backward(ctx, grad):

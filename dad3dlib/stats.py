@@ -35,15 +35,28 @@ distinguishable"; ``test_a_large_effect_with_tight_seeds_is_found_despite_few_se
 Welch-Satterthwaite degrees of freedom fix that but are anti-conservative with 2 seeds. The t interval on the seed level has exact coverage when the
 per-seed differences are normal (sums of hundreds of image terms: nearly so). The price of honest
 coverage is power: with 3 seeds only large, consistent effects are distinguishable, and "not
-distinguishable" does not mean "equal". Verdicts are Holm-corrected over every ablation × metric
-tested.
+distinguishable" does not mean "equal". The report Holm-corrects the verdicts of the primary
+hypotheses (the metrics each ablation file expects to change) over those only; every other
+comparison is exploratory, judged on its unadjusted interval.
+
+What a study could have detected (:func:`power`, :func:`detectable_effect`, :func:`seeds_needed`)
+follows the same model, ``x[s, i] = δ + a_s + b_i + e_si``: training noise ``a`` (one draw per seed),
+test-image noise ``b`` (shared by every seed) and the seed × image interaction ``e``, whose variances
+:func:`noise` estimates from the study's own differences. The power is the probability that the
+interval above, with its seed-level SD itself estimated from ``S`` seeds, excludes 0 when the true
+difference is ``δ``; the minimum detectable effect is the ``δ`` found with 80 % power. More seeds
+shrink the training-noise part; the test-image part (``σ_b²/N``) stays, so an effect below the test
+split's own resolution is never resolved by seeds alone. ``tests/test_stats.py`` simulates studies at
+the detectable effect and checks that about 80 % of them find it. Given a study's own estimates of the
+variances these are plug-in values: with 3 seeds the training-noise variance rests on 2 degrees of
+freedom, so the detectable effect is an order of magnitude, not a precise bound.
 
 With one seed training noise is not measured and no interval, p-value or verdict is given; the
 test-image-only interval (``mean ± t(0.975, N-1) · se_img``, reported for every ``S``) still says how
 precisely the test split measures that one run, and nothing about training noise.
 
 Shapes: ``C`` stacked quantities (e.g. metrics) sharing seeds and images, ``S`` seeds, ``N`` test
-images. Pure numpy (scipy for the t distribution); NaN marks a missing value and is left out of the
+images. Pure numpy (scipy for the t, χ² and normal distributions); NaN marks a missing value and is left out of the
 means, SDs and counts.
 """
 from __future__ import annotations
@@ -53,13 +66,17 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
+from scipy.stats import chi2, norm
 from scipy.stats import t as student_t
 
 LEVEL = 0.95
 ALPHA = 0.05
+POWER = 0.8      # the power at which a detectable effect is stated
+MAX_SEEDS = 100  # seeds_needed looks this far
 
 BETTER, WORSE, NOT_DISTINGUISHABLE = "better", "worse", "not distinguishable"
 UNMEASURED = "training noise unmeasured (1 seed)"
+CONFIRMED, CONTRADICTED = "confirmed", "contradicted"  # a primary hypothesis's verdict (or not distinguishable)
 
 
 class SeedTest(NamedTuple):
@@ -157,6 +174,108 @@ def verdicts(delta: np.ndarray, p_adjusted: np.ndarray, lower_is_better: np.ndar
         else:
             out.append(BETTER if (d < 0) == bool(lower) else WORSE)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# What a study could have detected: power of the seed-level test under its own noise model
+# --------------------------------------------------------------------------------------------
+class Noise(NamedTuple):
+    """The noise of per-image differences ``x[s, i] = δ + a_s + b_i + e_si`` (training noise a, test-image
+    noise b shared by the seeds, and the seed × image interaction e: a seed's own errors on an image),
+    each [C], as :func:`noise` estimates it from a study's [C,S,N] differences."""
+    seed_var: np.ndarray    # var of a per-seed mean d_s: σ_a² + σ_e²/N (what sd_s(d_s)² estimates)
+    image_var: np.ndarray   # σ_b², the images' shared part
+    within_var: np.ndarray  # σ_e², the seed × image interaction
+    n_images: np.ndarray    # N
+
+
+def noise(x: np.ndarray) -> Noise:
+    """The variance components of :class:`Noise` from differences [C,S,N] (S >= 2), by the two-way
+    analysis of variance of each [S,N] slice over the images every seed has: σ_e² is the residual
+    mean square, ``seed_var`` the variance of the per-seed means, σ_b² the variance of the per-image
+    means less its σ_e²/S part (at least 0). NaN where fewer than 2 seeds or images remain."""
+    x = np.asarray(x, dtype=np.float64)
+    complete = np.isfinite(x).all(1, keepdims=True)  # [C,1,N]: images every seed has
+    x = np.where(complete, x, np.nan)
+    with _nan_ok():
+        s, n = x.shape[1], complete.sum((1, 2))
+        d, m = np.nanmean(x, 2), np.nanmean(x, 1)        # [C,S], [C,N]
+        grand = np.nanmean(d, 1)
+        resid = x - d[:, :, None] - m[:, None, :] + grand[:, None, None]
+        within = np.nansum(resid ** 2, (1, 2)) / ((s - 1) * (n - 1))
+        seed_var = np.nanvar(d, axis=1, ddof=1)
+        image_var = np.maximum(np.nanvar(m, axis=1, ddof=1) - within / s, 0.0)
+    bad = (n < 2) | (s < 2)
+    return Noise(*(np.where(bad, np.nan, v) for v in (seed_var, image_var, within)), n.astype(np.float64))
+
+
+def power(effect, noise_: Noise, seeds, alpha=ALPHA) -> np.ndarray:
+    """The probability that :func:`seed_t_test` finds a true difference ``effect`` at two-sided level
+    ``alpha`` (its p-value below alpha) in a study of ``seeds`` seeds on the same N images, under
+    ``noise_``. The estimate is normal, δ̂ ~ N(δ, seed_var/S + σ_b²/N); the interval's margin
+    ``h = sqrt((t(S-1)·ŝe_seed)² + (t(N-1)·se_img)²)`` has its seed part random (ŝe_seed² =
+    seed_var/S · χ²(S-1)/(S-1), independent of δ̂) and its image part at its expectation
+    (se_img² = (σ_b² + σ_e²/S)/N; N is hundreds); the power is the mean over the χ² distribution of
+    P(|δ̂| > h), by quadrature on 400 quantiles. Arrays broadcast -> power."""
+    effect, seed_var, image_var, within, n, seeds, alpha = np.broadcast_arrays(
+        *(np.asarray(a, dtype=np.float64) for a in (effect, *noise_, seeds, alpha)))
+    w = chi2.ppf((np.arange(400) + 0.5) / 400, np.maximum(seeds, 2)[..., None] - 1)  # [...,400]
+    with _nan_ok():
+        sd = np.sqrt(seed_var / seeds + image_var / n)
+        se_img = np.sqrt((image_var + within / seeds) / n)
+        se_seed = np.sqrt(seed_var / seeds)[..., None] * np.sqrt(w / (seeds[..., None] - 1))
+        q_seed = student_t.ppf(1 - alpha / 2, seeds - 1)[..., None]
+        q_img = student_t.ppf(1 - alpha / 2, n - 1)[..., None]
+        h = np.hypot(q_seed * se_seed, q_img * se_img[..., None])
+        e, s = np.abs(effect)[..., None], sd[..., None]
+        out = np.mean(norm.sf((h - e) / s) + norm.cdf((-h - e) / s), -1)
+    return np.where(seeds >= 2, out, np.nan)
+
+
+def detectable_effect(noise_: Noise, seeds, alpha=ALPHA, power_: float = POWER) -> np.ndarray:
+    """The minimum detectable effect: the true difference that :func:`seed_t_test` finds with
+    probability ``power_`` at two-sided level ``alpha`` with ``seeds`` seeds under ``noise_``
+    (:func:`power` solved by bisection); NaN with fewer than 2 seeds or unmeasured noise. [C]."""
+    seed_var, image_var, within, n, seeds, alpha = np.broadcast_arrays(
+        *(np.asarray(a, dtype=np.float64) for a in (*noise_, seeds, alpha)))
+    noise_ = Noise(seed_var, image_var, within, n)
+    with _nan_ok():
+        scale = np.sqrt(seed_var + image_var + within) + 1e-300  # any effect far above is found
+    lo, hi = np.zeros(seed_var.shape), scale.copy()
+    for _ in range(60):  # widen until found
+        short = power(hi, noise_, seeds, alpha) < power_
+        if not short.any():
+            break
+        hi = np.where(short, 2 * hi, hi)
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        found = power(mid, noise_, seeds, alpha) >= power_
+        lo, hi = np.where(found, lo, mid), np.where(found, mid, hi)
+    bad = ~np.isfinite(seed_var + image_var + within) | (seeds < 2)
+    return np.where(bad, np.nan, np.where(scale > 1e-299, hi, 0.0))  # no noise at all: any difference is found
+
+
+def seeds_needed(effect, noise_: Noise, alpha=ALPHA, power_: float = POWER, max_seeds: int = MAX_SEEDS
+                 ) -> np.ndarray:
+    """The fewest seeds (2..max_seeds) with which a true difference ``effect`` is found with
+    probability ``power_`` at two-sided level ``alpha`` on the same test images under ``noise_``
+    (:func:`power`); inf when more than ``max_seeds`` would be needed (also where the test images
+    alone cannot resolve it: more seeds do not shrink their part), NaN where the noise is unknown. [C]."""
+    effect, seed_var, image_var, within, n, alpha = np.broadcast_arrays(
+        *(np.asarray(a, dtype=np.float64) for a in (effect, *noise_, alpha)))
+    seeds = np.arange(2, max_seeds + 1, dtype=np.float64)
+    grid = power(effect[..., None], Noise(*(v[..., None] for v in (seed_var, image_var, within, n))),
+                 seeds, alpha[..., None]) >= power_  # [...,K]
+    out = np.where(grid.any(-1), seeds[np.argmax(grid, -1)], np.inf)
+    return np.where(np.isfinite(seed_var + image_var + within + effect), out, np.nan)
+
+
+def hypothesis_verdicts(verdicts_: list[str], expected: list[str]) -> list[str]:
+    """A primary hypothesis's verdict from its comparison's (:func:`verdicts`, on Holm-adjusted p) and
+    the direction it expected: confirmed (distinguishable, that way), contradicted (distinguishable,
+    the other way) or not distinguishable."""
+    return [v if v not in (BETTER, WORSE) else CONFIRMED if v == e else CONTRADICTED
+            for v, e in zip(verdicts_, expected)]
 
 
 @contextmanager

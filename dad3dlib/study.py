@@ -608,7 +608,9 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
         timeout = cell_timeout(runs[0].params)
         record = {"preset": preset, "ablations": ablations, "seeds": seeds, "launcher": launch["name"],
                   "runs": [{"run": r.name, "ablation": r.ablation, "aliases": r.aliases, "seed": r.seed,
-                            "fingerprint": r.fingerprint} for r in runs]}
+                            "fingerprint": r.fingerprint} for r in runs],
+                  "hypotheses": {p["ablation"]: p["hypothesis"]  # stated before the runs (report.study_hypotheses)
+                                 for p in (run_params(preset, a, 1, overrides) for a in ablations)}}
         write_json(out / "study.json", record)
         todo = [r for r in runs if not is_finished(out / "runs" / r.name, r)]
         for r in runs:

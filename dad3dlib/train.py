@@ -121,6 +121,9 @@ class DADModule(L.LightningModule):
         self.flame = _non_persistent(FlameLayer(flame or load_flame_assets(flame_dir(params["data"]))))
         self.loss = DADLoss(params["loss"]["lambdas"], {n: self.flame.subset(n) for n in SUBSETS},
                             params["loss"].get("heatmap_loss", "awing"))
+        union = self.loss.vertex_subsets.union  # training computes only the vertices its losses read
+        if union is not None and len(union) < self.flame.num_vertices:
+            self.flame.select_vertices(union)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
         return self.model(image)
@@ -135,21 +138,22 @@ class DADModule(L.LightningModule):
         if self.hparams["params"]["trainer"].get("compile"):  # in place: state-dict keys unchanged
             self.model.compile()
 
-    def _predict(self, batch: dict, needs: set[str]) -> dict[str, Tensor]:
-        """Network outputs plus the FLAME views in ``needs`` (fp32, outside autocast)."""
+    def _predict(self, batch: dict, needs: set[str], selected: bool = False) -> dict[str, Tensor]:
+        """Network outputs plus the FLAME views in ``needs`` (fp32, outside autocast); ``selected``:
+        of the vertices the losses read alone (``FlameLayer.select_vertices``)."""
         out = self.model(batch["image"].contiguous(memory_format=torch.channels_last))
         with torch.autocast(self.device.type, enabled=False):
             params = out["params_3dmm"].float()
             pred = {**out, "params_3dmm": params}
             if needs & {"vertices_canonical", "vertices_reprojected"}:
-                pred["vertices_canonical"] = self.flame.canonical(params)
+                pred["vertices_canonical"] = self.flame.canonical(params, selected)
             if "vertices_reprojected" in needs:
                 pred["vertices_reprojected"] = self.flame.reproject(params, batch["image"].shape[-1],
                                                                     pred["vertices_canonical"])
         return pred
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        pred = self._predict(batch, self.loss.needs)
+        pred = self._predict(batch, self.loss.needs, selected=True)
         raw = self.loss.terms(pred, batch)
         total, terms = self.loss.combine(raw)
         B = batch["image"].shape[0]

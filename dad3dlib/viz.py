@@ -24,26 +24,62 @@ from .explorer import COLOURS, explorer_html, submesh
 from .files import atomic_write
 from .geometry import FLIP_YZ, apply_affine, edge_counts, orthographic_projection, perspective_projection, project
 from .losses import LOSS_TERMS
-from .report import ATTRIBUTE_METRICS, ATTRIBUTES, CURVES, METRICS, UNRECORDED_SPLIT, format_metric, study_runs
+from .report import (ATTRIBUTE_METRICS, ATTRIBUTES, CURVES, METRICS, UNRECORDED_SPLIT, format_metric, one_name_per_run,
+                     run_label, study_runs)
+
+
+# --------------------------------------------------------------------------------------------
+# One colour per ablation, the same in every figure of the report and the notebooks
+# --------------------------------------------------------------------------------------------
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d",
+           "#9edae5", "#393b79")  # matplotlib's tab10, then tab20's light ones
+_OTHER_COLOURS: dict[str, str] = {}  # ablations without a params file, in the order first drawn
+
+
+def ablation_colour(ablation: str) -> str:
+    """An ablation's colour: the study's ablations (params/ablations/, baseline first, as ``make study``
+    runs them) take :data:`PALETTE`'s colours in that order, so every figure and notebook agrees; any
+    other name takes the next colour not taken, kept for the rest of the session."""
+    from .study import default_ablations
+
+    known = default_ablations()
+    if ablation in known:
+        return PALETTE[known.index(ablation) % len(PALETTE)]
+    if ablation not in _OTHER_COLOURS:
+        _OTHER_COLOURS[ablation] = PALETTE[(len(known) + len(_OTHER_COLOURS)) % len(PALETTE)]
+    return _OTHER_COLOURS[ablation]
+
+
+def _labelled(table: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, str]]:
+    """A table's rows with each run once under its label (:func:`dad3dlib.report.one_name_per_run`)
+    and the palette {label: its ablation's colour}."""
+    table = one_name_per_run(table)
+    pairs = table[["label", "ablation"]].drop_duplicates("label")
+    return table, {lab: ablation_colour(a) for lab, a in zip(pairs.label, pairs.ablation)}
 
 
 # --------------------------------------------------------------------------------------------
 # Plots of the study's tables (dad3dlib.report's)
 # --------------------------------------------------------------------------------------------
 def plot_metrics(runs: pd.DataFrame):
-    """One seaborn bar panel per metric (points: seeds)."""
+    """One seaborn bar panel per metric, one bar per ablation in its colour (an alias named in the
+    baseline's label, not drawn): the mean over seeds, whiskers from the lowest to the highest seed,
+    dots the seeds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    done = runs[runs.status == "finished"]
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.6))
+    done, palette = _labelled(runs[runs.status == "finished"])
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.0 * len(METRICS), 3.9))
     for ax, (k, (label, lower)) in zip(axes, METRICS.items()):
-        sns.barplot(data=done, x="ablation", y=k, ax=ax, errorbar=("ci", 95), color="#8fb3d9")
-        sns.stripplot(data=done, x="ablation", y=k, ax=ax, color="k", size=3)
+        sns.barplot(data=done, x="label", y=k, hue="label", palette=palette, saturation=1, ax=ax,
+                    errorbar=("pi", 100), legend=False)
+        sns.stripplot(data=done, x="label", y=k, ax=ax, color="k", size=3)
         ax.set_title(label + (" ↓" if lower else " ↑"), fontsize=9)
         ax.set_xlabel("")
         ax.set_ylabel("")
         ax.tick_params(axis="x", rotation=70, labelsize=8)
+    fig.suptitle("bars: mean over seeds; whiskers: lowest to highest seed; dots: the seeds", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -60,47 +96,69 @@ def curve_title(metric: str) -> str:
     return metric
 
 
+def band_note(curves: pd.DataFrame) -> str:
+    """What the training curves' lines and bands are, with the number of seeds they summarise."""
+    if "seed" not in curves:
+        return "one run"
+    counts = curves.groupby("label" if "label" in curves else "ablation").seed.nunique()
+    lo, hi = int(counts.min()), int(counts.max())
+    if hi < 2:
+        return "one seed per ablation: one line each, no band"
+    seeds = f"{hi} seeds" if lo == hi else f"{lo}-{hi} seeds"
+    return f"line: the mean over each ablation's {seeds} at each step; band: the lowest to the highest seed"
+
+
 def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None):
-    """Training curves of all runs on shared axes, one panel per metric (default: ``report.CURVES``,
-    each loss term unweighted, while trained and at validation for every run, and the validation
-    metrics; runs logged before the unweighted terms were kept show only the rest)."""
+    """Training curves on shared axes, one panel per metric (default: ``report.CURVES``, each loss
+    term unweighted, while trained and at validation for every run, and the validation metrics; runs
+    logged before the unweighted terms were kept show only the rest): one line per ablation in its
+    colour, the mean over its seeds with a band from the lowest to the highest seed
+    (:func:`band_note`, the figure's title), an alias of the baseline named in the baseline's label."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     if curves.empty:
         return None
+    curves, palette = _labelled(curves)
     logged = set(curves.metric)
     metrics = metrics or [m for m in CURVES if m in logged] or sorted(logged)
     cols = 3
     rows = -(-len(metrics) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows + 0.4), squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         d = curves[curves.metric == m]
         x = "step" if "step" in d and d["step"].notna().any() else "epoch"
-        sns.lineplot(data=d, x=x, y="value", hue="ablation", ax=ax, legend=ax is axes.flat[0], errorbar=None)
+        sns.lineplot(data=d, x=x, y="value", hue="label", palette=palette, ax=ax, legend=ax is axes.flat[0],
+                     estimator="mean", errorbar=("pi", 100))
         ax.set_title(curve_title(m), fontsize=9)
         ax.set_ylabel("")
         if d["value"].gt(0).all() and d["value"].max() / max(d["value"].min(), 1e-12) > 50:
             ax.set_yscale("log")
+    if axes.flat[0].get_legend() is not None:
+        axes.flat[0].get_legend().set_title("")
     for ax in axes.flat[len(metrics):]:
         ax.axis("off")
+    fig.suptitle(band_note(curves), fontsize=9)
     fig.tight_layout()
     return fig
 
 
 def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"):
-    """The metric per ablation, split by each image attribute present in the table: the mean of its
-    per-image values (for the mm statistics, of each image's own median / mean / std, not the
-    statistics of the pooled distances that evaluation.json's by_attribute holds)."""
+    """The metric per ablation (mean over its seeds and images, in its colour; an alias of the
+    baseline named in the baseline's label, not drawn), split by each image attribute present. For the
+    mm statistics the per-image values are each image's own median / mean / std, not the statistics
+    of the pooled distances that evaluation.json's by_attribute holds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
     attrs = [a for a in ATTRIBUTES if a in per_sample]
     if per_sample.empty or not attrs:
         return None
+    per_sample, palette = _labelled(per_sample)
     fig, axes = plt.subplots(1, len(attrs), figsize=(4.5 * len(attrs), 3.6), squeeze=False)
     for ax, a in zip(axes.flat, attrs):
-        sns.barplot(data=per_sample, x=a, y=metric, hue="ablation", ax=ax, errorbar=None)
+        sns.barplot(data=per_sample, x=a, y=metric, hue="label", palette=palette, saturation=1, ax=ax,
+                    errorbar=None)
         ax.set_title(f"{METRICS.get(metric, (metric,))[0]} by {a}", fontsize=9)
         ax.set_ylabel(f"{metric}: mean over images", fontsize=8)  # of per-image values, not pooled distances
         ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
@@ -312,6 +370,22 @@ def _run_dirs(study_dir: Path) -> dict[str, Path]:
     return out
 
 
+def _labelled_run_dirs(study_dir: Path) -> dict[str, tuple[str, Path]]:
+    """ablation -> (its label, :func:`dad3dlib.report.run_label`, and its first seed's finished run
+    directory), each run once: aliases are named in the label, not listed."""
+    out = {}
+    for r in study_runs(study_dir):
+        d = Path(study_dir) / "runs" / r["run"]
+        if (d / "predictions.npz").exists() and (d / "metrics.json").exists():
+            out.setdefault(r["ablation"], (run_label(r["ablation"], r["aliases"]), d))
+    return out
+
+
+def _column_title(ax, ablation: str, text: str) -> None:
+    """A figure column's title in the ablation's colour, an alias list on its own line."""
+    ax.set_title(text.replace(" (= ", "\n(= "), fontsize=8, color=ablation_colour(ablation))
+
+
 def _predictions(run_dir: Path) -> dict:
     """A finished run's ``predictions.npz`` as a dict of arrays, plus ``split`` (the split they were
     made on) and ``index`` (item id -> row)."""
@@ -418,26 +492,28 @@ def plot_mesh_comparison(study_dir: str | Path, n_items: int = 4):
     """Rows: the same evaluation images; columns: image, GT mesh, each ablation's predicted mesh."""
     import matplotlib.pyplot as plt
 
-    runs = _run_dirs(Path(study_dir))
+    runs = _labelled_run_dirs(Path(study_dir))
     if not runs:
         return None
-    ctx = {name: _run_context(d) for name, d in runs.items()}
-    params, layer, pred0 = next(iter(ctx.values()))
+    ctx = {name: (label, *_run_context(d)) for name, (label, d) in runs.items()}
+    _, params, layer, pred0 = next(iter(ctx.values()))
     faces = layer.faces.numpy()
     items = [str(x) for x in pred0["item_id"][:n_items]]
     cols = 2 + len(ctx)
-    fig, axes = plt.subplots(len(items), cols, figsize=(2.4 * cols, 2.5 * len(items)), squeeze=False)
+    fig, axes = plt.subplots(len(items), cols, figsize=(2.4 * cols, 2.5 * len(items) + 0.2), squeeze=False)
     for r, item in enumerate(items):
         img, gt_v = _sample(params, pred0["split"], item)
         box = _crop_box(gt_v)
-        panels = [("image", img), ("ground truth", overlay_mesh(img, gt_v, faces, COLOURS["gt_mesh"]))]
-        for name, (_, lay, pred) in ctx.items():
+        panels = [(None, "image", img), (None, "ground truth", overlay_mesh(img, gt_v, faces, COLOURS["gt_mesh"]))]
+        for name, (label, _, lay, pred) in ctx.items():
             if item in pred["index"]:
-                panels.append((name, overlay_mesh(img, _predicted_mesh(lay, pred, pred["index"][item]), faces)))
-        for c, (title, im) in enumerate(panels):
+                panels.append((name, label, overlay_mesh(img, _predicted_mesh(lay, pred, pred["index"][item]), faces)))
+        for c, (name, title, im) in enumerate(panels):
             axes[r, c].imshow(_cut(im, box))
-            if r == 0:
+            if r == 0 and name is None:
                 axes[r, c].set_title(title, fontsize=8)
+            elif r == 0:
+                _column_title(axes[r, c], name, title)
     for ax in axes.flat:
         ax.axis("off")
     fig.tight_layout()
@@ -449,24 +525,24 @@ def plot_error_heatmaps(study_dir: str | Path, size: int = 256):
     cheek's profile)."""
     import matplotlib.pyplot as plt
 
-    runs = _run_dirs(Path(study_dir))
+    runs = _labelled_run_dirs(Path(study_dir))
     errs = {}
-    for name, d in runs.items():
+    for name, (label, d) in runs.items():
         with np.load(d / "predictions.npz", allow_pickle=False) as pred:  # reads only the array it takes
             if "vertex_error_mm" in pred:
-                errs[name] = pred["vertex_error_mm"]
+                errs[name] = (label, pred["vertex_error_mm"])
     if not errs:
         return None
-    _, layer = _run_layer(next(iter(runs.values())))
+    _, layer = _run_layer(next(iter(runs.values()))[1])
     v = layer.v_template.numpy()
     faces = layer.faces.numpy()
-    vmax = float(np.nanpercentile(np.concatenate(list(errs.values())), 98))
-    fig, axes = plt.subplots(2, len(errs), figsize=(2.6 * len(errs), 5.4), squeeze=False)
-    for c, (name, e) in enumerate(errs.items()):
+    vmax = float(np.nanpercentile(np.concatenate([e for _, e in errs.values()]), 98))
+    fig, axes = plt.subplots(2, len(errs), figsize=(2.6 * len(errs), 5.6), squeeze=False)
+    for c, (name, (label, e)) in enumerate(errs.items()):
         for r, yaw in enumerate((0.0, -70.0)):
             axes[r, c].imshow(render_head(v, faces, error_colors(e, vmax), yaw, size))
             axes[r, c].axis("off")
-        axes[0, c].set_title(f"{name}\nmean {np.nanmean(e):.2f} mm", fontsize=8)
+        _column_title(axes[0, c], name, f"{label}\nmean {np.nanmean(e):.2f} mm")
     sm = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0, vmax))
     fig.colorbar(sm, ax=axes, fraction=0.02, label="mm")
     return fig

@@ -41,6 +41,9 @@ def test_unknown_ablation_lists_the_available_ones():
     ("loss: {lambdas: {l3d: .nan, l1: 100, lproj: 0.05, awing: 1}}\n", r"lambdas.l3d must be a finite .*nan"),
     ("loss: {lambdas: {l3d: 50, l1: 100, lproj: .inf, awing: 1}}\n", r"lambdas.lproj must be a finite .*inf"),
     ("trainer: {max_epochs: 1}\n", "an ablation may only set"),
+    ("hypothesis: {mean_cm: worse}\n", r"hypothesis: unknown metric 'mean_cm'; known: median_mm"),
+    ("hypothesis: {mean_mm: higher}\n", r"hypothesis.mean_mm must be worse or better, got 'higher'"),
+    ("hypothesis: [mean_mm, worse]\n", r"hypothesis must map metrics to an expected direction"),
     ("optimiser: {}\n", "unknown section"),
     (b"name: caf\xe9\n", "malformed YAML"),  # Latin-1, not UTF-8
 ])
@@ -235,3 +238,60 @@ def test_the_shape_protocol_is_an_evaluation_setting_outside_the_fingerprint(tmp
         config.run_params(preset)
     assert str(e.value) == f"{preset} + {config.resolve('ablations', 'baseline')}: study.shape_protocol must be " \
                            "one of landmarks, now, got 'icp'"
+
+
+# --------------------------------------------------------------------------------------------
+# Primary hypotheses: stated in the ablation files, validated with the params, in no fingerprint
+# --------------------------------------------------------------------------------------------
+def test_every_ablation_states_its_primary_hypothesis():
+    """Each ablation of the plan names the metrics it should change and the direction; the baseline,
+    and its alias (the same run), state none."""
+    from dad3dlib.metrics import metric_names
+
+    for name in config.available("ablations"):
+        stated = config.stated_hypothesis(name)
+        assert stated == config.run_params("smoke", name)["hypothesis"]
+        if name in ("baseline", "l3d50_proj0.05"):
+            assert stated == {}, name
+        else:
+            assert stated and set(stated) <= set(metric_names("study")), name
+            assert set(stated.values()) <= {"worse", "better"}, name
+    assert config.stated_hypothesis("no_l3d") == {"mean_mm": "worse"}
+    assert config.stated_hypothesis("no_lproj") == {"angle_error_deg": "worse"}
+    assert config.stated_hypothesis("no_2d") == {"nme_reprojection": "worse"}
+
+
+def test_a_bad_hypothesis_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "mine.yaml"
+    bad.write_text("hypothesis: {mean_mm: up}\nloss: {lambdas: {l3d: 0, l1: 100, lproj: 0.05, awing: 1}}\n")
+    for read in (lambda: config.run_params("smoke", bad), lambda: config.stated_hypothesis(bad)):
+        with pytest.raises(ParamsError, match=r"mine.yaml: hypothesis.mean_mm must be worse or better, got 'up'") as e:
+            read()
+        assert "\n" not in str(e.value)
+
+
+def test_a_preset_cannot_state_a_hypothesis(tmp_path):
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("hypothesis: {mean_mm: worse}\n")
+    with pytest.raises(ParamsError, match="mine.yaml: hypothesis belongs in an ablation file"):
+        config.run_params(preset)
+
+
+def test_hypotheses_leave_every_training_fingerprint_as_it_was(tmp_path):
+    """A hypothesis is what the study expects, not what a run trains: stating, changing or removing
+    it leaves the fingerprint (finished studies stay finished), also through a run's params.yaml."""
+    for preset in config.available("presets"):
+        for name in config.available("ablations"):
+            params = config.run_params(preset, name)
+            now = config.training_fingerprint(params)
+            without = {k: v for k, v in params.items() if k != "hypothesis"}
+            assert config.training_fingerprint(without) == now, (preset, name)
+            assert config.training_fingerprint({**params, "hypothesis": {"z5_accuracy": "better"}}) == now
+    params = config.run_params("cpu", "no_l3d")
+    config.save_params(params, tmp_path / "params.yaml")
+    loaded = config.load_params(tmp_path / "params.yaml")
+    assert loaded["hypothesis"] == {"mean_mm": "worse"}
+    assert config.training_fingerprint(loaded) == config.training_fingerprint(params)
+    (tmp_path / "bad.yaml").write_text((tmp_path / "params.yaml").read_text().replace("mean_mm: worse", "mean_mm: up"))
+    with pytest.raises(ParamsError, match="bad.yaml: hypothesis.mean_mm must be"):
+        config.load_params(tmp_path / "bad.yaml")

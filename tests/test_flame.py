@@ -394,3 +394,21 @@ def test_jaw_only_skinning_matches_smplx_and_the_reference(tiny_dir):
     g_fast, = torch.autograd.grad((fast * w).sum(), jaw)
     g_ref, = torch.autograd.grad((ref * w).sum(), jaw)
     torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_selected_vertices_are_those_of_the_whole_mesh(tiny_dir):
+    """Training computes only the vertices its losses read (select_vertices): the same points,
+    values and gradients, as the whole mesh taken at those ids."""
+    path, _, _ = tiny_dir
+    layer = FlameLayer(load_flame_assets(path))
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randperm(layer.num_vertices, generator=g)[: layer.num_vertices // 2]
+    layer.select_vertices(ids)
+    params = (torch.randn(3, 413, generator=g) * 0.3).requires_grad_()
+    part, whole = layer.canonical(params, selected=True), layer.canonical(params)[:, ids]
+    torch.testing.assert_close(part, whole)
+    w = torch.randn(part.shape, generator=g)
+    torch.testing.assert_close(torch.autograd.grad((part * w).sum(), params)[0],
+                               torch.autograd.grad((whole * w).sum(), params)[0])
+    layer.select_vertices(None)
+    assert layer.canonical(params, selected=True).shape[1] == layer.num_vertices

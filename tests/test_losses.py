@@ -317,6 +317,36 @@ def test_shape_loss_is_its_definition_with_one_gather_or_several(nested):
         assert sorted(taken[k][0, :, 0].tolist()) == sorted(pred[0, ids, 0].tolist())
 
 
+def test_unit_cube_mse_gradient_is_autograds_of_the_definition():
+    """The fused L_3D subset term (value and gradient formed together) against finite differences,
+    on points with distinct coordinates (no ties for a min or max)."""
+    from dad3dlib.losses import _UnitCubeMSE
+
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(2, 3, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(2, 3, 9, generator=g, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda x: _UnitCubeMSE.apply(x, t), (p,))
+    plain = torch.nn.functional.mse_loss(_plain_unit_cube(p.transpose(1, 2)), t.transpose(1, 2))
+    torch.testing.assert_close(_UnitCubeMSE.apply(p, t), plain)
+
+
+def test_the_vertex_terms_of_the_subsets_union_alone_are_those_of_the_whole_mesh():
+    """L_3D and L_proj of points computed for the subsets' union alone (as training computes
+    them) equal those of the whole mesh, value and gradient; points of another size are refused."""
+    g = torch.Generator().manual_seed(5)
+    V = 40
+    perm = torch.randperm(V, generator=g)
+    vs = VertexSubsets({"face": perm[:8], "face_w_ears": perm[:20], "head": perm[:30]})
+    pred = torch.randn(2, V, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(2, V, 3, generator=g, dtype=torch.float64)
+    for fn, t in ((shape_loss, target), (reprojection_loss, target[..., :2])):
+        whole, sub = fn(pred, t, vs), fn(pred[:, vs.union], t, vs)
+        torch.testing.assert_close(sub, whole)
+        torch.testing.assert_close(torch.autograd.grad(sub, pred)[0], torch.autograd.grad(whole, pred)[0])
+    with pytest.raises(ValueError, match="not the subsets' union"):
+        shape_loss(pred[:, :25], target, vs)
+
+
 def _plain_awing(pred, target, alpha=2.1, omega=14.0, epsilon=1.0, theta=0.5, w=10.0):
     """Adaptive Wing from its formula, through autograd."""
     power = alpha - target

@@ -20,6 +20,8 @@ EFFECTS = {
     "good": {"mean_mm": [-0.5, -0.48, -0.52], "z5_accuracy": [-0.05, -0.049, -0.051]},
     "noisy": {"mean_mm": [0.8, -0.7, 0.2]},                        # training noise, no effect
 }
+# primary hypotheses, as the ablation files state them: confirmed, contradicted, not distinguishable
+HYPOTHESES = {"no_lproj": {"angle_error_deg": "worse"}, "good": {"mean_mm": "worse"}, "noisy": {"mean_mm": "worse"}}
 REFERENCES = {"constant": ("The mean head at the train split's pose prior.", {"angle_error_deg": 31.6}),
               "camera_floor": ("The ground-truth mesh under the best weak-perspective fit.",
                                {"angle_error_deg": 0.0, "nme_reprojection": 1.0})}
@@ -42,7 +44,8 @@ def write_study(root, seeds=(1, 2, 3), references=True, split=None):
             _write_run(root / "runs" / f"{abl}_s{s}", items, values, split)
             runs.append({"run": f"{abl}_s{s}", "ablation": abl, "seed": s,
                          "aliases": ["l3d50_proj0.05"] if abl == "baseline" else []})
-    (root / "study.json").write_text(json.dumps({"preset": "fake", "seeds": len(seeds), "runs": runs}))
+    (root / "study.json").write_text(json.dumps({"preset": "fake", "seeds": len(seeds), "runs": runs,
+                                                 "hypotheses": HYPOTHESES}))
     if references:
         for name, (_, shift) in REFERENCES.items():
             _write_run(root / "references" / name, items, {k: np.full(N, shift.get(k, 9.0)) for k in BASE}, split)
@@ -62,7 +65,7 @@ def _write_run(d, items, values, split=None):
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     root = write_study(tmp_path_factory.mktemp("study"))
-    diffs = report.baseline_differences(report.per_sample_table(root))
+    diffs = report.baseline_differences(report.per_sample_table(root), hypotheses=report.study_hypotheses(root))
     return root, diffs.set_index(["ablation", "metric"])
 
 
@@ -76,10 +79,12 @@ def test_known_effects_are_found_and_training_noise_is_not(study):
     assert angle.lo < min(shifts) and angle.hi > max(shifts)  # t(0.975, 2) = 4.30 reaches past the seeds
     assert np.isclose(angle.delta_sd, np.std(shifts, ddof=1)) and np.isclose(angle.img_lo, 20.0)
     assert abs(angle.delta - 20.0) < 1e-9 and angle.p_holm < 0.05 and angle.seeds == 3 and angle.n_items == N
-    assert d.loc[("good", "mean_mm")].verdict == "better"
-    assert d.loc[("good", "z5_accuracy")].verdict == "worse"  # higher is better
+    assert angle.role == "primary" and angle.expected == "worse" and angle.hypothesis == "confirmed"
+    good = d.loc[("good", "mean_mm")]
+    assert good.verdict == "better" and good.hypothesis == "contradicted"  # expected worse: significant, other way
+    assert d.loc[("good", "z5_accuracy")].verdict == "worse"  # higher is better; exploratory
     noisy = d.loc[("noisy", "mean_mm")]
-    assert noisy.verdict == "not distinguishable" and noisy.lo < 0 < noisy.hi
+    assert noisy.verdict == "not distinguishable" and noisy.lo < 0 < noisy.hi and noisy.hypothesis == "not distinguishable"
     assert d.loc[("no_lproj", "mean_mm")].verdict == "not distinguishable"
 
 
@@ -87,10 +92,63 @@ def test_alias_is_the_baseline_and_not_tested(study):
     _, d = study
     alias = d.loc["l3d50_proj0.05"]
     assert (alias.verdict == "same run as baseline").all() and (alias.delta == 0).all()
-    assert alias.p_holm.isna().all()
-    tested = d.p_holm.notna().sum()
-    assert tested == 3 * len(report.METRICS)  # no_lproj, good, noisy; Holm over those only
-    np.testing.assert_allclose(d.p_holm.dropna(), stats.holm(d.p.where(d.p_holm.notna()).to_numpy())[d.p_holm.notna()])
+    assert alias.p_holm.isna().all() and alias.p.isna().all() and (alias.role == "").all() and alias.mde.isna().all()
+
+
+def test_holm_runs_over_the_primary_hypotheses_only(study):
+    """The three stated hypotheses are one Holm family; every other comparison of no_lproj, good and
+    noisy (3 × 7 - 3) is exploratory, its verdict on its own unadjusted p, with no p_holm."""
+    _, d = study
+    primary = d[d.role == "primary"]
+    assert sorted(primary.index) == sorted((a, k) for a, h in HYPOTHESES.items() for k in h)
+    np.testing.assert_allclose(primary.p_holm, stats.holm(primary.p.to_numpy()))
+    exploratory = d[d.role == "exploratory"]
+    assert len(exploratory) == 3 * len(report.METRICS) - 3 and exploratory.p_holm.isna().all()
+    assert (exploratory.hypothesis == "").all() and (exploratory.expected == "").all()
+    lower = [report.METRICS[k][1] for k in exploratory.index.get_level_values("metric")]
+    assert list(exploratory.verdict) == stats.verdicts(exploratory.delta, exploratory.p, lower)
+    # without hypotheses every comparison is exploratory
+    plain = report.baseline_differences(report.per_sample_table(study[0]))
+    assert (plain.role[~plain.alias] == "exploratory").all() and plain.p_holm.isna().all()
+
+
+def test_labels_say_which_comparisons_are_primary_and_which_are_exploratory(study):
+    root, d = study
+    cells = report.format_differences(d.reset_index())
+    assert re.fullmatch(r"\+20\.00 \[\+\d+\.\d\d, \+\d+\.\d\d\] worse \(primary, Holm\): confirmed; test images only .*",
+                        cells.loc["no_lproj", "Angle error (°)"])
+    assert "better (primary, Holm): contradicted" in cells.loc["good", "Mean (mm)"]
+    assert "worse (exploratory, unadjusted)" in cells.loc["good", report.METRICS["z5_accuracy"][0]]
+    assert cells.loc["l3d50_proj0.05", "Mean (mm)"] == "same run as baseline"
+    summary = pd.read_csv(report.write_summary(root), index_col="ablation")
+    assert summary.loc["good", "mean_mm_role"] == "primary" and summary.loc["good", "mean_mm_hypothesis"] == "contradicted"
+    assert summary.loc["good", "z5_accuracy_role"] == "exploratory" and np.isnan(summary.loc["good", "z5_accuracy_p_holm"])
+
+
+def test_detectable_effects_and_seeds_needed(study):
+    """Every tested comparison states its minimum detectable effect from its own noise (primaries at
+    0.05 / 3, Holm's most demanding step); the unresolved primary (noisy: seeds +0.8, -0.7, +0.2 on mean mm)
+    also the seeds that would resolve its observed difference, and the Findings say both."""
+    root, d = study
+    tested = d[d.role != ""]
+    noisy_ones = tested.seed_var + tested.image_var + tested.within_var > 0
+    assert tested.mde.notna().all() and (tested.mde[noisy_ones] > 0).all() and (tested.mde[~noisy_ones] == 0).all()
+    assert np.allclose(d[d.role == "primary"].alpha, 0.05 / 3) and np.allclose(d[d.role == "exploratory"].alpha, 0.05)
+    noisy = d.loc[("noisy", "mean_mm")]
+    noise = stats.Noise(np.array(noisy.seed_var), np.array(noisy.image_var), np.array(noisy.within_var), np.array(N))
+    assert np.isclose(noisy.mde, stats.detectable_effect(noise, 3, 0.05 / 3))
+    assert noisy.mde > abs(noisy.delta)  # not distinguishable, and the study could not have told it
+    assert noisy.seeds_needed == stats.seeds_needed(noisy.delta, noise, 0.05 / 3) and noisy.seeds_needed > 3
+    assert d[d.role == "primary"].drop(("noisy", "mean_mm")).seeds_needed.isna().all()  # resolved ones
+    text = report.findings(report.run_table(root), d.reset_index(), report.reference_table(root))
+    line = next(x for x in text.splitlines() if x.startswith("- **noisy**: Mean (mm) expected worse"))
+    assert f"With 3 seeds an effect on Mean (mm) smaller than ±{noisy.mde:.2f} cannot be told from noise" in line
+    seeds = f"would need {int(noisy.seeds_needed)} seeds" if np.isfinite(noisy.seeds_needed) else "would not be resolved"
+    assert seeds in line and "α = 0.017" in line
+    table = report.detectable_table(d.reset_index())
+    assert list(table.index) == ["no_lproj", "good", "noisy"] and (table.seeds == 3).all()
+    assert table.loc["noisy", "Mean (mm)"] == f"±{noisy.mde:.2f} primary"
+    assert table.loc["noisy", "Median (mm)"] == f"±{d.loc[('noisy', 'median_mm')].mde:.2f}"
 
 
 def test_summary_csv_has_spread_differences_and_reference_rows(study):
@@ -107,7 +165,7 @@ def test_summary_csv_has_spread_differences_and_reference_rows(study):
     assert np.isclose(summary.loc["noisy", "mean_mm_sd"], seed_values.std())
     assert np.isclose(summary.loc["noisy", "mean_mm_min"], seed_values.min())
     assert np.isclose(summary.loc["noisy", "mean_mm_max"], seed_values.max())
-    for stat in ("delta", "delta_sd", "lo", "hi", "p", "p_holm", "img_lo", "img_hi"):
+    for stat in ("delta", "delta_sd", "lo", "hi", "p", "p_holm", "img_lo", "img_hi", "alpha", "mde"):
         assert np.isclose(summary.loc["no_lproj", f"angle_error_deg_{stat}"], d.loc[("no_lproj", "angle_error_deg"), stat])
     assert summary.loc["no_lproj", "angle_error_deg_verdict"] == "worse"
     assert summary.loc[["constant", "camera_floor"], "angle_error_deg_verdict"].isna().all()
@@ -119,15 +177,18 @@ def test_summary_csv_has_spread_differences_and_reference_rows(study):
 def test_findings_name_effects_references_and_not_aliases(study):
     root, d = study
     text = report.findings(report.run_table(root), d.reset_index(), report.reference_table(root))
-    lines = text.splitlines()
-    assert "3 seeds" in lines[0] and "Holm" in lines[0]
-    no_lproj = next(line for line in lines if "**no_lproj**" in line)
-    assert "Angle error (°) +20.00 [+" in no_lproj and "worse" in no_lproj
+    blocks = text.split("\n\n")
+    assert blocks[0] == report.design_note(d.reset_index())
+    assert "3 primary" not in blocks[0] and "these 3 comparisons" in blocks[0] and "other 18" in blocks[0]
+    assert "3 seeds" in blocks[1] and blocks[2] == "**Primary hypotheses**" and blocks[4].startswith("**Exploratory**")
+    primary, exploratory = blocks[3].splitlines(), blocks[5].splitlines()
+    no_lproj = next(line for line in primary if "**no_lproj**" in line)
+    assert no_lproj.startswith("- **no_lproj**: Angle error (°) expected worse: **confirmed**, +20.00 [+")
     assert "equals `constant`'s (31.60)" in no_lproj and "camera_floor" not in no_lproj
-    assert "Mean (mm)" not in no_lproj  # not distinguishable: not a finding
-    good = next(line for line in lines if "**good**" in line)
-    assert "Mean (mm) -0.50 [" in good and "better" in good and "worse" in good
-    assert "- **noisy**: no metric distinguishable from training noise." in lines
+    good = next(line for line in primary if "**good**" in line)
+    assert "Mean (mm) expected worse: **contradicted**, -0.50 [" in good
+    assert next(line for line in exploratory if "**good**" in line).startswith("- **good**: Z₅")  # not mean mm again
+    assert "- **no_lproj**: no other metric distinguishable from training noise." in exploratory
     assert "l3d50_proj0.05" not in text
 
 
@@ -161,7 +222,7 @@ def test_the_evaluation_split_is_named_in_summary_and_report(tmp_path):
     summary = pd.read_csv(report.write_summary(root), index_col="ablation")
     assert (summary.split == "val").all() and report.evaluation_split(root) == "val"
     assert summary.loc["constant", "description"] == REFERENCES["constant"][0]
-    d = report.baseline_differences(report.per_sample_table(root))
+    d = report.baseline_differences(report.per_sample_table(root), hypotheses=HYPOTHESES)
     assert "; val images only [" in report.format_differences(d, "val").loc["no_lproj", "Angle error (°)"]
     text = report.findings(report.run_table(root), d, report.reference_table(root), split="val")
     assert "paired standard error over the val images" in text and "test" not in text
@@ -250,3 +311,17 @@ def test_the_shape_protocol_is_named_and_a_mixed_study_is_flagged(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "shape_protocol": "now"}))
     mixed = report.shape_protocol_note(legacy)
     assert "different protocols (landmarks, now)" in mixed and "**now**: the NoW protocol" in mixed
+
+
+def test_hypotheses_come_from_study_json_else_the_ablation_files(tmp_path):
+    """A study records its hypotheses when it is planned; one planned before that takes the ablation
+    files' present ones, with a warning that they were not stated in advance."""
+    root = write_study(tmp_path / "new", seeds=(1, 2))
+    assert report.study_hypotheses(root) == HYPOTHESES
+    record = json.loads((root / "study.json").read_text())
+    del record["hypotheses"]
+    (root / "study.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="records no hypotheses"):
+        old = report.study_hypotheses(root)
+    assert old == {"baseline": {}, "l3d50_proj0.05": {}, "no_lproj": {"angle_error_deg": "worse"},
+                   "good": {}, "noisy": {}}  # good and noisy have no ablation file

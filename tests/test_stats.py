@@ -141,3 +141,99 @@ def test_holm_on_known_p_values():
 def test_verdicts_follow_direction_and_level():
     got = stats.verdicts([0.5, 0.5, -0.5, 0.5, 0.0], [0.01, 0.01, 0.01, 0.2, 0.0], [True, False, True, True, True])
     assert got == [stats.WORSE, stats.BETTER, stats.BETTER, stats.NOT_DISTINGUISHABLE, stats.NOT_DISTINGUISHABLE]
+
+
+# --------------------------------------------------------------------------------------------
+# What a study could have detected: simulated studies under the interval's own model
+# --------------------------------------------------------------------------------------------
+def simulate(effect, sd_seed, sd_image, sd_within, n_seeds, n_images, studies, rng):
+    """[C,S,N] per-image differences x[s, i] = effect + a_s + b_i + e_si: C studies of S seeds on N images."""
+    return (effect + rng.normal(0, sd_seed, (studies, n_seeds, 1)) + rng.normal(0, sd_image, (studies, 1, n_images))
+            + rng.normal(0, sd_within, (studies, n_seeds, n_images)))
+
+
+def true_noise(sd_seed, sd_image, sd_within, n_images) -> stats.Noise:
+    return stats.Noise(np.array(sd_seed ** 2 + sd_within ** 2 / n_images), np.array(sd_image ** 2),
+                       np.array(sd_within ** 2), np.array(float(n_images)))
+
+
+def rejection_rate(x, alpha) -> float:
+    return float((stats.seed_t_test(x).p < alpha).mean())
+
+
+STUDIES = 2000  # Monte-Carlo SE of a rate near 0.8: 0.009; the tolerances below are 4 of them
+NOISE_CASES = [  # (sd_seed, sd_image, sd_within, seeds, images, alpha)
+    (1.0, 0.5, 1.0, 3, 200, stats.ALPHA),             # training noise dominates: a t on 2 df
+    (0.05, 2.0, 1.0, 3, 200, stats.ALPHA / 7),        # the images dominate, at Holm's most demanding step of 7
+    (0.3, 0.3, 3.0, 2, 150, stats.ALPHA),             # seed x image noise, 2 seeds (1 df)
+    (0.5, 1.0, 2.0, 5, 200, stats.ALPHA / 7),         # all three, 5 seeds
+]
+
+
+@pytest.mark.parametrize("sd_seed, sd_image, sd_within, n_seeds, n_images, alpha", NOISE_CASES)
+def test_the_detectable_effect_is_found_by_80_percent_of_simulated_studies(sd_seed, sd_image, sd_within, n_seeds,
+                                                                           n_images, alpha):
+    """At the minimum detectable effect the study's own test (seed_t_test's p below alpha) rejects in
+    about 80 % of studies simulated under the model; at half of it, far fewer."""
+    rng = np.random.default_rng(11)
+    noise = true_noise(sd_seed, sd_image, sd_within, n_images)
+    mde = float(stats.detectable_effect(noise, n_seeds, alpha))
+    assert np.isclose(stats.power(mde, noise, n_seeds, alpha), stats.POWER, atol=1e-6)
+    x = simulate(mde, sd_seed, sd_image, sd_within, n_seeds, n_images, STUDIES, rng)
+    assert abs(rejection_rate(x, alpha) - stats.POWER) < 0.036
+    assert abs(rejection_rate(-x, alpha) - stats.POWER) < 0.036  # two-sided
+    half = simulate(mde / 2, sd_seed, sd_image, sd_within, n_seeds, n_images, STUDIES, rng)
+    assert abs(rejection_rate(half, alpha) - stats.power(mde / 2, noise, n_seeds, alpha)) < 0.036
+    assert rejection_rate(half, alpha) < 0.6
+
+
+def test_power_without_an_effect_is_at_most_the_level():
+    for sd_seed, sd_image, sd_within, n_seeds, n_images, alpha in NOISE_CASES:
+        assert stats.power(0.0, true_noise(sd_seed, sd_image, sd_within, n_images), n_seeds, alpha) <= alpha * 1.05
+
+
+@pytest.mark.parametrize("sd_seed, sd_image, sd_within, alpha", [(1.0, 0.5, 1.0, stats.ALPHA),
+                                                                 (0.5, 1.0, 2.0, stats.ALPHA / 7)])
+def test_seeds_needed_is_the_fewest_that_find_the_effect_80_percent_of_the_time(sd_seed, sd_image, sd_within, alpha):
+    """With the seeds it names, simulated studies find the effect at least 80 % of the time; with
+    one seed fewer, less often (the power, checked against simulation at both)."""
+    rng = np.random.default_rng(12)
+    noise, effect = true_noise(sd_seed, sd_image, sd_within, 200), 1.3
+    k = int(stats.seeds_needed(effect, noise, alpha))
+    assert 3 <= k < stats.MAX_SEEDS
+    assert stats.power(effect, noise, k - 1, alpha) < stats.POWER <= stats.power(effect, noise, k, alpha)
+    for seeds in (k - 1, k):
+        rate = rejection_rate(simulate(effect, sd_seed, sd_image, sd_within, seeds, 200, STUDIES, rng), alpha)
+        assert abs(rate - stats.power(effect, noise, seeds, alpha)) < 0.036
+    assert stats.detectable_effect(noise, k, alpha) <= effect < stats.detectable_effect(noise, k - 1, alpha)
+
+
+def test_an_effect_below_the_test_images_resolution_is_not_resolved_by_seeds():
+    """More seeds shrink the training-noise part only: an effect well inside the test images' own
+    noise (σ_b/√N) needs more than MAX_SEEDS seeds, reported as inf; unknown noise gives NaN."""
+    noise = true_noise(0.5, 3.0, 1.0, 100)
+    assert np.isinf(stats.seeds_needed(0.5 * 3.0 / np.sqrt(100), noise))
+    assert np.isfinite(stats.seeds_needed(4 * 3.0 / np.sqrt(100), noise))
+    unknown = stats.Noise(np.array(np.nan), np.array(1.0), np.array(1.0), np.array(100.0))
+    assert np.isnan(stats.seeds_needed(1.0, unknown)) and np.isnan(stats.detectable_effect(unknown, 3))
+    assert np.isnan(stats.detectable_effect(noise, 1))  # one seed: training noise unmeasured
+
+
+def test_noise_components_are_estimated_from_the_differences():
+    """The two-way decomposition recovers the simulated variances on average (each study's estimate
+    from 3 seeds is noisy; the mean over 1000 studies is close); images missing from a seed are left out."""
+    rng = np.random.default_rng(13)
+    x = simulate(0.7, 0.8, 1.5, 2.0, 3, 120, 1000, rng)
+    est, truth = stats.noise(x), true_noise(0.8, 1.5, 2.0, 120)
+    for got, want in zip(est[:3], truth[:3]):
+        assert abs(got.mean() - want) < 0.06 * want + 0.02
+    assert (est.n_images == 120).all()
+    x[:, 0, :20] = np.nan
+    assert (stats.noise(x).n_images == 100).all() and np.isfinite(stats.noise(x).seed_var).all()
+    assert np.isnan(stats.noise(x[:, :1]).seed_var).all()  # one seed: nothing to estimate
+
+
+def test_hypothesis_verdicts():
+    got = stats.hypothesis_verdicts([stats.WORSE, stats.WORSE, stats.BETTER, stats.NOT_DISTINGUISHABLE],
+                                    [stats.WORSE, stats.BETTER, stats.BETTER, stats.WORSE])
+    assert got == [stats.CONFIRMED, stats.CONTRADICTED, stats.CONFIRMED, stats.NOT_DISTINGUISHABLE]

@@ -147,6 +147,112 @@ def test_figures_have_one_panel_per_metric_attribute_and_curve(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------
+# One colour per ablation in every figure; an alias of the baseline named, not drawn
+# --------------------------------------------------------------------------------------------
+BASELINE_LABEL = "baseline (= l3d50_proj0.05)"
+
+
+def _write_logs(root, values):
+    """runs/<run>/logs/version_0/metrics.csv: steps 0-2 of train/loss_step, per run."""
+    for run, ys in values.items():
+        d = root / "runs" / run / "logs" / "version_0"
+        d.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"step": [0, 1, 2], "epoch": 0, "train/loss_step": ys}).to_csv(d / "metrics.csv", index=False)
+
+
+def test_every_ablation_has_one_colour_from_one_place():
+    """The study's ablations (params/ablations, baseline first) take the palette in order; another
+    name takes the next free colour and keeps it; no two names share one."""
+    from dad3dlib.study import default_ablations
+
+    known = default_ablations()
+    assert known[0] == "baseline" and [viz.ablation_colour(a) for a in known] == list(viz.PALETTE[:len(known)])
+    mine, other = viz.ablation_colour("my_ablation"), viz.ablation_colour("my_other_ablation")
+    assert viz.ablation_colour("my_ablation") == mine and len({mine, other, *viz.PALETTE[:len(known)]}) == len(known) + 2
+
+
+def test_figures_colour_each_ablation_alike_and_draw_the_alias_once(tmp_path):
+    """The bars of the metrics, the bars by attribute and the training curves give baseline and no_l3d
+    the same colours (viz.ablation_colour); the baseline's alias is named in its label, not drawn."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_hex
+
+    matplotlib.use("Agg")
+    root = small_study(tmp_path)
+    _write_logs(root, {"baseline_s1": [3.0, 2.0, 1.0], "baseline_s2": [5.0, 4.0, 3.0], "no_l3d_s1": [4.0, 4.0, 4.0]})
+    want = {BASELINE_LABEL: viz.ablation_colour("baseline"), "no_l3d": viz.ablation_colour("no_l3d")}
+    fig = viz.plot_metrics(report.run_table(root))
+    ax = fig.axes[list(report.METRICS).index("mean_mm")]
+    names = [t.get_text() for t in ax.get_xticklabels()]
+    assert names == list(want)  # no_2d failed: nothing to draw; l3d50_proj0.05 only in the baseline's label
+    assert [to_hex(p.get_facecolor()) for p in ax.patches] == list(want.values())
+    assert "lowest to highest seed" in fig.texts[0].get_text()
+    whisker = ax.lines[0].get_ydata()  # the baseline's seeds: 2 and 4 mm
+    assert sorted(whisker) == [2.0, 4.0]
+    fig = viz.plot_by_attribute(report.per_sample_table(root), "mean_mm")
+    legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == list(want)
+    assert [to_hex(h.get_facecolor()) for h in legend.legend_handles] == list(want.values())
+    assert len(fig.axes[0].patches) == 2 * 2 + 2  # 2 ablations x 2 poses, and the 2 legend patches
+    curves = report.training_curves(root)
+    assert set(curves.label) == set(want) and set(curves.ablation) == {"baseline", "no_l3d"}
+    fig = viz.plot_training_curves(curves, ["train/loss_step"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == list(want)
+    assert [to_hex(line.get_color()) for line in ax.lines[:2]] == list(want.values())
+    plt.close("all")
+
+
+def test_training_curves_are_the_mean_over_seeds_with_a_min_max_band(tmp_path):
+    """One line per ablation: the mean over its seeds at each step, with a band from the lowest to the
+    highest seed, as the figure's title says; a single seed has no band."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
+
+    matplotlib.use("Agg")
+    root = small_study(tmp_path)
+    _write_logs(root, {"baseline_s1": [3.0, 2.0, 1.0], "baseline_s2": [5.0, 4.0, 3.0], "no_l3d_s1": [4.0, 4.0, 4.0]})
+    curves = report.training_curves(root)
+    fig = viz.plot_training_curves(curves, ["train/loss_step"])
+    ax = fig.axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [4.0, 3.0, 2.0])  # baseline: mean of the two seeds
+    bands = [c.get_paths()[0].vertices for c in ax.collections if isinstance(c, PolyCollection) and c.get_paths()]
+    assert len(bands) == 1  # no_l3d has one seed: no band
+    assert np.isclose(bands[0][:, 1].min(), 1.0) and np.isclose(bands[0][:, 1].max(), 5.0)  # lowest, highest seed
+    at_step_0 = bands[0][np.isclose(bands[0][:, 0], 0.0), 1]
+    assert np.isclose(at_step_0.min(), 3.0) and np.isclose(at_step_0.max(), 5.0)  # seeds 3 and 5 at step 0
+    assert fig.texts[0].get_text() == viz.band_note(curves)
+    assert viz.band_note(curves) == ("line: the mean over each ablation's 1-2 seeds at each step; band: the lowest "
+                                     "to the highest seed")
+    one = viz.band_note(curves[curves.seed == 1])
+    assert one == "one seed per ablation: one line each, no band"
+    plt.close("all")
+
+
+def test_mesh_figures_take_each_run_once_under_its_label(tmp_path):
+    root = small_study(tmp_path)
+    for run in ("baseline_s1", "baseline_s2", "no_l3d_s1"):
+        (root / "runs" / run / "predictions.npz").write_bytes(b"")
+    runs = viz._labelled_run_dirs(root)
+    assert runs == {"baseline": (BASELINE_LABEL, root / "runs" / "baseline_s1"),
+                    "no_l3d": ("no_l3d", root / "runs" / "no_l3d_s1")}
+
+
+def test_a_run_s_own_curves_take_its_ablation_s_name(tmp_path):
+    """The run notebook's curves are coloured by the ablation its params.yaml names."""
+    from dad3dlib import config
+
+    run = tmp_path / "no_l3d_s2"
+    _write_logs(tmp_path, {"x": [1.0, 2.0, 3.0]})
+    (tmp_path / "runs" / "x").rename(run)
+    assert set(report.run_curves(run).ablation) == {"no_l3d_s2"}  # no params.yaml: the directory's name
+    config.save_params(config.run_params("smoke", "no_l3d", 2), run / "params.yaml")
+    assert set(report.run_curves(run).ablation) == {"no_l3d"}
+
+
+# --------------------------------------------------------------------------------------------
 # The figures' caches follow their files
 # --------------------------------------------------------------------------------------------
 def test_flame_layer_cache_follows_the_directory_and_its_files(tmp_path):
