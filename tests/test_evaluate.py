@@ -240,3 +240,19 @@ def _distances(E, model, data, layer) -> np.ndarray:
     batch = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data))))
     pred = E.mesh_views(layer, model.params[batch["index"]], S, batch["crop_affine"])
     return E.sample_metrics(pred, batch, topo, "now")[1].numpy()
+
+
+def test_evaluate_command_takes_the_shape_protocol(monkeypatch, tmp_path, capsys):
+    """``evaluate --shape-protocol now`` overrides the checkpoint's study.shape_protocol; without it
+    the checkpoint's params decide, and the printout names the protocol."""
+    seen = []
+    agg = {"n_samples": 1, "by_attribute": {}, **{m: 0.0 for m in E.METRIC_COLUMNS}}
+    monkeypatch.setattr(E, "load_model", lambda c: (None, {"data": {"root": str(tmp_path)}, "study": {"jobs": 2}}))
+    monkeypatch.setattr(E, "split_protocol", lambda d: {"evaluate": "test"})
+    monkeypatch.setattr(E, "evaluate_run", lambda params, *a: seen.append(params["study"]) or
+                        {**agg, "shape_protocol": E.shape_protocol(params)})
+    assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path), "--shape-protocol", "now"]) == 0
+    assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path)]) == 0
+    assert seen == [{"jobs": 2, "shape_protocol": "now"}, {"jobs": 2}]
+    out = capsys.readouterr().out
+    assert "shape protocol now" in out and "shape protocol landmarks" in out
