@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .errors import InputValueError
 from .files import write_json
 from .geometry import flip_yz, project
 from .flame import FlameTopology, TopologyTensors, load_flame_assets
@@ -35,12 +36,12 @@ PRED_KEYS = {"68_landmarks_2d": (68, 2), "N_landmarks_3d": ("N", 3), "7_landmark
              "rotation_matrix": (3, 3)}
 
 
-class BenchmarkFormatError(ValueError):
+class BenchmarkFormatError(InputValueError):
     """A ground-truth or submission file does not follow the reference format."""
 
 
 # The metrics: name -> (prediction keys needed, fn(gt, pred, scorer) -> [b]), the registered
-# metrics in the benchmark scope (metrics.METRICS); gt: derived GT tensors of the rows (see
+# metrics in the benchmark scope (metrics.METRICS); gt: the rows' metrics.BenchmarkGT (see
 # Scorer.prepare); pred: stacked prediction arrays.
 BENCHMARK_METRICS = {k: M.METRICS[k].benchmark for k in M.metric_names("benchmark")}
 METRICS = tuple(BENCHMARK_METRICS)
@@ -140,16 +141,14 @@ class Scorer(TopologyTensors):
         super().__init__(topology, device)
         self.device = torch.device(device)
 
-    def prepare(self, gt: dict[str, Tensor]) -> dict[str, Tensor]:
+    def prepare(self, gt: dict[str, Tensor]) -> M.BenchmarkGT:
         """GT arrays (vertices [B,V,3], model_view_matrix, projection_matrix [B,4,4], image_height
-        [B], bbox [B,4]) -> landmarks_2d [B,68,2] image px, world [B,V,3], landmarks_world
-        [B,68,3], rotation [B,3,3], bbox [B,4]."""
+        [B], bbox [B,4]) -> what the metrics read (:class:`dad3dlib.metrics.BenchmarkGT`)."""
         mv = gt["model_view_matrix"]
         world = gt_world(gt["vertices"], mv)
-        return {"landmarks_2d": project(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"],
-                                        gt["image_height"]),
-                "world": world, "landmarks_world": self.landmarks68(world), "rotation": flip_yz(mv),
-                "bbox": gt["bbox"]}
+        return M.BenchmarkGT(
+            landmarks_2d=project(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"], gt["image_height"]),
+            world=world, landmarks_world=self.landmarks68(world), rotation=flip_yz(mv), bbox=gt["bbox"])
 
     def __call__(self, gt: dict[str, Tensor], preds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Every metric for every row that has its inputs: {metric: [B] float64, NaN elsewhere}."""
@@ -166,7 +165,7 @@ class Scorer(TopologyTensors):
                            for k in needs}
                 if FLAME_MESH in stacked:
                     stacked["N_landmarks_3d"] = stacked[FLAME_MESH]
-                out[name][rows] = fn({k: v[idx] for k, v in g.items()}, stacked, self).cpu().numpy()
+                out[name][rows] = fn(g.rows(idx), stacked, self).cpu().numpy()
         return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import OUTPUTS_DIR, report
+from .errors import InputFileNotFound
 
 DEFAULT_STUDY = "cpu"  # under outputs/: what `make study` writes (the default preset's study)
 
@@ -21,7 +22,7 @@ DEFAULT_STUDY = "cpu"  # under outputs/: what `make study` writes (the default p
 # --------------------------------------------------------------------------------------------
 # Which study
 # --------------------------------------------------------------------------------------------
-class StudyNotFound(FileNotFoundError):
+class StudyNotFound(InputFileNotFound):
     """No study where a notebook looked. A notebook shows it as its one-line message (IPython's
     ``_render_traceback_`` hook), not as a traceback."""
 
@@ -65,7 +66,7 @@ def find_study(study_dir: str | Path | None = None, outputs: str | Path = OUTPUT
 # --------------------------------------------------------------------------------------------
 def value_column(metric: str, against: str | None = None) -> str:
     """The name of the column :func:`image_results` fills: the metric, or 'Δ <its label>'."""
-    return metric if against is None else f"Δ {report.METRICS[metric][0]}"
+    return metric if against is None else f"Δ {report.METRICS[metric].label}"
 
 
 def image_results(per_sample: pd.DataFrame, metric: str, against: str | None = None) -> pd.DataFrame:
@@ -101,7 +102,7 @@ def select(results: pd.DataFrame, ablations=None, seeds=None, filters: dict | No
 def worst_first(results: pd.DataFrame, metric: str, column: str) -> pd.DataFrame:
     """The rows ordered from the worst value of ``column`` (the metric, or a difference in it) to
     the best, by the metric's registered direction; ties by ablation, seed and image."""
-    lower_is_better = report.METRICS[metric][1]
+    lower_is_better = report.METRICS[metric].lower_is_better
     return results.sort_values([column, "ablation", "seed", "item_id"],
                                ascending=[not lower_is_better, True, True, True], kind="stable")
 
@@ -142,7 +143,7 @@ class ResultsBrowser:
                                           rows=min(len(names), 8), description="ablations", style=wide)
         self.seeds = w.SelectMultiple(options=seeds, value=tuple(seeds), rows=min(len(seeds), 8), description="seeds")
         metrics = [k for k in report.METRICS if k in ps]
-        self.metric = w.Dropdown(options=[(report.METRICS[k][0], k) for k in metrics], value=metrics[0],
+        self.metric = w.Dropdown(options=[(report.METRICS[k].label, k) for k in metrics], value=metrics[0],
                                  description="metric")
         self.against = w.Checkbox(value=False, description=f"each image's difference from {baseline} (same seed)",
                                   disabled=baseline not in names, style=wide, indent=False,
@@ -194,7 +195,7 @@ class ResultsBrowser:
         results = f"{len(table)} image result" + ("" if len(table) == 1 else "s")
         self.message.value = (f"<p>{results} ({table.item_id.nunique()} images, "
                               f"{table.seed.nunique()} seed(s), {table.ablation.nunique()} ablation(s)); mean "
-                              f"{column if self.against.value else report.METRICS[metric][0]}: "
+                              f"{column if self.against.value else report.METRICS[metric].label}: "
                               + ", ".join(f"{a} {report.format_metric(metric, v, self.against.value)}"
                                           for a, v in means.items()) + "</p>")
         with self.plot:
@@ -212,7 +213,7 @@ class ResultsBrowser:
     def _label(self, r) -> str:
         metric = self.metric.value
         value = report.format_metric(metric, getattr(r, metric))
-        text = f"{r.ablation} · seed {r.seed} · {r.item_id} · {report.METRICS[metric][0]} {value}"
+        text = f"{r.ablation} · seed {r.seed} · {r.item_id} · {report.METRICS[metric].label} {value}"
         if self.against.value:
             delta = report.format_metric(metric, getattr(r, metric) - getattr(r, f"{self.baseline}_value"), True)
             text += f" (Δ {delta} from {self.baseline})"

@@ -2,15 +2,17 @@
 
 Modules are imported only when their command runs, so that a command never pays for (or needs)
 another command's dependencies. Bad input ends every command the same way: ``error: <message>``
-on one line of stderr and exit status 2 (see :func:`is_input_error`); anything else is a bug and
-keeps its traceback.
+on one line of stderr and exit status 2. Bad input is an :class:`~dad3dlib.errors.InputError` (every
+check of a user's input raises one), or an OSError the system raised (it has an errno: a file that
+cannot be read or written, a full disk, a permission), which is the machine's state, not a bug.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
-import dis
 import importlib
 import sys
-from pathlib import Path
+
+from .errors import InputError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module, one-line help)
@@ -32,21 +34,8 @@ def _entry(name: str):
 
 
 def is_input_error(e: BaseException) -> bool:
-    """Whether ``e`` reports bad input rather than a bug: an error type of this package
-    (ParamsError, FlameFormatError, BenchmarkFormatError), a ValueError or OSError that a ``raise``
-    statement of this package raised (its own checks, e.g. a data set's "split file not found";
-    their messages name the file; not one that numpy or torch raised in a call from here), or an
-    OSError that names its file."""
-    if type(e).__module__.startswith(__package__ + ".") or isinstance(e, OSError) and e.filename is not None:
-        return True
-    if not isinstance(e, (ValueError, OSError)) or e.__traceback__ is None:
-        return False
-    tb = e.__traceback__
-    while tb.tb_next is not None:  # the frame that raised it
-        tb = tb.tb_next
-    code = tb.tb_frame.f_code
-    return (Path(code.co_filename).resolve().parent == Path(__file__).resolve().parent
-            and dis.opname[code.co_code[tb.tb_lasti]] == "RAISE_VARARGS")
+    """Whether ``e`` reports bad input (or a refusal of the system) rather than a bug."""
+    return isinstance(e, InputError) or isinstance(e, OSError) and e.errno is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return int(_entry(argv[0])(argv[1:]) or 0)
-    except (ValueError, OSError) as e:
+    except (InputError, OSError) as e:
         if not is_input_error(e):
             raise
         print("error: " + " ".join(line.strip() for line in str(e).splitlines()), file=sys.stderr)

@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from . import OUTPUTS_DIR, REPO_ROOT, stats
+from .errors import InputValueError
 from .files import atomic_write, read_bytes
 from .losses import LOSS_TERMS, validate_lambdas  # the objective's terms, one record each
 from .metrics import SHAPE_PROTOCOLS
@@ -63,7 +64,7 @@ MODEL_ONLY_KEYS = ("pose_prior_samples",)  # model params that are not construct
 
 def with_defaults(params: dict) -> dict:
     """A copy of ``params`` with every missing key from :data:`DEFAULTS`; unknown keys of the
-    sections training reads (model is checked by create_model) raise ValueError."""
+    sections training reads (model is checked by create_model) raise ParamsError."""
     out = copy.deepcopy(params)
     for section, defaults in DEFAULTS.items():
         if not isinstance(defaults, dict):
@@ -72,11 +73,11 @@ def with_defaults(params: dict) -> dict:
         given = out.setdefault(section, {}) or {}
         unknown = set(given) - set(defaults) if section != "model" else set()
         if unknown:
-            raise ValueError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
+            raise ParamsError(f"params: unknown {section} key(s) {sorted(unknown)}; known: {sorted(defaults)}")
         out[section] = {**copy.deepcopy(defaults), **given}
     out["data"]["synthetic"] = synthetic_recipe(out["data"]["synthetic"])
     if out["optim"]["schedule"] not in CHECKPOINT_POLICY:
-        raise ValueError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(CHECKPOINT_POLICY)})")
+        raise ParamsError(f"params: unknown optim.schedule '{out['optim']['schedule']}' (known: {sorted(CHECKPOINT_POLICY)})")
     return out
 
 
@@ -109,25 +110,25 @@ def synthetic_recipe(given: dict | None) -> dict | None:
     """The complete recipe of a generated data set: ``given`` = {splits: {split: images},
     image_sizes: [[width, height], ...] (one drawn per image), seed (default 0), sampling (over
     :data:`SYNTHETIC_SAMPLING`)}; None (a data set that is not generated) stays None. Raises
-    ValueError naming the first bad key."""
+    ParamsError naming the first bad key."""
     if given is None:
         return None
     if not isinstance(given, dict) or set(given) - set(SYNTHETIC_KEYS):
-        raise ValueError(f"data.synthetic must be a mapping of {', '.join(SYNTHETIC_KEYS)}, got {given!r}")
+        raise ParamsError(f"data.synthetic must be a mapping of {', '.join(SYNTHETIC_KEYS)}, got {given!r}")
     splits, sizes, seed = given.get("splits"), given.get("image_sizes"), given.get("seed", 0)
     if not isinstance(splits, dict) or not splits or set(splits) - {"train", "val", "test"} or \
             not all(_integer(n) and n >= 1 for n in splits.values()):
-        raise ValueError(f"data.synthetic.splits must map train, val, test to image counts >= 1, got {splits!r}")
+        raise ParamsError(f"data.synthetic.splits must map train, val, test to image counts >= 1, got {splits!r}")
     if not isinstance(sizes, list) or not sizes or not all(
             isinstance(s, (list, tuple)) and len(s) == 2 and all(_integer(v) and v >= 32 for v in s) for s in sizes):
-        raise ValueError(f"data.synthetic.image_sizes must be a list of [width, height] (integers >= 32), got {sizes!r}")
+        raise ParamsError(f"data.synthetic.image_sizes must be a list of [width, height] (integers >= 32), got {sizes!r}")
     if not _integer(seed):
-        raise ValueError(f"data.synthetic.seed must be an integer, got {seed!r}")
+        raise ParamsError(f"data.synthetic.seed must be an integer, got {seed!r}")
     sampling = given.get("sampling") or {}
     unknown = sorted(set(sampling) - set(SYNTHETIC_SAMPLING)) + \
         sorted(f"degrade.{k}" for k in set(sampling.get("degrade") or {}) - set(SYNTHETIC_SAMPLING["degrade"]))
     if unknown:
-        raise ValueError(f"data.synthetic.sampling: unknown key(s) {unknown}; known: {sorted(SYNTHETIC_SAMPLING)}")
+        raise ParamsError(f"data.synthetic.sampling: unknown key(s) {unknown}; known: {sorted(SYNTHETIC_SAMPLING)}")
     return {"splits": dict(splits), "image_sizes": [list(s) for s in sizes], "seed": seed,
             "sampling": deep_merge(SYNTHETIC_SAMPLING, sampling)}
 
@@ -192,7 +193,7 @@ def shape_protocol(params: dict) -> str:
     return value
 
 
-class ParamsError(ValueError):
+class ParamsError(InputValueError):
     """A params file is missing, unreadable or invalid; the message names the file."""
 
 
@@ -245,7 +246,7 @@ def validate_params(params: dict, source: str) -> dict:
                           "set's recipe (splits, image_sizes, seed, sampling; see params/presets/cpu.yaml)")
     try:
         synthetic_recipe((params.get("data") or {}).get("synthetic"))
-    except ValueError as e:
+    except ParamsError as e:
         raise ParamsError(f"{source}: {e}") from None
     for (section, key), (ok, what) in FIELD_CHECKS.items():
         value = (params.get(section) or {}).get(key)
@@ -256,7 +257,7 @@ def validate_params(params: dict, source: str) -> dict:
     loss = params.get("loss") or {}
     try:
         params["loss"] = {**loss, "lambdas": validate_lambdas(loss.get("lambdas", {}), source)}
-    except ValueError as e:
+    except InputValueError as e:
         raise ParamsError(str(e)) from None
     return params
 
@@ -352,7 +353,7 @@ def data_root(data: dict) -> Path:
     """The directory of a data section's data set, by one rule for every reader of params: ``data.root``
     with ``~`` expanded; a relative root is under outputs/ (where the presets keep generated data)."""
     if not data.get("root"):
-        raise ValueError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
+        raise ParamsError("params: data.root is not set (a directory holding DAD-3DHeadsDataset/)")
     root = Path(data["root"]).expanduser()
     return root if root.is_absolute() else OUTPUTS_DIR / root
 

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .config import HOLDOUT_FRACTION, data_root
+from .errors import InputError, InputFileNotFound, InputValueError
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology
 from .geometry import apply_affine, flip_yz, landmarks_from_vertices, project
@@ -63,7 +64,8 @@ def crop_affine(bbox, margins, size: int, clip_to: tuple[int, int] | None = None
     if clip_to is not None:
         x0, x1, y0, y1 = max(x0, 0.0), min(x1, clip_to[0]), max(y0, 0.0), min(y1, clip_to[1])
         if x1 <= x0 or y1 <= y0:
-            raise ValueError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the {clip_to[0]}x{clip_to[1]} image")
+            raise InputValueError(f"bbox [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the "
+                                  f"{clip_to[0]}x{clip_to[1]} image")
     s = size / max(x1 - x0, y1 - y0)
     return np.array([[s, 0.0, (size - s * (x1 - x0)) / 2.0 - s * x0],
                      [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
@@ -183,7 +185,7 @@ def dataset_dir(root: str | Path) -> Path:
     """``root`` itself or ``root/DAD-3DHeadsDataset``."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: data directory not found (expected one holding {DATASET_DIR}/)")
+        raise InputFileNotFound(f"{root}: data directory not found (expected one holding {DATASET_DIR}/)")
     return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
 
 
@@ -204,7 +206,7 @@ def flame_dir(data: dict) -> Path:
     try:
         path = Path(json.loads(record.read_text())["flame_assets"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{record}: no readable FLAME directory in it ({type(e).__name__}: {e})") from e
+        raise InputValueError(f"{record}: no readable FLAME directory in it ({type(e).__name__}: {e})") from e
     model = path / MODEL_FILE
     if model.is_file() and model.stat().st_mtime > record.stat().st_mtime:
         warnings.warn(f"{model} is newer than the data set made with it ({record}): if the model changed, "
@@ -215,17 +217,17 @@ def flame_dir(data: dict) -> Path:
 def read_split(path: Path) -> list[dict]:
     """The split file: a JSON list of objects with at least ``item_id`` and ``bbox``."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: split file not found")
+        raise InputFileNotFound(f"{path}: split file not found")
     try:
         entries = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed split file ({e})") from e
+        raise InputValueError(f"{path}: malformed split file ({e})") from e
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise ValueError(f"{path}: malformed split file (expected a JSON list of objects)")
+        raise InputValueError(f"{path}: malformed split file (expected a JSON list of objects)")
     counts = Counter(str(e["item_id"]) for e in entries if "item_id" in e)
     duplicates = [item for item, n in counts.items() if n > 1]
     if duplicates:
-        raise ValueError(f"{path}: duplicate item_id(s) {duplicates} (each item may appear once)")
+        raise InputValueError(f"{path}: duplicate item_id(s) {duplicates} (each item may appear once)")
     return entries
 
 
@@ -233,11 +235,11 @@ def _check_entry(entry: dict, annotations: bool) -> None:
     keys = ("item_id", "bbox") + (("annotation_path",) if annotations else ())
     missing = [k for k in keys if k not in entry]
     if missing:
-        raise ValueError(f"missing {missing}")
+        raise InputValueError(f"missing {missing}")
     bbox = entry["bbox"]
     ok = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
     if not ok or not all(map(math.isfinite, bbox)) or bbox[2] <= 0 or bbox[3] <= 0:
-        raise ValueError(f"bad bbox {bbox!r} (expected [x, y, w, h] with w, h > 0)")
+        raise InputValueError(f"bad bbox {bbox!r} (expected [x, y, w, h] with w, h > 0)")
 
 
 def _resolve(ds: Path, split: str, rel: str | None, default: str) -> Path:
@@ -254,7 +256,7 @@ def read_annotation(path: Path, n_vertices: int | None) -> dict[str, np.ndarray]
     """vertices [V,3] float32, model_view_matrix / projection_matrix [4,4] float64, validated
     (n_vertices None: any V)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: annotation not found")
+        raise InputFileNotFound(f"{path}: annotation not found")
     try:
         text = path.read_bytes()
         try:
@@ -262,25 +264,25 @@ def read_annotation(path: Path, n_vertices: int | None) -> dict[str, np.ndarray]
         except orjson.JSONDecodeError:  # Python's json also accepts NaN / Infinity literals
             raw = json.loads(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed annotation ({e})") from e
+        raise InputValueError(f"{path}: malformed annotation ({e})") from e
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: malformed annotation (expected a JSON object)")
+        raise InputValueError(f"{path}: malformed annotation (expected a JSON object)")
     out = {}
     for key, shape, dtype in (("vertices", (n_vertices, 3), np.float32), ("model_view_matrix", (4, 4), np.float64),
                               ("projection_matrix", (4, 4), np.float64)):
         if key not in raw:
-            raise ValueError(f"{path}: annotation lacks '{key}'")
+            raise InputValueError(f"{path}: annotation lacks '{key}'")
         try:
             arr = np.asarray(raw[key], dtype=np.float64)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: '{key}' is not a numeric array ({e})") from e
+            raise InputValueError(f"{path}: '{key}' is not a numeric array ({e})") from e
         if n_vertices is None and key == "vertices" and arr.ndim == 2:
             shape = (len(arr), 3)
         if arr.shape != shape:
             what = "vertex count" if key == "vertices" and arr.ndim == 2 and arr.shape[1] == 3 else "shape"
-            raise ValueError(f"{path}: '{key}' has {what} {arr.shape}, expected {shape}")
+            raise InputValueError(f"{path}: '{key}' has {what} {arr.shape}, expected {shape}")
         if not np.isfinite(arr).all():
-            raise ValueError(f"{path}: '{key}' contains NaN or inf")
+            raise InputValueError(f"{path}: '{key}' contains NaN or inf")
         out[key] = arr.astype(dtype)
     return out
 
@@ -290,13 +292,13 @@ def image_size(path: Path) -> tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: image not found")
+        raise InputFileNotFound(f"{path}: image not found")
     try:
         with Image.open(path) as im:
             size = im.size
             im.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError) as e:
-        raise ValueError(f"{path}: unreadable image ({e})") from e
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:  # what PIL raises for a damaged file
+        raise InputValueError(f"{path}: unreadable image ({e})") from e
     return size
 
 
@@ -304,8 +306,8 @@ def read_image(path: Path) -> np.ndarray:
     """[H,W,3] uint8 RGB."""
     img = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if img is None:
-        raise (ValueError(f"{path}: unreadable image") if path.exists()
-               else FileNotFoundError(f"{path}: image not found"))
+        raise (InputValueError(f"{path}: unreadable image") if path.exists()
+               else InputFileNotFound(f"{path}: image not found"))
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
@@ -323,7 +325,7 @@ class SplitIndex:
     model_view: np.ndarray | None   # [N,4,4] float64
     projection: np.ndarray | None   # [N,4,4] float64
     landmarks: np.ndarray | None    # [N,68,2] float64 image pixels
-    skipped: list            # [(position in the split file, file, reason)]
+    skipped: list            # [(position in the split file, "FileNotFoundError" or "ValueError", reason)]
     path: Path | None = None  # the cache's folder (None: not cached)
 
 
@@ -364,10 +366,10 @@ def _check_vertex_count(ds: Path, annotation: Path, n_vertices: int, flame: Path
     i.e. the data were made with another FLAME model. A broken annotation is left to the item checks."""
     try:
         n = len(read_annotation(annotation, None)["vertices"])
-    except (ValueError, FileNotFoundError):
+    except InputError:
         return
     if n != n_vertices:
-        raise ValueError(f"{ds}: the data's meshes have {n} vertices but the FLAME model "
+        raise InputValueError(f"{ds}: the data's meshes have {n} vertices but the FLAME model "
                          f"{f'in {flame}' if flame else 'given'} has {n_vertices}: use the FLAME directory the "
                          "data were made with (--flame-assets, data.flame_path)")
 
@@ -407,18 +409,18 @@ def _build_index(ds: Path, split: str, topology: FlameTopology, annotations: boo
         try:
             try:
                 _check_entry(entry, annotations)
-            except ValueError as e:
-                raise ValueError(f"{split_file}: entry {pos}: {e}") from None
+            except InputError as e:
+                raise InputValueError(f"{split_file}: entry {pos}: {e}") from None
             size = image_size(img)
             if annotations:
                 a = read_annotation(ann, n_vert)
                 lmk = _landmarks_image(a["vertices"], a["model_view_matrix"], a["projection_matrix"], size[1], topology)
                 if not np.isfinite(lmk).all():
-                    raise ValueError(f"{ann}: the projection of the landmarks is not finite")
-        except (ValueError, FileNotFoundError) as e:
+                    raise InputValueError(f"{ann}: the projection of the landmarks is not finite")
+        except InputError as e:
             if not skip_bad:
                 raise
-            skipped.append((pos, type(e).__name__, str(e)))
+            skipped.append((pos, "FileNotFoundError" if isinstance(e, FileNotFoundError) else "ValueError", str(e)))
             continue
         kept.append(pos)
         sizes.append(size)
@@ -464,7 +466,7 @@ def _load_cache(path: Path, ds, split, entries, files, skip_bad: bool) -> SplitI
     meta = json.loads((path / "meta.json").read_text())
     if meta["skipped"] and not skip_bad:
         _, kind, reason = meta["skipped"][0]
-        raise (FileNotFoundError if kind == "FileNotFoundError" else ValueError)(reason)
+        raise (InputFileNotFound if kind == "FileNotFoundError" else InputValueError)(reason)
     arr = {n: np.load(path / f"{n}.npy", mmap_mode="r") if (path / f"{n}.npy").exists() else None
            for n in ("vertices", "model_view", "projection", "landmarks")}
     kept = meta["kept"]
@@ -681,8 +683,8 @@ class DAD3DHeadsDataset(Dataset):
         bbox = np.asarray(entry["bbox"], np.float64)
         try:
             A = sample_affine(bbox, (width, height), S, self.clip_bbox, rng)
-        except ValueError as e:
-            raise ValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
+        except InputError as e:
+            raise InputValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
         A_pixels = A.copy()
         A_pixels[:, 2] += A[:, :2] @ [x0, y0]  # the same map from the region's pixels
         crop = warp_crop(pixels, A_pixels, S)
@@ -764,7 +766,7 @@ def open_split(data: dict, name: str, flame: FlameAssets | FlameTopology, train:
     error naming the split). ``train``, ``annotations``: as :class:`DAD3DHeadsDataset`'s."""
     split, _, part = name.partition("-")
     if part and part not in HOLDOUT_PARTS:
-        raise ValueError(f"unknown split '{name}' (a split name, or <split>-fit / <split>-holdout)")
+        raise InputValueError(f"unknown split '{name}' (a split name, or <split>-fit / <split>-holdout)")
     dataset = DAD3DHeadsDataset(data_root(data), split, data["crop_size"], flame, train=train,
                                 augment=bool(data.get("augment")), skip_bad=data.get("skip_bad", False),
                                 annotations=annotations, clip_bbox=data.get("clip_bbox", False))
@@ -773,6 +775,6 @@ def open_split(data: dict, name: str, flame: FlameAssets | FlameTopology, train:
     fraction = holdout_fraction(data)
     keep = [i for i, e in enumerate(dataset.items) if (holdout_score(e["item_id"]) < fraction) == HOLDOUT_PARTS[part]]
     if not keep:
-        raise ValueError(f"{dataset.ds / split}: '{name}' is empty (data.holdout_fraction {fraction} of "
+        raise InputValueError(f"{dataset.ds / split}: '{name}' is empty (data.holdout_fraction {fraction} of "
                          f"{len(dataset)} items); change data.holdout_fraction")
     return torch.utils.data.Subset(dataset, keep)

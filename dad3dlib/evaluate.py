@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,7 @@ from torch import Tensor, nn
 from . import metrics as M
 from .config import DEFAULT_SHAPE_PROTOCOL, data_root, shape_protocol, with_defaults
 from .data import flame_dir, open_split, split_protocol
+from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
                     fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
@@ -80,7 +82,7 @@ def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topo
     in mm [B,V] (NaN where the protocol does not score it).
 
     pred: predict_batch's output (CPU); batch: vertices_model, rotation, landmarks_2d_image, bbox.
-    Builds the context each metric's ``sample`` reads (see metrics.Metric). Z_n compares the GT
+    Builds the :class:`metrics.MetricInputs` each metric's ``sample`` reads. Z_n compares the GT
     posed by its rotation (z forward, as the benchmark's -world) with the predicted image-space
     mesh; the 3D metrics use the predicted canonical mesh. The shape error (``protocol``,
     :func:`metrics.shape_error_mm`) compares the posed meshes, expression and jaw included: the
@@ -96,8 +98,8 @@ def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: Topo
     shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, scored], gt68[:, a7], topo.faces, protocol)
     distances = torch.full(gt_v.shape[:2], float("nan"))
     distances[:, scored] = shape["distances"]
-    c = {"pred": pred, "batch": batch, "topo": topo, "pred_vertices": pv, "gt_vertices": gt_v, "pred_lmk68": pred68,
-         "gt_lmk68": gt68, "R": R, "R_gt": R_gt, "zn_pred": zn_pred, "zn_gt": zn_gt, "shape": shape}
+    c = M.MetricInputs(pred, batch, topo, pred_vertices=pv, gt_vertices=gt_v, pred_lmk68=pred68, gt_lmk68=gt68, R=R,
+                       R_gt=R_gt, zn_pred=zn_pred, zn_gt=zn_gt, shape=shape)
     return {name: m.sample(c) for name, m in M.METRICS.items()}, distances
 
 
@@ -123,7 +125,7 @@ def pooled_shape(distances: np.ndarray) -> dict[str, float]:
 
 
 def summarize(df, distances: np.ndarray, protocol: str = DEFAULT_SHAPE_PROTOCOL) -> dict:
-    """Means over samples of METRIC_COLUMNS, except :data:`POOLED`, pooled over every distance
+    """Means over samples of METRIC_COLUMNS, but :data:`POOLED` are pooled over every distance
     (:func:`pooled_shape`; distances [N,V], rows in ``df``'s order); n_samples; shape_protocol;
     by_attribute {attribute: {value: {metric: the same statistics over the group, "n": count}}}."""
     def stats(rows) -> dict:
@@ -180,7 +182,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
             keep[k].append(pred[k].numpy())
         keep["crop_affine"].append(batch["crop_affine"].numpy())
     if not rows:
-        raise ValueError("evaluate: the dataset is empty")
+        raise InputValueError("evaluate: the dataset is empty")
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
     vertex_error = np.full(layer.num_vertices, np.nan)
@@ -196,16 +198,25 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
 # --------------------------------------------------------------------------------------------
 # Reference predictors: what trivial or perfect predictions score with the same metrics
 # --------------------------------------------------------------------------------------------
-REFERENCES = {  # name: (ground-truth mesh?, ground-truth pose?, one sentence for the report)
-    "constant": (False, False, "the mean head (zero shape, expression and jaw), frontal, at the training "
-                 "split's median scale and position: what a network that ignores the image scores"),
-    "shape_blind": (False, True, "the mean head under the ground-truth rotation and the best weak-perspective "
-                    "scale and translation of the ground truth: perfect pose, no knowledge of shape"),
-    "pose_blind": (True, False, "the ground-truth mesh (shape, expression, jaw) at the constant predictor's "
-                   "pose: perfect shape, no knowledge of pose"),
-    "camera_floor": (True, True, "the ground-truth mesh under the ground-truth rotation and its best "
-                     "weak-perspective scale and translation: what a perfect network scores under "
-                     "DAD-3DNet's camera model"),
+@dataclass(frozen=True)
+class Reference:
+    """A reference predictor: what of the ground truth it is given, and what it stands for."""
+    gt_mesh: bool     # the ground-truth mesh (shape, expression, jaw); else the mean head
+    gt_pose: bool     # the ground-truth rotation and its best weak perspective; else the constant pose
+    description: str  # one sentence for the report
+
+
+REFERENCES = {
+    "constant": Reference(False, False, "the mean head (zero shape, expression and jaw), frontal, at the training "
+                          "split's median scale and position: what a network that ignores the image scores"),
+    "shape_blind": Reference(False, True, "the mean head under the ground-truth rotation and the best "
+                             "weak-perspective scale and translation of the ground truth: perfect pose, no "
+                             "knowledge of shape"),
+    "pose_blind": Reference(True, False, "the ground-truth mesh (shape, expression, jaw) at the constant "
+                            "predictor's pose: perfect shape, no knowledge of pose"),
+    "camera_floor": Reference(True, True, "the ground-truth mesh under the ground-truth rotation and its best "
+                              "weak-perspective scale and translation: what a perfect network scores under "
+                              "DAD-3DNet's camera model"),
 }
 
 
@@ -216,10 +227,10 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
     -> predict_batch's dict
     """
-    gt_mesh, gt_pose = REFERENCES[name][:2]
+    reference = REFERENCES[name]
     verts = batch["vertices_model"].float()
     B, S = len(verts), batch["image"].shape[-1]
-    if gt_pose:
+    if reference.gt_pose:
         R = batch["rotation"].float()
         scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), S)
         rot6d = matrix_to_rot6d(R)
@@ -229,7 +240,7 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     zeros = verts.new_zeros
     params = pack_3dmm(zeros(B, N_SHAPE), zeros(B, N_EXPR), zeros(B, N_JAW), rot6d,
                        torch.cat([trans, zeros(B, 1)], -1), (scale - 1)[:, None])
-    canonical = verts + verts.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET]) if gt_mesh else None
+    canonical = verts + verts.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET]) if reference.gt_mesh else None
     return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
 
 
@@ -259,7 +270,7 @@ def evaluate_references(params: dict, out_dir: str | Path, split: str | None = N
         write_json(out / name / "metrics.json", {**agg, "reference": name})
         results[name] = agg
     write_json(out / "references.json",
-               {"descriptions": {n: REFERENCES[n][2] for n in names}, "split": split, "prior": prior,
+               {"descriptions": {n: REFERENCES[n].description for n in names}, "split": split, "prior": prior,
                 "data_root": str(data_root(d)), "crop_size": d["crop_size"]})
     return results
 
@@ -350,7 +361,7 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
         try:
             flame_assets = flame_dir(params["data"])
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
+            raise InputFileNotFound(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
                                     "name it with --flame-assets") from None
     layer = FlameLayer(load_flame_assets(flame_assets))
     d = params["data"]

@@ -7,6 +7,7 @@ line naming the file, and locks.
     atomic_write(path, text_or_bytes)
     write_json(path, obj)
     read_bytes(path, SomeError, "what")  # one line naming the file when it cannot be read
+    except LOAD_ERRORS: ...           # what pickle.load / torch.load raise on a bad file
     with exclusive_lock(path): ...    # one process at a time (``flock``)
 
 Parent directories are created. The one home for writing a file that others read.
@@ -17,9 +18,17 @@ import contextlib
 import fcntl
 import json
 import os
+import pickle
 import sys
 import threading
 from pathlib import Path
+
+# What loading a pickle or a torch file (``torch.load``, weights only) raises on bad or missing bytes:
+# pickle's own error and the others its documentation names (AttributeError, EOFError, ImportError,
+# IndexError), the KeyError, TypeError, ValueError and OverflowError of malformed opcodes, torch.load's
+# RuntimeError for a damaged archive, and OSError for a file that cannot be read.
+LOAD_ERRORS = (pickle.UnpicklingError, AttributeError, EOFError, ImportError, IndexError, KeyError, TypeError,
+               ValueError, OverflowError, RuntimeError, OSError)
 
 
 @contextlib.contextmanager
@@ -37,7 +46,7 @@ def atomic_open(path: str | Path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    except BaseException as e:  # whatever stops the writer: the temporary file goes, the error is re-raised
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(e, OSError) and e.errno is not None:

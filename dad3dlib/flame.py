@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .files import atomic_write, read_bytes
+from .errors import InputValueError
+from .files import LOAD_ERRORS, atomic_write, read_bytes
 from .geometry import landmarks_from_vertices
 
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
@@ -41,7 +42,7 @@ DYNAMIC_FILE = "flame_dynamic_embedding.npy"
 FACES_FILE = "flame_mesh_faces.pt"
 
 
-class FlameFormatError(ValueError):
+class FlameFormatError(InputValueError):
     """A FLAME asset file is missing, refused or malformed; the message names the file."""
 
 
@@ -102,7 +103,7 @@ def safe_load_pickle(path: str | Path) -> object:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as e:
         raise FlameFormatError(f"{path}: refused to unpickle: {e}") from e
-    except Exception as e:  # truncated or corrupt data
+    except LOAD_ERRORS as e:  # truncated or corrupt data
         raise FlameFormatError(f"{path}: not a valid pickle ({type(e).__name__}: {e})") from e
 
 
@@ -231,13 +232,13 @@ def load_npy_dict(path: Path) -> dict:
             major, _ = np.lib.format.read_magic(f)
             read_header = {1: np.lib.format.read_array_header_1_0, 2: np.lib.format.read_array_header_2_0}
             shape, _, dtype = read_header[major](f)
-        except Exception as e:
+        except (ValueError, KeyError) as e:  # not the magic string, another major version, a bad header
             raise FlameFormatError(f"{path}: not a .npy file ({e})") from e
         if dtype != object or shape != ():
             raise FlameFormatError(f"{path}: expected a dict saved with np.save, got {dtype} {shape}")
         try:
             obj = _RestrictedUnpickler(f, encoding="latin1").load()
-        except Exception as e:
+        except LOAD_ERRORS as e:
             raise FlameFormatError(f"{path}: refused to unpickle: {e}") from e
     return obj[()] if isinstance(obj, np.ndarray) else obj
 
@@ -245,7 +246,7 @@ def load_npy_dict(path: Path) -> dict:
 def _load_faces_pt(path: Path) -> np.ndarray:
     try:
         faces = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise FlameFormatError(f"{path}: cannot load faces ({e})") from e
     return np.asarray(faces, dtype=np.int64)
 

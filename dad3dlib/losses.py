@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import InputValueError
+
 L3D_SUBSET_WEIGHTS = {"head": 0.5, "face_w_ears": 0.75, "face": 1.0}
 LPROJ_SUBSET_WEIGHTS = {"face": 0.5, "face_w_ears": 0.5}
 REFERENCE_CROP = 256  # px: the crop side whose pixels measure L_proj
@@ -333,21 +335,21 @@ def _awing(loss, p, b):
 
 def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
     """The loss weights as floats: exactly the keys of :data:`LOSS_TERMS` (0 switches a term off), each
-    finite and >= 0, not all zero; ValueError naming ``source`` otherwise. The one check of loss
+    finite and >= 0, not all zero; InputValueError naming ``source`` otherwise. The one check of loss
     weights (params files, :class:`DADLoss`)."""
     names = tuple(LOSS_TERMS)
     if not isinstance(lambdas, dict):
-        raise ValueError(f"{source}: loss.lambdas must be a mapping of {names}, got {lambdas!r}")
+        raise InputValueError(f"{source}: loss.lambdas must be a mapping of {names}, got {lambdas!r}")
     unknown, missing = set(lambdas) - set(names), [k for k in names if k not in lambdas]
     if unknown:
-        raise ValueError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {names}")
+        raise InputValueError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {names}")
     if missing:
-        raise ValueError(f"{source}: loss.lambdas misses {missing}; list all of {names} (0 switches a term off)")
+        raise InputValueError(f"{source}: loss.lambdas misses {missing}; list all of {names} (0 switches a term off)")
     for k, v in lambdas.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
+            raise InputValueError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
     if not any(lambdas.values()):
-        raise ValueError(f"{source}: all loss weights are zero; nothing would be trained")
+        raise InputValueError(f"{source}: all loss weights are zero; nothing would be trained")
     return {k: float(lambdas[k]) for k in names}
 
 
@@ -371,7 +373,7 @@ class DADLoss(nn.Module):
         super().__init__()
         self.weights = {k: v for k, v in validate_lambdas(weights).items() if v > 0}
         if heatmap_loss not in HEATMAP_LOSSES:
-            raise ValueError(f"unknown heatmap loss '{heatmap_loss}' (known: {sorted(HEATMAP_LOSSES)})")
+            raise InputValueError(f"unknown heatmap loss '{heatmap_loss}' (known: {sorted(HEATMAP_LOSSES)})")
         self.heatmap_loss = HEATMAP_LOSSES[heatmap_loss]
         self.vertex_subsets = VertexSubsets({name: subsets[name] for name in L3D_SUBSET_WEIGHTS})
 

@@ -10,14 +10,14 @@ Shapes: B batch, V vertices, N points of a subset, L landmarks, F faces.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .flame import ALIGN7, FlameLayer, rot6d_to_matrix, split_3dmm
+from .flame import ALIGN7, FlameLayer, TopologyTensors, rot6d_to_matrix, split_3dmm
 from .geometry import crop_to_image, flip_yz
 
 MM_PER_METRE = 1000.0
@@ -533,6 +533,38 @@ SCOPES = ("study", "benchmark", "attributes")
 
 
 @dataclass(frozen=True)
+class MetricInputs:
+    """What each metric's ``sample`` reads for a batch of B samples, built by ``evaluate.sample_metrics``."""
+    pred: dict               # ``evaluate.predict_batch``'s output (CPU)
+    batch: dict              # the data's batch (docs/ARCHITECTURE.md), as given to sample_metrics
+    topo: TopologyTensors
+    pred_vertices: Tensor    # [B,V,3] the predicted canonical model-space mesh, float64
+    gt_vertices: Tensor      # [B,V,3] the GT model-space mesh, float64
+    pred_lmk68: Tensor       # [B,68,3] the landmarks of pred_vertices
+    gt_lmk68: Tensor         # [B,68,3] the landmarks of gt_vertices
+    R: Tensor                # [B,3,3] the predicted rotation, float64
+    R_gt: Tensor             # [B,3,3] the GT rotation, float64
+    zn_pred: Tensor          # [B,N,3] the Z_n head points of the predicted image-space mesh, float32
+    zn_gt: Tensor            # [B,N,3] the Z_n head points of the GT posed by R_gt, float32
+    shape: dict              # :func:`shape_error_mm`'s dict
+
+
+@dataclass(frozen=True)
+class BenchmarkGT:
+    """The ground truth a benchmark metric reads for b rows, prepared by ``benchmark.Scorer.prepare``
+    from the benchmark's GT file."""
+    landmarks_2d: Tensor     # [b,68,2] image pixels
+    world: Tensor            # [b,V,3] the mesh under its model-view matrix
+    landmarks_world: Tensor  # [b,68,3] the landmarks of world
+    rotation: Tensor         # [b,3,3] the model-view rotation, y and z flipped
+    bbox: Tensor             # [b,4] x, y, w, h
+
+    def rows(self, idx: Tensor) -> BenchmarkGT:
+        """The same for rows ``idx``."""
+        return BenchmarkGT(*(getattr(self, f.name)[idx] for f in fields(self)))
+
+
+@dataclass(frozen=True)
 class Metric:
     """One metric: every table, plot and list of metrics reads it from here.
 
@@ -541,14 +573,10 @@ class Metric:
     metric is computed by ``evaluate``): "study" (the report's tables, ``summary.csv``, the
     differences from the baseline), "benchmark" (``python -m dad3dlib benchmark``; needs
     ``benchmark``), "attributes" (the report's plots by image attribute).
-    ``sample(c) -> [B]``: the value per sample in a study's evaluation, from the batch context
-    ``c`` that ``evaluate.sample_metrics`` builds: ``pred`` and ``batch`` (as given to it),
-    ``topo`` (flame.TopologyTensors), ``pred_vertices`` / ``gt_vertices`` [B,V,3] canonical predicted
-    and GT model-space meshes (float64), ``pred_lmk68`` / ``gt_lmk68`` [B,68,3] their landmarks,
-    ``R`` / ``R_gt`` [B,3,3], ``zn_pred`` / ``zn_gt`` [B,N,3] the Z_n head points (predicted image
-    space, GT posed; float32), ``shape`` (:func:`shape_error_mm`'s dict).
+    ``sample(c) -> [B]``: the value per sample in a study's evaluation, from the batch's
+    :class:`MetricInputs` ``c``.
     ``benchmark``: (the submission keys it needs, ``fn(g, p, scorer) -> [b]``) on the benchmark's
-    file formats (see ``benchmark.Scorer``: ``g`` its prepared GT, ``p`` the stacked predictions).
+    file formats (see ``benchmark.Scorer``: ``g`` its prepared :class:`BenchmarkGT`, ``p`` the stacked predictions).
     ``short``: its column header in the benchmark's per-attribute table.
     """
     name: str
@@ -586,47 +614,46 @@ def metric_names(scope: str | None = None) -> tuple[str, ...]:
 
 def _bench_zn(g: dict, p: dict, s) -> tuple[Tensor, Tensor]:
     """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
-    return p["N_landmarks_3d"][:, s.z_n].float(), (-g["world"][:, s.z_n]).float()
+    return p["N_landmarks_3d"][:, s.z_n].float(), (-g.world[:, s.z_n]).float()
 
 
 def _bench_rotation(fn):
-    return (("rotation_matrix",), lambda g, p, s: fn(p["rotation_matrix"], g["rotation"]))
+    return (("rotation_matrix",), lambda g, p, s: fn(p["rotation_matrix"], g.rotation))
 
 
-register_metric("median_mm", "Median (mm)", "lower", lambda c: c["shape"]["median"], scopes=("study",))
-register_metric("mean_mm", "Mean (mm)", "lower", lambda c: c["shape"]["mean"], scopes=("study", "attributes"))
-register_metric("std_mm", "Std (mm)", "lower", lambda c: c["shape"]["std"], scopes=("study",))
-register_metric("angle_error_deg", "Angle error (°)", "lower", lambda c: angle_error_deg(c["R"], c["R_gt"]),
+register_metric("median_mm", "Median (mm)", "lower", lambda c: c.shape["median"], scopes=("study",))
+register_metric("mean_mm", "Mean (mm)", "lower", lambda c: c.shape["mean"], scopes=("study", "attributes"))
+register_metric("std_mm", "Std (mm)", "lower", lambda c: c.shape["std"], scopes=("study",))
+register_metric("angle_error_deg", "Angle error (°)", "lower", lambda c: angle_error_deg(c.R, c.R_gt),
                 scopes=("study", "benchmark", "attributes"), benchmark=_bench_rotation(angle_error_deg),
                 short="angle_deg")
 register_metric(
     "nme_reprojection", "Reprojection NME", "lower",
-    lambda c: nme_reprojection(c["pred"]["landmarks_2d_image"].double(), c["batch"]["landmarks_2d_image"].double(),
-                               c["batch"]["bbox"].double()),
+    lambda c: nme_reprojection(c.pred["landmarks_2d_image"].double(), c.batch["landmarks_2d_image"].double(),
+                               c.batch["bbox"].double()),
     scopes=("study", "benchmark", "attributes"), short="nme",
-    benchmark=(("68_landmarks_2d",), lambda g, p, s: nme_reprojection(p["68_landmarks_2d"], g["landmarks_2d"],
-                                                                       g["bbox"])))
+    benchmark=(("68_landmarks_2d",), lambda g, p, s: nme_reprojection(p["68_landmarks_2d"], g.landmarks_2d, g.bbox)))
 register_metric("z5_accuracy", "Z₅ accuracy (reference pairing)", "higher",
-                lambda c: z_n_accuracy_reference(c["zn_pred"], c["zn_gt"], Z_N), precision=3,
+                lambda c: z_n_accuracy_reference(c.zn_pred, c.zn_gt, Z_N), precision=3,
                 scopes=("study", "benchmark"), short="z5",
                 benchmark=((FLAME_MESH,), lambda g, p, s: z_n_accuracy_reference(*_bench_zn(g, p, s), Z_N).double()))
 register_metric("z5_accuracy_local", "Z₅ accuracy (5 nearest, paper)", "higher",
-                lambda c: z_n_accuracy_local(c["zn_pred"], c["zn_gt"], Z_N), precision=3,
+                lambda c: z_n_accuracy_local(c.zn_pred, c.zn_gt, Z_N), precision=3,
                 scopes=("study", "benchmark"), short="z5_local",
                 benchmark=((FLAME_MESH,), lambda g, p, s: z_n_accuracy_local(*_bench_zn(g, p, s), Z_N).double()))
-register_metric("pose_error", "Pose error (‖I − R·R_gtᵀ‖_F)", "lower", lambda c: pose_error(c["R"], c["R_gt"]),
+register_metric("pose_error", "Pose error (‖I − R·R_gtᵀ‖_F)", "lower", lambda c: pose_error(c.R, c.R_gt),
                 scopes=("benchmark",), benchmark=_bench_rotation(pose_error))
 for _i, _axis in enumerate(("yaw", "pitch", "roll")):
     register_metric(f"{_axis}_error_deg", f"{_axis.capitalize()} error (°)", "lower",
-                    lambda c, i=_i: yaw_pitch_roll_error_deg(c["R"], c["R_gt"])[:, i])
+                    lambda c, i=_i: yaw_pitch_roll_error_deg(c.R, c.R_gt)[:, i])
 register_metric(
     "chamfer", "Chamfer (reference)", "lower",
-    lambda c: chamfer_reference(c["pred_vertices"], c["pred_lmk68"][:, list(ALIGN7)], c["gt_vertices"],
-                                c["gt_lmk68"], c["topo"].face),
+    lambda c: chamfer_reference(c.pred_vertices, c.pred_lmk68[:, list(ALIGN7)], c.gt_vertices, c.gt_lmk68,
+                                c.topo.face),
     scopes=("benchmark",),
     benchmark=(("N_landmarks_3d", "7_landmarks_3d"),
-               lambda g, p, s: chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g["world"],
-                                                 g["landmarks_world"], s.face)))
+               lambda g, p, s: chamfer_reference(p["N_landmarks_3d"], p["7_landmarks_3d"], g.world, g.landmarks_world,
+                                                 s.face)))
 
 
 def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tensor]:
@@ -642,4 +669,5 @@ __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
            "knn", "similarity_align", "point_to_surface_distance", "nearest_surface_points",
            "now_crop_sphere", "now_crop_mask", "scan_to_mesh_refine", "shape_error_mm", "SHAPE_PROTOCOLS",
-           "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "METRICS", "register_metric", "metric_names"]
+           "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "MetricInputs", "BenchmarkGT", "METRICS",
+           "register_metric", "metric_names"]

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import MODEL_ONLY_KEYS
+from .errors import InputFileNotFound, InputValueError
+from .files import LOAD_ERRORS
 from .flame import N_3DMM, N_EXPR, N_JAW, N_SHAPE, fit_weak_perspective
 from .geometry import FRONTAL_ROT6D
 
@@ -66,13 +68,13 @@ class SplitEncoder(nn.Module):
             load_encoder_weights(enc, pretrained_path)
         kind = type(enc).__name__
         if kind not in _SEQUENCERS:
-            raise ValueError(f"encoder '{name}': timm feature class {kind} is not supported "
-                             f"(supported: {sorted(_SEQUENCERS)})")
+            raise InputValueError(f"encoder '{name}': timm feature class {kind} is not supported "
+                                  f"(supported: {sorted(_SEQUENCERS)})")
         info = enc.feature_info
         taps = {r: m.replace(".", "_") for r, m in zip(info.reduction(), info.module_name())}
         missing = [r for r in (4, 8, 16, 32) if r not in taps]
         if missing:
-            raise ValueError(f"encoder '{name}' has no feature stage at stride(s) {missing}")
+            raise InputValueError(f"encoder '{name}' has no feature stage at stride(s) {missing}")
         self.channels = {r: c for r, c in zip(info.reduction(), info.channels()) if r in (4, 8, 16, 32)}
         mods = _SEQUENCERS[kind](enc)
         names = [n for n, _ in mods]
@@ -102,7 +104,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     ``state_dict``/``model`` entry, a leading ``module.`` prefix removed."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+        raise InputFileNotFound(f"{path}: pretrained weights file not found")
+    from safetensors import SafetensorError
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -110,13 +114,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    except (*LOAD_ERRORS, SafetensorError) as e:
+        raise InputValueError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
     for key in ("state_dict", "model"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        raise InputValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
     return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, Tensor)}
 
 
@@ -138,8 +142,8 @@ def load_encoder_weights(enc: nn.Module, path: str | Path) -> None:
         else:
             missing.append(key)
     if missing:
-        raise ValueError(f"{path}: {len(missing)} encoder tensors missing or of another shape, "
-                         f"e.g. {missing[:3]}")
+        raise InputValueError(f"{path}: {len(missing)} encoder tensors missing or of another shape, "
+                              f"e.g. {missing[:3]}")
     enc.load_state_dict(loaded)
 
 
@@ -157,7 +161,7 @@ LEVEL_NAMES = {3: ("fine", "mid", "coarse"), 5: ("p3", "p4", "p5", "p6", "p7")} 
 
 def _choice(setting: str, value, known) -> None:
     if value not in known:
-        raise ValueError(f"model.{setting} must be one of {sorted(known)}, got {value!r}")
+        raise InputValueError(f"model.{setting} must be one of {sorted(known)}, got {value!r}")
 
 
 class SeparableConvBlock(nn.Sequential):
@@ -258,7 +262,7 @@ class BiFPN(nn.Module):
         _choice("bifpn_lateral", lateral, BIFPN_LATERALS)
         _choice("bifpn_act", block["act"], BIFPN_ACTIVATIONS)
         if not (isinstance(block["kernel"], int) and block["kernel"] >= 1 and block["kernel"] % 2):
-            raise ValueError(f"model.bifpn_depthwise_kernel must be an odd integer >= 1, got {block['kernel']!r}")
+            raise InputValueError(f"model.bifpn_depthwise_kernel must be an odd integer >= 1, got {block['kernel']!r}")
         bn = lambda: nn.BatchNorm2d(filters, eps=block["bn_eps"], momentum=block["bn_momentum"])  # noqa: E731
         self.lateral = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, filters, 1, bias=False), bn()) if lateral == "bn" else nn.Conv2d(c, filters, 1)
@@ -373,11 +377,11 @@ def create_model(cfg: dict) -> nn.Module:
     cfg = dict(cfg)
     name = cfg.pop("name", "dad3dnet")
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}' (known: {sorted(MODELS)})")
+        raise InputValueError(f"unknown model '{name}' (known: {sorted(MODELS)})")
     try:
         return MODELS[name](**cfg)
     except TypeError as e:
-        raise ValueError(f"model '{name}': bad config keys {sorted(cfg)} ({e})") from e
+        raise InputValueError(f"model '{name}': bad config keys {sorted(cfg)} ({e})") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +391,7 @@ def checkpoint_step(path: Path) -> int | None:
     """The global step a training checkpoint was written at; None when it cannot be read."""
     try:
         return int(torch.load(path, map_location="cpu", weights_only=True)["global_step"])
-    except Exception:
+    except LOAD_ERRORS:  # no file, a damaged one, one without a step (KeyError, TypeError)
         return None
 
 
@@ -396,8 +400,10 @@ def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, 
     ckpt = Path(ckpt)
     try:
         data = torch.load(ckpt, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    except LOAD_ERRORS as e:
+        raise InputValueError(f"{ckpt}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict) or not {"hyper_parameters", "state_dict"} <= set(data):
+        raise InputValueError(f"{ckpt}: not a training checkpoint (no hyper_parameters and state_dict)")
     params = data["hyper_parameters"]["params"]
     cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS} | {"pretrained_path": None}
     model = create_model(cfg)

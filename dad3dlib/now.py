@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from .data import normalize_image, read_image, sample_affine, warp_crop
+from .errors import InputError, InputFileNotFound, InputValueError
 from .files import atomic_open, atomic_write
 from .flame import FlameLayer, load_npy_dict, split_3dmm
 
@@ -58,17 +59,17 @@ def read_face_box(path: str | Path) -> np.ndarray:
     bottom - top). Read restrictedly (numpy arrays and scalars only); one error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: face box not found")
+        raise InputFileNotFound(f"{path}: face box not found")
     box = load_npy_dict(path)
     if not isinstance(box, dict) or any(k not in box for k in BOX_KEYS):
-        raise ValueError(f"{path}: expected a dict with keys {list(BOX_KEYS)}")
+        raise InputValueError(f"{path}: expected a dict with keys {list(BOX_KEYS)}")
     try:
         left, right, top, bottom = (float(box[k]) for k in BOX_KEYS)
     except (TypeError, ValueError) as e:
-        raise ValueError(f"{path}: the face box values are not numbers ({e})") from None
+        raise InputValueError(f"{path}: the face box values are not numbers ({e})") from None
     if not all(map(math.isfinite, (left, right, top, bottom))) or right <= left or bottom <= top:
-        raise ValueError(f"{path}: bad face box {dict(zip(BOX_KEYS, (left, right, top, bottom)))} "
-                         "(expected finite values with right > left and bottom > top)")
+        raise InputValueError(f"{path}: bad face box {dict(zip(BOX_KEYS, (left, right, top, bottom)))} "
+                              "(expected finite values with right > left and bottom > top)")
     return np.array([left, top, right - left, bottom - top])
 
 
@@ -81,11 +82,11 @@ def release_items(root: str | Path) -> list[dict]:
     if (root / RELEASE_DIR).is_dir():
         root = root / RELEASE_DIR
     if not (root / IMAGES_DIR).is_dir():
-        raise FileNotFoundError(f"{root}: no {IMAGES_DIR}/ (expected a NoW release folder holding "
+        raise InputFileNotFound(f"{root}: no {IMAGES_DIR}/ (expected a NoW release folder holding "
                                 f"{IMAGES_DIR}/<subject>/<challenge>/ and {BOXES_DIR}/)")
     images = sorted(p for p in (root / IMAGES_DIR).glob("*/*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{root / IMAGES_DIR}: no images <subject>/<challenge>/<name>{{.jpg,.png}}")
+        raise InputFileNotFound(f"{root / IMAGES_DIR}: no images <subject>/<challenge>/<name>{{.jpg,.png}}")
     items = []
     for img in images:
         rel = img.relative_to(root / IMAGES_DIR).with_suffix("")
@@ -108,8 +109,8 @@ class NowImages(Dataset):
         image = read_image(self.items[i]["image"])
         try:
             A = sample_affine(self.items[i]["bbox"], image.shape[1::-1], self.crop_size, self.clip_bbox)
-        except ValueError as e:
-            raise ValueError(f"{self.items[i]['image']}: {e}") from None
+        except InputError as e:
+            raise InputValueError(f"{self.items[i]['image']}: {e}") from None
         crop = warp_crop(image, A, self.crop_size)
         return {"image": normalize_image(crop), "crop_affine": torch.tensor(A, dtype=torch.float32),
                 "index": torch.tensor(i)}

@@ -19,8 +19,8 @@ from .losses import LOSS_TERMS
 from .metrics import METRICS as REGISTRY
 from .metrics import metric_names
 
-# name: (label, lower is better), the registered metrics in the study scope (metrics.METRICS)
-METRICS = {k: (REGISTRY[k].label, REGISTRY[k].lower_is_better) for k in metric_names("study")}
+# name: its record (metrics.Metric: label, lower_is_better, ...), the registered metrics in the study scope
+METRICS = {k: REGISTRY[k] for k in metric_names("study")}
 ATTRIBUTE_METRICS = metric_names("attributes")  # plotted by image attribute, the explorer's captions
 # The report's training curves: each term unweighted, per step while it is trained and at each
 # validation for every run (those whose weight is 0 too); train/<term> holds the weighted contributions.
@@ -265,7 +265,7 @@ def baseline_differences(per_sample: pd.DataFrame, baseline: str = "baseline",
     out[["lo", "hi", "p"]] = out[["lo", "hi", "p"]].where(tested)
     primary = tested & (out.role == PRIMARY)
     out["p_holm"] = stats.holm(out.p.where(primary).to_numpy())
-    lower = [METRICS[k][1] for k in out.metric]
+    lower = [METRICS[k].lower_is_better for k in out.metric]
     verdict = stats.verdicts(out.delta, np.where(out.role == PRIMARY, out.p_holm, out.p), lower)
     out["verdict"] = np.where(out.alias, "same run as baseline", np.where(out.seeds > 1, verdict, stats.UNMEASURED))
     out["hypothesis"] = np.where(primary, stats.hypothesis_verdicts(out.verdict, out.expected), "")
@@ -326,7 +326,7 @@ def format_differences(differences: pd.DataFrame, split: str = UNRECORDED_SPLIT)
         index="ablation", columns="metric", values="cell")
     table = table.reindex(index=list(dict.fromkeys(differences.ablation)),
                           columns=[k for k in METRICS if k in table.columns])
-    return table.rename(columns={k: label for k, (label, _) in METRICS.items()}).rename_axis(index=None, columns=None)
+    return table.rename(columns={k: m.label for k, m in METRICS.items()}).rename_axis(index=None, columns=None)
 
 
 def verdict_label(r) -> str:
@@ -395,7 +395,7 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
         se_img = _own_image_se(per_sample, r.ablation).get(r.metric, 0.0)
         matches = [f"`{name}`'s ({format_metric(r.metric, ref[r.metric])})" for name, ref in refs.iterrows()
                    if r.metric in ref and equals_reference(values, ref[r.metric], se_img)]
-        return f"its {METRICS[r.metric][0]} equals " + " and ".join(matches) if matches else ""
+        return f"its {METRICS[r.metric].label} equals " + " and ".join(matches) if matches else ""
 
     if seeds < 2:
         intro = ("Training noise is unmeasured: this study has one seed per ablation, so no difference "
@@ -422,7 +422,7 @@ def findings(runs: pd.DataFrame, differences: pd.DataFrame, references: pd.DataF
         effects = []
         for r in shown.itertuples():
             interval = "" if one_seed else f" {_interval(r.metric, r.lo, r.hi)} {r.verdict}"
-            effects.append(f"{METRICS[r.metric][0]} {format_metric(r.metric, r.delta, True)}{interval}")
+            effects.append(f"{METRICS[r.metric].label} {format_metric(r.metric, r.delta, True)}{interval}")
         text = f"- **{abl}**: " + ", ".join(effects) + (
             " (not yet distinguishable from training noise)" if one_seed else f" than `{baseline}`")
         same = [t for t in map(same_as_references, shown.itertuples()) if t]
@@ -453,7 +453,7 @@ def design_note(differences: pd.DataFrame, baseline: str = "baseline") -> str:
 
 def _primary_line(r, split: str, same: str) -> str:
     """One primary comparison of :func:`findings` (a row of :func:`baseline_differences`)."""
-    label = METRICS[r.metric][0]
+    label = METRICS[r.metric].label
     head = f"- **{r.ablation}**: {label} expected {r.expected}"
     if r.seeds < 2:
         return f"{head}: {r.verdict}."
@@ -482,7 +482,7 @@ def detectable_table(differences: pd.DataFrame) -> pd.DataFrame:
                        for r in d.itertuples()])
     table = d.pivot(index="ablation", columns="metric", values="cell")
     table = table.reindex(index=list(dict.fromkeys(d.ablation)), columns=[k for k in METRICS if k in table.columns])
-    table = table.rename(columns={k: label for k, (label, _) in METRICS.items()})
+    table = table.rename(columns={k: m.label for k, m in METRICS.items()})
     table.insert(0, "seeds", d.groupby("ablation", sort=False).seeds.max())
     return table.rename_axis(index=None, columns=None)
 
@@ -542,7 +542,8 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     (just the value with one seed and for reference predictors), the references' descriptions."""
     out = pd.DataFrame({"kind": summary.kind,
                         "seeds": summary.seeds.astype("string").fillna("")}, index=summary.index)
-    for k, (label, _) in METRICS.items():
+    for k in METRICS:
+        label = METRICS[k].label
         out[label] = [format_metric(k, m) + (f" ({format_metric(k, lo)}–{format_metric(k, hi)})" if n > 1 else "")
                       for m, lo, hi, n in zip(summary[k], summary[k + "_min"], summary[k + "_max"],
                                               summary.seeds.fillna(0))]

@@ -43,8 +43,9 @@ from pathlib import Path
 from . import REPO_ROOT
 from .config import (DEFAULT_SHAPE_PROTOCOL, TRAINING_RECORD, ParamsError, available, data_overrides, run_params,
                      save_params, shape_protocol, synthetic_recipe, training_fingerprint)
+from .errors import InputFileNotFound
 from .files import atomic_write, exclusive_lock, write_json, write_record
-from .launch import execute_runs_submitit, launcher_settings
+from .launch import ClusterError, execute_runs_submitit, launcher_settings
 from .progress import StudyProgress
 from .synthetic_data import DATASET_DIR
 
@@ -254,6 +255,10 @@ class Interrupt:
         if self._presses == 1:
             print("\ninterrupted: starting no more runs, stopping the running notebooks (checkpoints are kept; "
                   "Ctrl-C again kills them)", file=sys.stderr)
+        self.set()
+
+    def set(self) -> None:
+        """What Ctrl-C does, from code (a job's time limit near, :func:`dad3dlib.launch.run_job`)."""
         self._event.set()
         self.signal_kernels()
 
@@ -444,12 +449,9 @@ def study_jobs(params: dict, jobs: int | None = None, launcher: str = "local") -
 
 def devices_for(jobs: int) -> list[str]:
     """One device string per concurrent job: a GPU each when there are GPUs, else the CPU."""
-    try:
-        import torch
+    import torch
 
-        n = torch.cuda.device_count()
-    except Exception:
-        n = 0
+    n = torch.cuda.device_count()  # 0 without CUDA or with a broken driver (torch warns), never raises
     return [f"cuda:{i % n}" for i in range(jobs)] if n else ["cpu"] * jobs
 
 
@@ -467,7 +469,7 @@ def ensure_data(params: dict) -> Path:
             print(f"{root}: generating the data set ({why})", flush=True)
             make_data(root, recipe, params["data"].get("flame_path"), name=params.get("preset", "custom"))
     elif not (root / DATASET_DIR).is_dir():
-        raise FileNotFoundError(f"data directory {root} not found (expected the DAD-3DHeads layout "
+        raise InputFileNotFound(f"data directory {root} not found (expected the DAD-3DHeads layout "
                                 f"{root / DATASET_DIR}/{{train,val,test}}); set data.root or --data")
     return root
 
@@ -490,7 +492,7 @@ class BackgroundJob:
         torch.set_num_threads(1)
         try:
             fn(*args)
-        except Exception as e:
+        except Exception as e:  # any failure, told by wait(): the study goes on without this job's output
             self.error = e
 
     def wait(self, what: str) -> bool:
@@ -633,7 +635,7 @@ def run_study(preset: str, out: Path, seeds: int | None = None, jobs: int | None
                 references.wait("reference predictors")  # the runs stand without them
                 try:
                     report = write_report(out, stop, timeout)
-                except Exception:
+                except Exception:  # whatever Ctrl-C broke in the report's notebooks; any other is re-raised
                     if not stop.is_set():
                         raise
         record.update(failed=[r["run"] for r in failed], report=report and str(report), jobs=jobs,
@@ -668,9 +670,11 @@ def main(argv: list[str] | None = None) -> int:
                          help="local: runs execute here; slurm: one SLURM job array through submitit; "
                               "submitit-local: the same jobs as processes on this machine")
     cluster.add_argument("--partition", help="SLURM partition")
-    cluster.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job (slurm; default 1)")
+    cluster.add_argument("--gpus-per-run", type=int, help="GPUs of each run's job (slurm; default: 1 when the "
+                         "partition has GPUs, else 0)")
     cluster.add_argument("--cpus-per-run", type=int, help="CPU cores of each run's job")
-    cluster.add_argument("--time", type=int, dest="time_min", help="time limit of each job in minutes (default 720)")
+    cluster.add_argument("--time", type=int, dest="time_min", help="time limit of each job in minutes (default 720); "
+                         "the job stops its notebook a quarter of it, at most 90 s, before")
     cluster.add_argument("--mem", type=int, dest="mem_gb", help="memory of each job in GB")
     cluster.add_argument("--account", help="SLURM account")
     cluster.add_argument("--qos", help="SLURM quality of service")
@@ -682,16 +686,18 @@ def main(argv: list[str] | None = None) -> int:
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
     try:
         record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides, launcher)
-    except (ParamsError, StudyBusy, OSError) as e:  # OSError: a missing data set, a full disk (names the file)
-        print(f"error: {e}", file=sys.stderr)
+    except (ParamsError, StudyBusy, ClusterError, OSError) as e:  # OSError: a missing data set, a full disk
+        print(f"error: {e}", file=sys.stderr)                       # (names the file)
         return 2
     except KeyboardInterrupt:  # before the runs started (planning, data generation)
         record = {"interrupted": True}
+    command = shlex.join(["python", "-m", "dad3dlib", "study", *(sys.argv[1:] if argv is None else argv)])
     if record.get("interrupted"):
-        command = shlex.join(["python", "-m", "dad3dlib", "study", *(sys.argv[1:] if argv is None else argv)])
         unfinished = f": {len(record['unfinished'])} run(s) unfinished, their checkpoints kept" \
             if "unfinished" in record else ""
         print(f"\ninterrupted{unfinished}; resume with: {command}", file=sys.stderr)
         return 130
     print(f"report: {record['report']}")
+    if record["failed"]:
+        print(f"{len(record['failed'])} run(s) failed; once the cause is fixed, resume with: {command}", file=sys.stderr)
     return 1 if record["failed"] else 0

@@ -518,7 +518,7 @@ def _init_worker(flame_assets, recipe, root, pool: bool = False) -> None:
         os.environ.setdefault("LP_NUM_THREADS", "0")
     try:
         _WORKER.update(gen=Generator(flame_assets, recipe), root=Path(root))
-    except Exception as e:  # raised by the first job: a pool respawns a failing initializer forever
+    except Exception as e:  # re-raised by the first job (a pool respawns a failing initializer forever): none hidden
         _WORKER.update(error=e)
 
 
@@ -656,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = {**recipe, "seed": args.seed}
     try:
         recipe = synthetic_recipe(recipe)
-    except ValueError as e:
+    except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
     out = make_data(args.out, recipe, args.flame_assets, args.workers, name=path.stem)
     record = json.loads((Path(args.out) / "make_data.json").read_text())

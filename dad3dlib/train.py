@@ -89,7 +89,7 @@ from .board import BOARD_DIR
 from .config import (CHECKPOINT_POLICY, MODEL_ONLY_KEYS, TRAINING_RECORD, ParamsError, evaluation_checkpoint,
                      load_params, save_params, with_defaults)
 from .data import flame_dir, open_split, split_protocol
-from .files import atomic_open, write_json
+from .files import LOAD_ERRORS, atomic_open, write_json
 from .flame import SUBSETS, FlameAssets, FlameLayer, load_flame_assets
 from .losses import LOSS_TERMS, DADLoss
 from .metrics import batch_metrics
@@ -218,7 +218,7 @@ def _plateau(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
 def _onecycle(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
-        raise ValueError("params: optim.schedule 'onecycle' needs a bounded run (trainer.max_steps or max_epochs)")
+        raise ParamsError("params: optim.schedule 'onecycle' needs a bounded run (trainer.max_steps or max_epochs)")
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(int(total), 1),
                                                 pct_start=o["warmup_fraction"], anneal_strategy="cos")
     return {"scheduler": sched, "interval": "step"}
@@ -262,11 +262,11 @@ def check_shares(sizes: dict[str, int], world: int, batch_size: int) -> None:
     skip validation while the others wait for it in the reduction of the means). sizes: {"train":
     samples, "val": samples}."""
     if sizes["train"] // world < batch_size:
-        raise ValueError(f"params: {sizes['train']} training samples make no full batch of data.batch_size "
-                         f"{batch_size} for each of {world} process(es)")
+        raise ParamsError(f"params: {sizes['train']} training samples make no full batch of data.batch_size "
+                          f"{batch_size} for each of {world} process(es)")
     if sizes["val"] < world:
-        raise ValueError(f"params: {sizes['val']} validation samples for {world} processes: each needs at least "
-                         "one (use fewer processes)")
+        raise ParamsError(f"params: {sizes['val']} validation samples for {world} processes: each needs at least "
+                          "one (use fewer processes)")
 
 
 def process_rank(rank: int | None = None, world: int | None = None) -> tuple[int, int]:
@@ -556,15 +556,15 @@ def check_resumable(out_dir: Path, params: dict) -> None:
     continue another experiment. Trainer settings (devices, threads, more epochs) may change."""
     try:
         before = with_defaults(load_params(out_dir / "params.yaml"))
-    except (ParamsError, ValueError):
+    except ParamsError:
         return  # no readable record of the first start: nothing to compare with
     changed = [f"{section}.{k}" for section in RESUME_MUST_MATCH
                for k in sorted(set(before[section]) | set(params[section]))
                if before[section].get(k) != params[section].get(k)]
     if changed:
-        raise ValueError(f"{out_dir}: holds a run started with other params ({', '.join(changed)} differ from "
-                         f"{out_dir / 'params.yaml'}); it cannot be resumed with these. Use another output "
-                         "directory, or delete this one to start afresh")
+        raise ParamsError(f"{out_dir}: holds a run started with other params ({', '.join(changed)} differ from "
+                          f"{out_dir / 'params.yaml'}); it cannot be resumed with these. Use another output "
+                          "directory, or delete this one to start afresh")
 
 
 def resume_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -577,7 +577,7 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
             continue
         try:
             torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except LOAD_ERRORS as e:
             first_line = (str(e).strip().splitlines() or [""])[0]
             bad.append(f"{path}: unreadable checkpoint ({type(e).__name__}: {first_line})")
             continue
@@ -604,8 +604,8 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     out_dir = Path(out_dir)
     if _in_kernel() and _relaunches_command(params["trainer"]):
         if datasets is not None or callbacks:
-            raise ValueError("params: trainer.strategy 'ddp' starts its processes by running a command; from an "
-                             "interactive session it trains from the params alone (no datasets or callbacks)")
+            raise ParamsError("params: trainer.strategy 'ddp' starts its processes by running a command; from an "
+                              "interactive session it trains from the params alone (no datasets or callbacks)")
         return train_in_child(params, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.ckpt"

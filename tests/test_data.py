@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import as_released, tiny_flame_assets
-from dad3dlib import data
+from dad3dlib import cli, data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
 from dad3dlib.geometry import project
@@ -453,13 +453,13 @@ def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
 
 def test_flame_vertex_count_mismatch_is_one_line(other_flame, tmp_path, capsys, monkeypatch):
     from dad3dlib.flame import save_flame_assets
-    from dad3dlib.viz import main_show_data
 
     root, _ = other_flame
     small = tiny_flame_assets(n_vertices=45, n_faces=40)
     wrong = save_flame_assets(small.model, small.topology, tmp_path / "wrong")
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
-    assert main_show_data(["--data", str(root), "--out", str(tmp_path / "g.png"), "--flame-assets", str(wrong)]) == 2
+    argv = ["show-data", "--data", str(root), "--out", str(tmp_path / "g.png"), "--flame-assets", str(wrong)]
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "Traceback" not in err
     assert err == (f"error: {root / data.DATASET_DIR}: the data's meshes have 60 vertices but the FLAME model in "

@@ -109,7 +109,7 @@ def test_every_list_of_metrics_derives_from_the_records():
     from dad3dlib import REPO_ROOT, report
 
     assert list(report.METRICS) == [k for k, m in M.METRICS.items() if "study" in m.scopes]
-    assert all(report.METRICS[k] == (m.label, m.direction == "lower") for k, m in M.METRICS.items() if k in report.METRICS)
+    assert all(report.METRICS[k] is m for k, m in M.METRICS.items() if k in report.METRICS)
     assert BM.METRICS == M.metric_names("benchmark") and set(BM.SHORT) == set(BM.METRICS)
     assert all(BM.BENCHMARK_METRICS[k] == M.METRICS[k].benchmark for k in BM.METRICS)
     notebook = json.loads((REPO_ROOT / "notebooks" / "aggregate.ipynb").read_text())

@@ -105,7 +105,7 @@ def test_holm_runs_over_the_primary_hypotheses_only(study):
     exploratory = d[d.role == "exploratory"]
     assert len(exploratory) == 3 * len(report.METRICS) - 3 and exploratory.p_holm.isna().all()
     assert (exploratory.hypothesis == "").all() and (exploratory.expected == "").all()
-    lower = [report.METRICS[k][1] for k in exploratory.index.get_level_values("metric")]
+    lower = [report.METRICS[k].lower_is_better for k in exploratory.index.get_level_values("metric")]
     assert list(exploratory.verdict) == stats.verdicts(exploratory.delta, exploratory.p, lower)
     # without hypotheses every comparison is exploratory
     plain = report.baseline_differences(report.per_sample_table(study[0]))
@@ -118,7 +118,7 @@ def test_labels_say_which_comparisons_are_primary_and_which_are_exploratory(stud
     assert re.fullmatch(r"\+20\.00 \[\+\d+\.\d\d, \+\d+\.\d\d\] worse \(primary, Holm\): confirmed; test images only .*",
                         cells.loc["no_lproj", "Angle error (°)"])
     assert "better (primary, Holm): contradicted" in cells.loc["good", "Mean (mm)"]
-    assert "worse (exploratory, unadjusted)" in cells.loc["good", report.METRICS["z5_accuracy"][0]]
+    assert "worse (exploratory, unadjusted)" in cells.loc["good", report.METRICS["z5_accuracy"].label]
     assert cells.loc["l3d50_proj0.05", "Mean (mm)"] == "same run as baseline"
     summary = pd.read_csv(report.write_summary(root), index_col="ablation")
     assert summary.loc["good", "mean_mm_role"] == "primary" and summary.loc["good", "mean_mm_hypothesis"] == "contradicted"

@@ -357,8 +357,8 @@ def test_summary_has_every_ablation_and_metric(smoke_study):
 def test_report_html_is_self_contained(smoke_study):
     out, _, _ = smoke_study
     html = (out / "report.html").read_text()
-    for label, _ in report.METRICS.values():
-        assert label in html
+    for m in report.METRICS.values():
+        assert m.label in html
     for name in ABLATIONS:
         assert name in html
     assert html.count("data:image/png;base64") >= 5
