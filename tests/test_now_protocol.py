@@ -9,8 +9,8 @@ benchmarks/now_official/ runs the official code itself on the same release where
 The release: subjects are identities of the synthetic test split (``synthetic_data.sample_scene``),
 the scan their neutral mesh in millimetres; each subject has two "images" whose predictions are the
 NoW export's files (``now.neutral_mesh``, ``now.write_prediction``) of the identity with noise
-added. ``DAD3D_NOW_SUBJECTS=30`` runs the 30 × 2 release of the issue (about 15 minutes here); the
-suite runs 1 (a slow test).
+added. ``DAD3D_NOW_SUBJECTS=30`` runs the 30 × 2 release of the issue (half an hour here;
+benchmarks/now_agreement.py does it in minutes); the suite runs 1 subject (a slow test).
 """
 from __future__ import annotations
 
