@@ -18,6 +18,7 @@ from . import OUTPUTS_DIR, REPO_ROOT, stats
 from .errors import InputValueError
 from .files import atomic_write, read_bytes
 from .losses import LOSS_TERMS, validate_lambdas  # the objective's terms, one record each
+from .metrics import SHAPE_PROTOCOLS
 
 PARAMS_DIR = REPO_ROOT / "params"
 
@@ -176,7 +177,20 @@ FIELD_CHECKS = {
     ("optim", "lr"): (lambda v: _finite(v) and v > 0, "a finite number > 0"),
     ("optim", "weight_decay"): (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
     ("trainer", "compile"): (lambda v: isinstance(v, bool), "true or false"),
+    ("study", "shape_protocol"): (lambda v: v in SHAPE_PROTOCOLS, f"one of {', '.join(SHAPE_PROTOCOLS)}"),
 }
+DEFAULT_SHAPE_PROTOCOL = "landmarks"  # study.shape_protocol unset: what every study measured before it existed
+
+
+def shape_protocol(params: dict) -> str:
+    """How a run's 3D shape error is measured: its ``study.shape_protocol``, else
+    :data:`DEFAULT_SHAPE_PROTOCOL`; a name of :data:`metrics.SHAPE_PROTOCOLS`. An evaluation setting:
+    the study section is not part of the training fingerprint, so changing it re-trains nothing."""
+    value = (params.get("study") or {}).get("shape_protocol") or DEFAULT_SHAPE_PROTOCOL
+    ok, what = FIELD_CHECKS[("study", "shape_protocol")]
+    if not ok(value):
+        raise ParamsError(f"study.shape_protocol must be {what}, got {value!r}")
+    return value
 
 
 class ParamsError(InputValueError):

@@ -71,6 +71,16 @@ def crop_affine(bbox, margins, size: int, clip_to: tuple[int, int] | None = None
                      [0.0, s, (size - s * (y1 - y0)) / 2.0 - s * y0]])
 
 
+def sample_affine(bbox, image_size: tuple[int, int], size: int, clip_bbox: bool,
+                  rng: np.random.Generator | None = None) -> np.ndarray:
+    """The crop map of one image, for every reader that crops a face box (the data set, the NoW
+    export): the box grown per side by random margins in :data:`MARGIN_TRAIN` when ``rng`` is given
+    (training), else by :data:`MARGIN_EVAL`; cut to the image (``image_size`` (width, height)) when
+    ``clip_bbox`` (the data section's ``clip_bbox``); :func:`crop_affine`. bbox (x, y, w, h) -> [2,3]"""
+    margins = rng.uniform(*MARGIN_TRAIN, 4) if rng is not None else (MARGIN_EVAL,) * 4
+    return crop_affine(bbox, margins, size, tuple(image_size) if clip_bbox else None)
+
+
 def warp_crop(image: np.ndarray, A: np.ndarray, size: int) -> np.ndarray:
     """The S x S crop of an image [H,W,3] uint8 under A (zero padding outside the image).
 
@@ -670,10 +680,9 @@ class DAD3DHeadsDataset(Dataset):
         entry, S = self.index.entries[i], self.crop_size
         rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
         pixels, x0, y0, width, height = self._source(i)
-        margins = rng.uniform(*MARGIN_TRAIN, 4) if self.train else (MARGIN_EVAL,) * 4
         bbox = np.asarray(entry["bbox"], np.float64)
         try:
-            A = crop_affine(bbox, margins, S, (width, height) if self.clip_bbox else None)
+            A = sample_affine(bbox, (width, height), S, self.clip_bbox, rng)
         except InputError as e:
             raise InputValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
         A_pixels = A.copy()

@@ -6,11 +6,14 @@
 
 Per sample (metrics.py): reprojection NME (the predicted mesh's 68 landmarks mapped back
 to the original image), Z5 accuracy with the reference pairing and with the paper's (head
-subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (GT face
-region to the predicted canonical surface after a 7-landmark similarity alignment; median, mean,
-std) and the reference's "chamfer". The aggregate is the mean over samples, except median_mm /
-mean_mm / std_mm, which pool every face-region distance of the split (as the NoW benchmark does);
-``by_attribute`` breaks every metric down by the split's attributes.
+subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (median,
+mean, std of the GT points' distances to the predicted canonical surface, by a shape protocol of
+:data:`metrics.SHAPE_PROTOCOLS`: ``landmarks``, the FLAME face region after a 7-landmark similarity,
+or ``now``, the NoW protocol; a run's choice is its ``study.shape_protocol``,
+:func:`config.shape_protocol`) and the reference's "chamfer". The aggregate is the mean over
+samples, except median_mm / mean_mm / std_mm, which pool every scored distance of the split (as the
+NoW benchmark does); ``by_attribute`` breaks every metric down by the split's attributes the same
+way (means over samples, the three shape statistics pooled over the group's distances).
 
 The network runs on ``device``; FLAME on the same device; the metrics on CPU.
 """
@@ -28,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .config import data_root, with_defaults
+from .config import DEFAULT_SHAPE_PROTOCOL, data_root, shape_protocol, with_defaults
 from .data import flame_dir, open_split, split_protocol
 from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
@@ -74,24 +77,30 @@ def mesh_views(layer: FlameLayer, params: Tensor, crop_size: int, crop_affine: T
 
 
 def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: TopologyTensors,
-                   refine_iters: int = 0) -> tuple[dict[str, Tensor], Tensor]:
-    """Every registered metric per sample ([B] each, METRIC_COLUMNS) and the face-region
-    distances [B,P] mm.
+                   protocol: str = DEFAULT_SHAPE_PROTOCOL) -> tuple[dict[str, Tensor], Tensor]:
+    """Every registered metric per sample ([B] each, METRIC_COLUMNS) and each GT vertex's distance
+    in mm [B,V] (NaN where the protocol does not score it).
 
     pred: predict_batch's output (CPU); batch: vertices_model, rotation, landmarks_2d_image, bbox.
     Builds the :class:`metrics.MetricInputs` each metric's ``sample`` reads. Z_n compares the GT
     posed by its rotation (z forward, as the benchmark's -world) with the predicted image-space
-    mesh; the 3D metrics use the predicted canonical mesh.
+    mesh; the 3D metrics use the predicted canonical mesh. The shape error (``protocol``,
+    :func:`metrics.shape_error_mm`) compares the posed meshes, expression and jaw included: the
+    annotation is the posed GT mesh only, so no neutral GT exists to compare with (the NoW export,
+    ``now.py``, writes neutral meshes for a NoW release, whose scans are neutral).
     """
     gt_v, R_gt = batch["vertices_model"].double(), batch["rotation"].double()
     pv, R = pred["vertices_canonical"].double(), pred["rotation"].double()
     gt68, pred68 = topo.landmarks68(gt_v), topo.landmarks68(pv)
     a7 = list(ALIGN7)
     zn_pred, zn_gt = pred["vertices_image"][:, topo.z_n].float(), (gt_v @ R_gt.transpose(1, 2))[:, topo.z_n].float()
-    shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, topo.face], gt68[:, a7], topo.faces, refine_iters)
+    scored = topo.face if protocol == "landmarks" else torch.arange(gt_v.shape[1])  # "now": the sphere crops
+    shape = M.shape_error_mm(pv, pred68[:, a7], gt_v[:, scored], gt68[:, a7], topo.faces, protocol)
+    distances = torch.full(gt_v.shape[:2], float("nan"))
+    distances[:, scored] = shape["distances"]
     c = M.MetricInputs(pred, batch, topo, pred_vertices=pv, gt_vertices=gt_v, pred_lmk68=pred68, gt_lmk68=gt68, R=R,
                        R_gt=R_gt, zn_pred=zn_pred, zn_gt=zn_gt, shape=shape)
-    return {name: m.sample(c) for name, m in M.METRICS.items()}, shape["distances"]
+    return {name: m.sample(c) for name, m in M.METRICS.items()}, distances
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,31 +114,43 @@ def _attribute_key(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def summarize(df, distances: np.ndarray) -> dict:
-    """Means over samples of METRIC_COLUMNS; median_mm / mean_mm / std_mm pooled over all
-    distances [N,P]; n_samples; by_attribute {attribute: {value: {metric: mean, "n": count}}}."""
-    out = {m: float(df[m].mean()) for m in METRIC_COLUMNS}
-    pooled = distances.reshape(-1)
-    out.update(median_mm=float(np.median(pooled)), mean_mm=float(pooled.mean()), std_mm=float(pooled.std()),
-               n_samples=int(len(df)))
+POOLED = ("median_mm", "mean_mm", "std_mm")  # statistics of every distance of a group, not means over samples
+
+
+def pooled_shape(distances: np.ndarray) -> dict[str, float]:
+    """median_mm, mean_mm, std_mm (population) of every scored distance: distances [N,V], NaN
+    where not scored (the NoW benchmark's statistics pool all images' distances the same way)."""
+    d = distances[~np.isnan(distances)]
+    return {"median_mm": float(np.median(d)), "mean_mm": float(d.mean()), "std_mm": float(d.std())}
+
+
+def summarize(df, distances: np.ndarray, protocol: str = DEFAULT_SHAPE_PROTOCOL) -> dict:
+    """Means over samples of METRIC_COLUMNS, but :data:`POOLED` are pooled over every distance
+    (:func:`pooled_shape`; distances [N,V], rows in ``df``'s order); n_samples; shape_protocol;
+    by_attribute {attribute: {value: {metric: the same statistics over the group, "n": count}}}."""
+    def stats(rows) -> dict:
+        return {**{m: float(df[m].iloc[rows].mean()) for m in METRIC_COLUMNS}, **pooled_shape(distances[rows])}
+
+    out = {**stats(np.arange(len(df))), "n_samples": int(len(df)), "shape_protocol": protocol}
     attrs = [c for c in df.columns if c not in METRIC_COLUMNS and c != "item_id"]
-    out["by_attribute"] = {a: {str(v): {"n": int(len(g)), **{m: float(g[m].mean()) for m in METRIC_COLUMNS}}
-                               for v, g in df.groupby(a, sort=True)} for a in attrs}
+    out["by_attribute"] = {a: {str(v): {"n": int(len(rows)), **stats(rows)}
+                               for v, rows in df.groupby(a, sort=True).indices.items()} for a in attrs}
     return out
 
 
 def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 16, device: str = "cpu",
-             refine_iters: int = 0, num_workers: int = 0) -> tuple:
+             protocol: str = DEFAULT_SHAPE_PROTOCOL, num_workers: int = 0) -> tuple:
     """Score a model (or a checkpoint path) on a dataset with annotations: :func:`evaluate_predictor`
     with the network's predictions."""
     dev = resolve_device(device)
     model = _as_model(model_or_ckpt).to(dev).eval()
     layer = flame_layer.to(dev).eval()
     return evaluate_predictor(lambda b: predict_batch(model, layer, b["image"].to(dev), b["crop_affine"].to(dev)),
-                              dataset, layer, batch_size, refine_iters, num_workers)
+                              dataset, layer, batch_size, protocol, num_workers)
 
 
-def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 16, refine_iters: int = 0,
+def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 16,
+                       protocol: str = DEFAULT_SHAPE_PROTOCOL,
                        num_workers: int = 0, desc: str = "evaluate", progress: bool = True) -> tuple:
     """Score any predictor on a dataset with annotations.
 
@@ -137,7 +158,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     batch keys and ``items``) -> (per-sample DataFrame: item_id, one column per attribute,
     METRIC_COLUMNS; the aggregate dict, see :func:`summarize`; arrays for predictions.npz:
     item_id, params_3dmm, crop_affine, landmarks_2d_image, crop_size, vertex_error_mm [V]
-    (face-region mean, NaN elsewhere)).
+    (each vertex's mean distance over the samples that score it, NaN where none does)).
     """
     import pandas as pd
     from tqdm import tqdm
@@ -150,7 +171,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
         crop_size = batch["image"].shape[-1]
         with torch.no_grad():
             pred = {k: v.cpu() for k, v in predictor(batch).items()}
-        values, d = sample_metrics(pred, batch, topo, refine_iters)
+        values, d = sample_metrics(pred, batch, topo, protocol)
         for j, i in enumerate(batch["index"].tolist()):
             item = dataset.items[i]
             attributes = {str(k): _attribute_key(v) for k, v in (item.get("attributes") or {}).items()}
@@ -165,10 +186,13 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
     vertex_error = np.full(layer.num_vertices, np.nan)
-    vertex_error[topo.face.numpy()] = distances.mean(axis=0)
+    counts = (~np.isnan(distances)).sum(axis=0)
+    some = counts > 0
+    scored = np.ascontiguousarray(distances[:, some])  # row-major, so that the sums run as they always did
+    vertex_error[some] = np.nansum(scored, axis=0) / counts[some].astype(distances.dtype)
     arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
               "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
-    return df, summarize(df, distances), arrays
+    return df, summarize(df, distances, protocol), arrays
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,7 +264,8 @@ def evaluate_references(params: dict, out_dir: str | Path, split: str | None = N
     out, results = Path(out_dir), {}
     for name in names:
         df, agg, _ = evaluate_predictor(lambda b, n=name: reference_prediction(n, b, layer, prior), dataset, layer,
-                                        d["batch_size"], desc=f"reference {name}", progress=progress)
+                                        d["batch_size"], shape_protocol(params), desc=f"reference {name}",
+                                        progress=progress)
         atomic_write(out / name / "per_sample.csv", df.to_csv(index=False).encode())
         write_json(out / name / "metrics.json", {**agg, "reference": name})
         results[name] = agg
@@ -269,16 +294,18 @@ def _split_dataset(params: dict, split: str, annotations: bool | None = True, as
 
 
 def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str | None = None,
-                 device: str = "auto", batch_size: int | None = None, refine_iters: int = 0) -> dict:
+                 device: str = "auto", batch_size: int | None = None) -> dict:
     """Evaluate a run's checkpoint on ``split`` of its data (None: the evaluation split of
-    :func:`dad3dlib.data.split_protocol`); writes per_sample.csv, evaluation.json and predictions.npz
-    into ``out_dir`` and returns the aggregate (flat metrics + by_attribute + ``split``)."""
+    :func:`dad3dlib.data.split_protocol`) with its shape protocol (:func:`config.shape_protocol`); writes
+    per_sample.csv, evaluation.json and predictions.npz into ``out_dir`` and returns the aggregate
+    (flat metrics + by_attribute + ``split`` + ``shape_protocol``)."""
     params = with_defaults(params)
+    protocol = shape_protocol(params)
     split = split or split_protocol(params["data"])["evaluate"]
     dataset, assets = _split_dataset(params, split)
     d = params["data"]
     df, agg, arrays = evaluate(checkpoint, dataset, FlameLayer(assets), batch_size or d["batch_size"], device,
-                               refine_iters, num_workers=d["num_workers"])
+                               protocol, num_workers=d["num_workers"])
     agg["split"] = split
     save_evaluation(out_dir, df, agg, {**arrays, "split": np.str_(split)})
     return agg
@@ -325,7 +352,7 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
 def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, flame_assets=None,
                 device: str = "auto", batch_size: int = 16) -> int:
     """NoW challenge files for every image of a NoW release folder (:func:`now.export`) with a
-    checkpoint, at its crop size; FLAME from ``flame_assets``, else the checkpoint's data's
+    checkpoint, cropped as its evaluation crops (its crop size and ``data.clip_bbox``); FLAME from ``flame_assets``, else the checkpoint's data's
     (:func:`data.flame_dir`). Returns the number of images."""
     from . import now
 
@@ -337,14 +364,17 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
             raise InputFileNotFound(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
                                     "name it with --flame-assets") from None
     layer = FlameLayer(load_flame_assets(flame_assets))
-    return now.export(model, layer, images, out, params["data"]["crop_size"], resolve_device(device), batch_size)
+    d = params["data"]
+    return now.export(model, layer, images, out, d["crop_size"], resolve_device(device), batch_size,
+                      bool(d.get("clip_bbox")))
 
 
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 def format_aggregate(agg: dict) -> str:
-    lines = [f"{agg['n_samples']} samples" + (f" of {agg['split']}" if agg.get("split") else "")]
+    lines = [f"{agg['n_samples']} samples" + (f" of {agg['split']}" if agg.get("split") else "")
+             + f"; shape protocol {agg.get('shape_protocol', DEFAULT_SHAPE_PROTOCOL)}"]
     lines += [f"  {m:<20}{agg[m]:12.4f}" for m in METRIC_COLUMNS]
     for attr, values in agg["by_attribute"].items():
         lines.append(f"\n{attr:<22}" + "".join(f"{m[:10]:>11}" for m in ("n",) + METRIC_COLUMNS))
@@ -363,7 +393,9 @@ def main_evaluate(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="output directory (default: next to the checkpoint, eval_<split>)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=None)
-    ap.add_argument("--refine-iters", type=int, default=0, help="rigid ICP steps after the 7-landmark alignment")
+    ap.add_argument("--shape-protocol", choices=tuple(M.SHAPE_PROTOCOLS),
+                    help="how the 3D shape error is measured (default: the checkpoint's study.shape_protocol, "
+                         "else landmarks): " + "; ".join(f"{k}: {v}" for k, v in M.SHAPE_PROTOCOLS.items()))
     args = ap.parse_args(argv)
     _, params = load_model(args.checkpoint)
     data = dict(params["data"])
@@ -373,8 +405,9 @@ def main_evaluate(argv: list[str] | None = None) -> int:
         data["flame_path"] = str(Path(args.flame_assets).resolve())
     split = args.split or split_protocol(data)["evaluate"]
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{split}"
-    agg = evaluate_run({**params, "data": data}, args.checkpoint, out, split, args.device,
-                       args.batch_size, args.refine_iters)
+    study = {**(params.get("study") or {}), **({"shape_protocol": args.shape_protocol} if args.shape_protocol else {})}
+    agg = evaluate_run({**params, "data": data, "study": study}, args.checkpoint, out, split, args.device,
+                       args.batch_size)
     print(format_aggregate(agg))
     print(f"\nwrote {out}/per_sample.csv, evaluation.json, predictions.npz")
     return 0

@@ -212,15 +212,16 @@ def _tier_pairs(tree, ids: np.ndarray, r_tier: float, points: np.ndarray, d_uppe
     return p_ids, t_ids
 
 
-def _surface_sq_pruned(points: Tensor, tris: Tensor) -> Tensor:
-    """Exact squared point-to-surface distances on CPU, measuring only triangles that can be nearest.
+def _candidate_pairs(points: Tensor, tris: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(point, triangle) pairs, sorted by point, holding every triangle that can be nearest to
+    each point (every point paired at least once), found on CPU.
 
     A triangle T with centroid c and radius r (farthest corner from c) is at least |p − c| − r
     from p. Pass 1 measures each point against the triangles of its 8 nearest centroids: an upper
-    bound d on its distance. Pass 2 measures it against every triangle with |p − c| − r <= d,
-    found per radius tier (KD-tree balls of radius d + the tier's largest r; the largest
-    triangles are bound-tested one by one).
-    points [P,3], tris [F,3,3] float32 -> [P]
+    bound d on its distance. Pass 2 keeps every triangle with |p − c| − r <= d, found per radius
+    tier (KD-tree balls of radius d + the tier's largest r; the largest triangles are bound-tested
+    one by one).
+    points [P,3], tris [F,3,3] float32 (CPU) -> point ids [K], triangle ids [K]
     """
     from scipy.spatial import cKDTree
 
@@ -245,7 +246,13 @@ def _surface_sq_pruned(points: Tensor, tris: Tensor) -> Tensor:
     point_ids = np.concatenate([p for p, _ in pairs])
     tri_ids = np.concatenate([t for _, t in pairs])
     by_point = np.argsort(point_ids, kind="stable")
-    return _pairs_sq(points, tris, point_ids[by_point], tri_ids[by_point])
+    return point_ids[by_point], tri_ids[by_point]
+
+
+def _surface_sq_pruned(points: Tensor, tris: Tensor) -> Tensor:
+    """Exact squared point-to-surface distances on CPU, measuring only the triangles that can be
+    nearest (:func:`_candidate_pairs`).  points [P,3], tris [F,3,3] float32 -> [P]"""
+    return _pairs_sq(points, tris, *_candidate_pairs(points, tris))
 
 
 def point_to_surface_distance(points: Tensor, vertices: Tensor, faces: Tensor) -> Tensor:
@@ -269,40 +276,231 @@ def point_to_surface_distance(points: Tensor, vertices: Tensor, faces: Tensor) -
     return sq.view(B, P).clamp_min(0).sqrt()
 
 
-def rigid_refine(vertices: Tensor, target: Tensor, iters: int) -> Tensor:
-    """Rigid ICP: ``iters`` times, pair each target point with its nearest mesh vertex and move
-    the mesh by the rigid fit of those vertices onto the targets (the metric's direction, so the
-    back of the head does not pull).
-    vertices [B,V,3], target [B,P,3] -> [B,V,3]
-    """
-    from pytorch3d.ops import corresponding_points_alignment
+def nearest_surface_points(points: Tensor, vertices: Tensor, faces: Tensor) -> tuple[Tensor, Tensor]:
+    """The closest point of a mesh's surface to each point (exact), and its distance.
 
-    for _ in range(iters):
-        _, idx = knn(target, vertices, 1)
-        nearest = torch.gather(vertices, 1, idx.expand(-1, -1, 3))
-        t = corresponding_points_alignment(nearest, target)  # nearest @ R + T ≈ target
-        vertices = vertices @ t.R + t.T[:, None]
-    return vertices
+    The nearest triangle of each point is the argmin of pytorch3d's point-face kernel over the
+    candidates of :func:`_candidate_pairs`; the closest point on it is read from the same kernel's
+    gradient (d|p − c|²/dp = 2(p − c)), so that this and :func:`point_to_surface_distance` share one
+    point-to-triangle computation. float32 on CPU: pass millimetres near the origin.
+    points [P,3], vertices [V,3], faces [F,3] long -> distances [P], closest points [P,3] (float32)
+    """
+    pts = points.detach().float().cpu()
+    tris = vertices.detach().float().cpu()[faces.cpu()]
+    pid, tid = (torch.from_numpy(a) for a in _candidate_pairs(pts, tris))
+    K, P = len(pid), len(pts)
+    sq = _point_face_sq(pts[pid], tris[tid], torch.arange(K), torch.arange(K), 1)
+    best = torch.full((P,), float("inf")).scatter_reduce(0, pid, sq, "amin")
+    nearest = torch.zeros(P, dtype=torch.long)
+    hit = sq == best[pid]
+    nearest[pid[hit]] = tid[hit]  # any of equally near triangles
+    with torch.enable_grad():
+        p = pts.clone().requires_grad_(True)
+        _point_face_sq(p, tris[nearest], torch.arange(P), torch.arange(P), 1).sum().backward()
+    return best.clamp_min(0).sqrt(), pts - p.grad / 2
+
+
+# --------------------------------------------------------------------------------------------
+# The NoW protocol (github.com/soubhiksanyal/now_evaluation, scan2mesh_computations.py)
+# --------------------------------------------------------------------------------------------
+# The 7 landmarks, in the NoW order (flame.ALIGN7): 0 right eye outer corner, 1 right eye inner
+# corner, 2 left eye inner corner, 3 left eye outer corner, 4 nose bottom (68-point landmark 33,
+# the subnasale: not the tip), 5 right mouth corner, 6 left mouth corner.
+NOW_NOSE_BOTTOM, NOW_INNER_EYES, NOW_OUTER_EYES = 4, (1, 2), (0, 3)
+NOW_CENTRE_FRACTION = 0.3   # the crop's centre: nose bottom + 0.3·(nose bridge − nose bottom)
+NOW_RADIUS_FACTOR = 1.4     # its radius: 1.4 × (outer-eye distance + nose length) / 2
+NOW_TRUST_RADIUS = 0.1      # the refinement's initial trust region, in parameter units (mm for t)
+NOW_MIN_IMPROVEMENT = 1e-4  # ... stops after an accepted step improving the squared sum by less
+NOW_MAX_ITERS = 200         # ... or after this many iterations
+NOW_SCALE_PENALTY = 100.0   # ... with the residual 100·(|s| − s), which keeps the scale positive
+SHAPE_PROTOCOLS = {
+    "landmarks": "the FLAME face region of the ground-truth mesh to the predicted surface after the "
+                 "7-landmark similarity (no reflection, no refinement)",
+    "now": "the NoW protocol: the ground-truth points inside the NoW sphere around the nose to the "
+           "predicted surface after the 7-landmark similarity and the scan-to-mesh refinement of "
+           "scale, rotation and translation",
+}
+
+
+def now_crop_sphere(lmk7: Tensor) -> tuple[Tensor, Tensor]:
+    """NoW's face sphere from a scan's 7 landmarks: centre = nose bottom + 0.3·(nose bridge − nose
+    bottom), the bridge being the midpoint of the inner eye corners; radius = 1.4 × (outer eye
+    corner distance + |nose bridge − nose bottom|) / 2.
+    lmk7 [B,7,3] (NoW order) -> centre [B,3], radius [B]
+    """
+    bottom = lmk7[:, NOW_NOSE_BOTTOM]
+    bridge = lmk7[:, list(NOW_INNER_EYES)].mean(dim=1)
+    centre = bottom + NOW_CENTRE_FRACTION * (bridge - bottom)
+    eyes = torch.linalg.vector_norm(lmk7[:, NOW_OUTER_EYES[0]] - lmk7[:, NOW_OUTER_EYES[1]], dim=-1)
+    radius = NOW_RADIUS_FACTOR * (eyes + torch.linalg.vector_norm(bridge - bottom, dim=-1)) / 2
+    return centre, radius
+
+
+def now_crop_mask(points: Tensor, lmk7: Tensor) -> Tensor:
+    """Which scan points NoW scores: those at distance <= radius from the centre of
+    :func:`now_crop_sphere` (the official code crops the ground-truth scan's vertices, never the
+    predicted mesh).  points [B,P,3], lmk7 [B,7,3] -> [B,P] bool
+    """
+    centre, radius = now_crop_sphere(lmk7)
+    return torch.linalg.vector_norm(points - centre[:, None], dim=-1) <= radius[:, None]
+
+
+def _skew(v: np.ndarray) -> np.ndarray:
+    """Cross-product matrices: v [...,3] -> [...,3,3] with skew(v) @ u = v × u."""
+    z = np.zeros(v.shape[:-1])
+    return np.stack([np.stack([z, -v[..., 2], v[..., 1]], -1), np.stack([v[..., 2], z, -v[..., 0]], -1),
+                     np.stack([-v[..., 1], v[..., 0], z], -1)], -2)
+
+
+def _rotated_jacobian(r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """d(R(r)·c)/dr of the axis-angle map R (Rodrigues), for each point c.
+    r [3], c [P,3] -> [P,3,3] (Gallego & Yezzi's formula; -[c]× at r = 0)"""
+    from scipy.spatial.transform import Rotation
+
+    theta_sq = float(r @ r)
+    if theta_sq < 1e-24:
+        return -_skew(c)
+    R = Rotation.from_rotvec(r).as_matrix()
+    A = (np.outer(r, r) + (R.T - np.eye(3)) @ _skew(r)) / theta_sq
+    return -np.einsum("ij,pjk,kl->pil", R, _skew(c), A)
+
+
+def _similarity(x: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """x [7] = (s, axis-angle r [3], t [3]) -> s, R [3,3], t [3]"""
+    from scipy.spatial.transform import Rotation
+
+    return float(x[0]), Rotation.from_rotvec(x[1:4]).as_matrix(), x[4:7]
+
+
+def _scan_residuals(x: np.ndarray, scan: Tensor, vertices: np.ndarray, faces: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The refinement's residuals at x and their Jacobian: each scan point's distance to the mesh
+    moved by x, then 100·(|s| − s).  x [7], scan [P,3], vertices [V,3] -> r [P+1], J [P+1,7]"""
+    s, R, t = _similarity(x)
+    moved = s * vertices @ R.T + t
+    d, closest = nearest_surface_points(scan, torch.from_numpy(moved), faces)
+    d, closest = d.double().numpy(), closest.double().numpy()
+    n = (scan.double().numpy() - closest) / np.maximum(d, 1e-12)[:, None]  # d d_i / d c_i = -n_i
+    n[d <= 1e-12] = 0.0
+    body = (closest - t) @ R / s                                           # c̃: c = s·R·c̃ + t
+    J = np.empty((len(d) + 1, 7))
+    J[:-1, 0] = -np.einsum("pi,pi->p", n, body @ R.T)
+    J[:-1, 1:4] = -s * np.einsum("pi,pij->pj", n, _rotated_jacobian(x[1:4], body))
+    J[:-1, 4:7] = -n
+    J[-1] = 0.0
+    J[-1, 0] = NOW_SCALE_PENALTY * (np.sign(s) - 1.0)
+    return np.append(d, NOW_SCALE_PENALTY * (abs(s) - s)), J
+
+
+def scan_to_mesh_refine(scan: Tensor, vertices: Tensor, faces: Tensor) -> tuple[Tensor, dict]:
+    """NoW's refinement: the similarity x = (s, r, t), mesh ↦ s·R(r)·mesh + t about the frame's
+    origin (R from the axis-angle r), from x0 = (1, 0, 0), that minimises the sum of the squared
+    scan-to-mesh distances (each scan point to the nearest point of the moved surface) plus
+    (100·(|s| − s))².
+
+    The optimiser is the one the official code runs (chumpy's ``minimize``, whose default is
+    Powell's dogleg, with its options there), written here on the 7 parameters: each iteration takes
+    the Cauchy point cut to the trust region, else the Gauss-Newton step when it fits inside, else
+    the dogleg between them; a step that lowers the squared sum is accepted; the trust radius starts
+    at 0.1 (:data:`NOW_TRUST_RADIUS`), grows to at least 2.5× the step when the gain ratio is over
+    0.9 and shrinks by 4 under 0.05. It stops after an accepted step that improved the squared sum
+    by less than 1e-4 of itself (:data:`NOW_MIN_IMPROVEMENT`), after 200 iterations, or when the
+    step or the trust radius falls under 1e-15·|x|. The Jacobian re-reads the nearest point of
+    every scan point at each accepted step (its triangle and barycentric coordinates then held
+    fixed), as the official distance term does.
+    scan [P,3], vertices [V,3] (same unit, mm for the trust radius to mean what NoW's does),
+    faces [F,3] long -> the moved vertices [V,3] (float64) and {"scale", "rotation" [3,3],
+    "translation" [3], "iterations", "squared_sum"}
+    """
+    v = vertices.detach().double().cpu().numpy()
+    x, eps = np.array([1.0, 0, 0, 0, 0, 0, 0]), 1e-15
+    r, J = _scan_residuals(x, scan, v, faces)
+    delta, iteration, done = NOW_TRUST_RADIUS, 0, False
+    g, A = J.T @ -r, J.T @ J
+    done = np.abs(g).max() < eps
+    while not done:
+        iteration += 1
+        d_sd = (g @ g) / max(np.sum((J @ g) ** 2), 1e-300) * g
+        d_gn = None
+        while True:
+            if np.linalg.norm(d_sd) >= delta:
+                step = delta / np.linalg.norm(d_sd) * d_sd
+            else:
+                if d_gn is None:
+                    d_gn = np.linalg.lstsq(A, g, rcond=None)[0]
+                if np.linalg.norm(d_gn) <= delta:
+                    step = d_gn
+                else:
+                    diff = d_gn - d_sd
+                    c = (diff @ diff) * delta ** 2 + (d_gn @ d_sd) ** 2 - (d_gn @ d_gn) * (d_sd @ d_sd)
+                    step = d_sd + (delta ** 2 - d_sd @ d_sd) / (diff @ d_sd + np.sqrt(max(c, 0.0))) * diff
+            if np.linalg.norm(step) <= eps * np.linalg.norm(x):
+                done = True
+                break
+            r_new, J_new = _scan_residuals(x + step, scan, v, faces)
+            gain = r @ r - r_new @ r_new
+            rho = gain / (2 * g @ step - step @ A @ step) if gain > 0 else gain
+            if gain > 0:
+                x = x + step
+                if gain / (r @ r) < NOW_MIN_IMPROVEMENT:
+                    done = True
+                else:
+                    r, J = r_new, J_new
+                    g, A = J.T @ -r, J.T @ J
+                    done = np.abs(g).max() < eps
+            if rho > 0.9:
+                delta = max(delta, 2.5 * np.linalg.norm(step))
+            elif rho < 0.05:
+                delta *= 0.25
+            done = done or delta <= eps * np.linalg.norm(x)
+            if done or gain > 0:
+                break
+        done = done or iteration >= NOW_MAX_ITERS
+    s, R, t = _similarity(x)
+    moved = torch.from_numpy(s * v @ R.T + t)
+    return moved, {"scale": s, "rotation": R, "translation": t, "iterations": iteration,
+                   "squared_sum": float(r @ r)}
 
 
 def shape_error_mm(pred_vertices: Tensor, pred_lmk7: Tensor, gt_points: Tensor, gt_lmk7: Tensor,
-                   faces: Tensor, refine_iters: int = 0, units_to_mm: float = MM_PER_METRE
+                   faces: Tensor, protocol: str = "landmarks", units_to_mm: float = MM_PER_METRE
                    ) -> dict[str, Tensor]:
-    """NoW-style 3D shape error: GT face-region points to the aligned predicted surface, in mm.
+    """The 3D shape error: ground-truth points to the aligned predicted surface, in mm.
 
-    The predicted mesh is mapped onto the GT by the similarity fitted on the 7 landmarks
-    (no reflection), optionally refined rigidly (``refine_iters`` ICP steps), then each GT point's
-    distance to the predicted surface is taken.
-    pred_vertices [B,V,3], pred_lmk7 [B,7,3], gt_points [B,P,3] (the GT's face region),
-    gt_lmk7 [B,7,3], faces [F,3] long -> {"median", "mean", "std"} each [B] (std: population),
-    and "distances" [B,P].
+    ``protocol`` (:data:`SHAPE_PROTOCOLS`):
+
+    - ``landmarks``: ``gt_points`` (the ground truth's FLAME face region) to the predicted mesh
+      mapped by the similarity fitted on the 7 landmarks (no reflection).
+    - ``now``: the NoW protocol, step by step as the official evaluation: ``gt_points`` is the
+      scan (here a ground-truth mesh's vertices), cropped to the sphere of :func:`now_crop_mask`
+      around the ground truth's landmarks; the predicted mesh is mapped by the least-squares
+      similarity of its 7 landmarks onto the scan's, reflection allowed when it fits better (the
+      official Procrustes' ``reflection='best'``), then refined by :func:`scan_to_mesh_refine` (in mm,
+      on the cropped points, rotating about the mean of ``gt_points``: the official code rotates
+      about its scan's origin, which changes the optimiser's path, not its optimum); each cropped
+      point's exact distance to the refined surface is scored.
+
+    Points outside the crop are NaN in "distances"; the per-sample statistics are over the rest.
+    pred_vertices [B,V,3], pred_lmk7 [B,7,3], gt_points [B,P,3], gt_lmk7 [B,7,3], faces [F,3] long
+    -> {"median", "mean", "std"} each [B] (std: population), and "distances" [B,P] (float32)
     """
-    aligned = similarity_align(pred_vertices, pred_lmk7, gt_lmk7)
-    if refine_iters > 0:
-        aligned = rigid_refine(aligned, gt_points, refine_iters)
+    if protocol not in SHAPE_PROTOCOLS:
+        raise ValueError(f"unknown shape protocol '{protocol}' (known: {', '.join(SHAPE_PROTOCOLS)})")
+    now = protocol == "now"
+    aligned = similarity_align(pred_vertices, pred_lmk7, gt_lmk7, allow_reflection=now)
     centre = gt_points.mean(dim=1, keepdim=True)  # float32 precision: work near the origin
-    d = point_to_surface_distance((gt_points - centre) * units_to_mm, (aligned - centre) * units_to_mm,
-                                  faces)
+    points, aligned = (gt_points - centre) * units_to_mm, (aligned - centre) * units_to_mm
+    if not now:
+        d = point_to_surface_distance(points, aligned, faces)
+    else:
+        keep = now_crop_mask(gt_points, gt_lmk7).cpu()  # the refinement runs on CPU (scipy, numpy)
+        points, aligned, faces = points.cpu(), aligned.cpu(), faces.cpu()
+        d = torch.full(keep.shape, float("nan"))
+        for b in range(len(points)):
+            scan = points[b][keep[b]].float()
+            refined, _ = scan_to_mesh_refine(scan, aligned[b], faces)
+            d[b, keep[b]] = point_to_surface_distance(scan[None], refined[None].float(), faces)[0]
+        std = (d - d.nanmean(dim=1, keepdim=True)).square().nanmean(dim=1).sqrt()
+        return {"median": d.nanquantile(0.5, dim=1), "mean": d.nanmean(dim=1), "std": std, "distances": d}
     return {"median": d.quantile(0.5, dim=1), "mean": d.mean(dim=1), "std": d.std(dim=1, correction=0),
             "distances": d}
 
@@ -469,6 +667,7 @@ def batch_metrics(pred: dict, batch: dict, flame: FlameLayer) -> dict[str, Tenso
 
 __all__ = ["nme_reprojection", "z_n_accuracy_local", "z_n_accuracy_reference", "pose_error",
            "rotation_angle_deg", "angle_error_deg", "yaw_pitch_roll_deg", "yaw_pitch_roll_error_deg",
-           "knn", "similarity_align", "point_to_surface_distance", "rigid_refine", "shape_error_mm",
+           "knn", "similarity_align", "point_to_surface_distance", "nearest_surface_points",
+           "now_crop_sphere", "now_crop_mask", "scan_to_mesh_refine", "shape_error_mm", "SHAPE_PROTOCOLS",
            "chamfer_reference", "batch_metrics", "MM_PER_METRE", "Metric", "MetricInputs", "BenchmarkGT", "METRICS",
            "register_metric", "metric_names"]

@@ -6,9 +6,10 @@ Input, the NoW release as distributed: ``NOW_DIR`` (or its ``final_release_versi
 ``iphone_pictures/<subject>/<challenge>/<name>.jpg`` and the release's face boxes
 ``detected_face/<subject>/<challenge>/<name>.npy`` (a dict ``left, right, top, bottom`` in pixels,
 pickled inside ``.npy``; read through the restricted unpickler of flame.py, never ``allow_pickle``).
-Each image is cropped as evaluation crops (data.py: the box grown by ``MARGIN_EVAL`` per side, the
-longest side resized to the checkpoint's crop size, padded), so the network sees what it was
-trained on.
+Each image is cropped exactly as evaluation crops (``data.sample_affine``, the one home of the crop:
+the box grown by ``MARGIN_EVAL`` per side, cut to the image when the checkpoint's ``data.clip_bbox``
+is set, as the paper preset does, the longest side resized to the checkpoint's crop size, padded),
+so the network sees what it was evaluated on.
 
 Output, where the NoW evaluation code (github.com/soubhiksanyal/now_evaluation: its README, and
 ``metric_computation`` in ``compute_error.py``, which splits each image-list line into subject,
@@ -21,7 +22,7 @@ and ``.npy``) reads it:
   ``f i j k`` lines only (the README: its mesh loader cannot read vertex colours).
 - ``DIR/<subject>/<challenge>/<name>.npy``: [7,3] float64, the mesh's landmarks in the README's
   order (landmarks_7_annotated.png): right eye outer corner, right eye inner corner, left eye inner
-  corner, left eye outer corner, nose tip, right mouth corner, left mouth corner, i.e. the 68-point
+  corner, left eye outer corner, nose bottom, right mouth corner, left mouth corner, i.e. the 68-point
   landmarks :data:`flame.ALIGN7` (36, 39, 42, 45, 33, 48, 54) of the mesh.
 
 The mesh has the topology of the FLAME directory used (``--flame-assets``: the real FLAME model for
@@ -38,8 +39,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from .data import MARGIN_EVAL, crop_affine, normalize_image, read_image, warp_crop
-from .errors import InputFileNotFound, InputValueError
+from .data import normalize_image, read_image, sample_affine, warp_crop
+from .errors import InputError, InputFileNotFound, InputValueError
 from .files import atomic_open, atomic_write
 from .flame import FlameLayer, load_npy_dict, split_3dmm
 
@@ -95,17 +96,22 @@ def release_items(root: str | Path) -> list[dict]:
 
 
 class NowImages(Dataset):
-    """The evaluation crops of release items: {"image" [3,S,S], "crop_affine" [2,3], "index"}."""
+    """The evaluation crops of release items (``clip_bbox``: the checkpoint's ``data.clip_bbox``):
+    {"image" [3,S,S], "crop_affine" [2,3], "index"}."""
 
-    def __init__(self, items: list[dict], crop_size: int):
-        self.items, self.crop_size = items, int(crop_size)
+    def __init__(self, items: list[dict], crop_size: int, clip_bbox: bool = False):
+        self.items, self.crop_size, self.clip_bbox = items, int(crop_size), bool(clip_bbox)
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
-        A = crop_affine(self.items[i]["bbox"], (MARGIN_EVAL,) * 4, self.crop_size)
-        crop = warp_crop(read_image(self.items[i]["image"]), A, self.crop_size)
+        image = read_image(self.items[i]["image"])
+        try:
+            A = sample_affine(self.items[i]["bbox"], image.shape[1::-1], self.crop_size, self.clip_bbox)
+        except InputError as e:
+            raise InputValueError(f"{self.items[i]['image']}: {e}") from None
+        crop = warp_crop(image, A, self.crop_size)
         return {"image": normalize_image(crop), "crop_affine": torch.tensor(A, dtype=torch.float32),
                 "index": torch.tensor(i)}
 
@@ -142,15 +148,16 @@ def write_prediction(out: str | Path, name: str, vertices: np.ndarray, faces: np
 
 @torch.no_grad()
 def export(model: nn.Module, layer: FlameLayer, root: str | Path, out: str | Path, crop_size: int,
-           device: str | torch.device = "cpu", batch_size: int = 16) -> int:
+           device: str | torch.device = "cpu", batch_size: int = 16, clip_bbox: bool = False) -> int:
     """Write every image's neutral mesh and landmarks of a NoW release folder ``root`` into
-    ``out`` (module docstring); returns the number of images."""
+    ``out`` (module docstring), each image cropped as the checkpoint's evaluation crops it
+    (``crop_size``, ``clip_bbox``: its data section's); returns the number of images."""
     from tqdm import tqdm
 
     items = release_items(root)
     model, layer = model.to(device).eval(), layer.to(device).eval()
     faces = layer.faces.cpu().numpy()
-    loader = torch.utils.data.DataLoader(NowImages(items, crop_size), batch_size=batch_size, shuffle=False)
+    loader = torch.utils.data.DataLoader(NowImages(items, crop_size, clip_bbox), batch_size=batch_size, shuffle=False)
     for batch in tqdm(loader, desc="predict NoW", unit="batch", disable=len(loader) < 2):
         vertices, landmarks = neutral_mesh(layer, model(batch["image"].to(device))["params_3dmm"].float())
         for i, v, lmk in zip(batch["index"].tolist(), vertices.cpu().numpy(), landmarks.cpu().numpy()):

@@ -183,6 +183,29 @@ def splits_note(study_dir: str | Path) -> str:
     return text
 
 
+def shape_protocol_note(study_dir: str | Path) -> str:
+    """One markdown sentence: the shape protocol (:data:`metrics.SHAPE_PROTOCOLS`) the 3D shape error of
+    the study's finished runs and reference predictors was measured with (their ``metrics.json``'s
+    ``shape_protocol``; records from before the setting existed measured ``landmarks``), and a
+    warning when they differ (a study whose ``study.shape_protocol`` changed after runs finished)."""
+    from .config import DEFAULT_SHAPE_PROTOCOL
+    from .metrics import SHAPE_PROTOCOLS
+
+    study_dir = Path(study_dir)
+    paths = [study_dir / "runs" / r["run"] / "metrics.json" for r in study_runs(study_dir)]
+    paths += sorted((study_dir / "references").glob("*/metrics.json"))
+    used = dict.fromkeys(str(m.get("shape_protocol", DEFAULT_SHAPE_PROTOCOL))
+                         for m in map(_read_json, paths) if isinstance(m, dict))
+    if not used:
+        return "No run has finished: the 3D shape error's protocol is not known yet."
+    text = " ".join(f"**{p}**: {SHAPE_PROTOCOLS.get(p, 'unknown')}." for p in used)
+    if len(used) > 1:
+        return (f"The 3D shape errors were measured with different protocols ({', '.join(used)}), so they do "
+                f"not compare across runs: {text} Re-evaluate the runs or set study.shape_protocol back.")
+    return (f"3D shape error (median / mean / std, mm, each pooled over every scored distance of the split), "
+            f"protocol {text}")
+
+
 PRIMARY, EXPLORATORY = "primary", "exploratory"  # a comparison's role (an alias of the baseline has none)
 
 

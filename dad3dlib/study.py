@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import REPO_ROOT
-from .config import (TRAINING_RECORD, ParamsError, available, data_overrides, run_params, save_params,
-                     synthetic_recipe, training_fingerprint)
+from .config import (DEFAULT_SHAPE_PROTOCOL, TRAINING_RECORD, ParamsError, available, data_overrides, run_params,
+                     save_params, shape_protocol, synthetic_recipe, training_fingerprint)
 from .errors import InputFileNotFound
 from .files import atomic_write, exclusive_lock, write_json, write_record
 from .launch import ClusterError, execute_runs_submitit, launcher_settings
@@ -504,15 +504,17 @@ class BackgroundJob:
 
 def ensure_references(params: dict, study_dir: Path) -> Path:
     """The reference predictors (evaluate.REFERENCES) scored on the study's evaluation split
-    (:func:`dad3dlib.data.split_protocol`), in ``study_dir/references/``; skipped when already
-    measured on the same data, split, crop and prior."""
+    (:func:`dad3dlib.data.split_protocol`) with its shape protocol, in ``study_dir/references/``;
+    skipped when already measured on the same data, split, crop, prior and protocol."""
     from .data import split_protocol
     from .evaluate import evaluate_references
 
     out = study_dir / REFERENCES_DIR
     split = split_protocol(params["data"])["evaluate"]
+    protocol = shape_protocol(params)  # counted when not the default, so earlier studies keep their references
     key = {"data": training_fingerprint({"data": params["data"]}), "split": split, "pose_prior_samples":
-           (params.get("model") or {}).get("pose_prior_samples")}
+           (params.get("model") or {}).get("pose_prior_samples"),
+           **({"shape_protocol": protocol} if protocol != DEFAULT_SHAPE_PROTOCOL else {})}
     try:
         if json.loads((out / "references.json").read_text()).get("key") == key:
             return out

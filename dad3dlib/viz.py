@@ -144,7 +144,9 @@ def plot_training_curves(curves: pd.DataFrame, metrics: list[str] | None = None)
 
 def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"):
     """The metric per ablation (mean over its seeds and images, in its colour; an alias of the
-    baseline named in the baseline's label, not drawn), split by each image attribute present."""
+    baseline named in the baseline's label, not drawn), split by each image attribute present. For the
+    mm statistics the per-image values are each image's own median / mean / std, not the statistics
+    of the pooled distances that evaluation.json's by_attribute holds."""
     import matplotlib.pyplot as plt
     import seaborn as sns
 
@@ -157,6 +159,7 @@ def plot_by_attribute(per_sample: pd.DataFrame, metric: str = "nme_reprojection"
         sns.barplot(data=per_sample, x=a, y=metric, hue="label", palette=palette, saturation=1, ax=ax,
                     errorbar=None)
         ax.set_title(f"{METRICS[metric].label if metric in METRICS else metric} by {a}", fontsize=9)
+        ax.set_ylabel(f"{metric}: mean over images", fontsize=8)  # of per-image values, not pooled distances
         ax.legend(fontsize=6) if ax is axes.flat[0] else ax.get_legend().remove()
     fig.tight_layout()
     return fig

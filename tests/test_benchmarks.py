@@ -48,3 +48,9 @@ def test_bench_run_times_a_whole_run_by_part(tmp_path):
     assert set(row["time_s"]) == {"train_steps", "data", "validation", "evaluation", "rest"}
     assert sum(row["time_s"].values()) == pytest.approx(row["wall_s"], abs=0.5)
     assert row["time_s"]["train_steps"] > 0 and row["time_s"]["evaluation"] > 0
+
+
+@pytest.mark.slow
+def test_now_agreement_compares_the_now_protocol_with_the_oracle(tmp_path):
+    out = _bench("now_agreement.py", tmp_path, "--release", str(tmp_path / "release"), "--subjects", "1")
+    assert "2 images" in out and "oracle of the official steps" in out and "same crop on every image: True" in out

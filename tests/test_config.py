@@ -220,6 +220,26 @@ def test_bad_bifpn_value_in_a_preset_is_refused_naming_the_files(tmp_path, value
         config.run_params(preset, "baseline")
 
 
+def test_the_shape_protocol_is_an_evaluation_setting_outside_the_fingerprint(tmp_path):
+    """study.shape_protocol (evaluation only) changes no run's training fingerprint, defaults to what
+    every study measured before it (landmarks), and a bad value is refused naming the file."""
+    from dad3dlib.metrics import SHAPE_PROTOCOLS
+
+    for name in ("smoke", "cpu", "paper"):
+        params = config.run_params(name)
+        assert config.shape_protocol(params) == "landmarks"
+        for protocol in SHAPE_PROTOCOLS:
+            changed = config.deep_merge(params, {"study": {"shape_protocol": protocol}})
+            assert config.training_fingerprint(changed) == config.training_fingerprint(params)
+            assert config.shape_protocol(changed) == protocol
+    preset = tmp_path / "mine.yaml"
+    preset.write_text("data: {root: x}\nstudy: {shape_protocol: icp}\n")
+    with pytest.raises(ParamsError) as e:
+        config.run_params(preset)
+    assert str(e.value) == f"{preset} + {config.resolve('ablations', 'baseline')}: study.shape_protocol must be " \
+                           "one of landmarks, now, got 'icp'"
+
+
 # --------------------------------------------------------------------------------------------
 # Primary hypotheses: stated in the ablation files, validated with the params, in no fingerprint
 # --------------------------------------------------------------------------------------------

@@ -213,3 +213,46 @@ def test_submission_scores_perfectly_on_the_benchmark(setup):
     assert np.abs(values["nme_reprojection"]).max() < 1e-3
     assert values["z5_accuracy"].min() == 1.0 and values["z5_accuracy_local"].min() == 1.0
     assert values["chamfer"].max() < 1e-6 and values["pose_error"].max() < 1e-5
+
+
+def test_now_protocol_scores_gt_as_prediction_zero_and_pools_by_attribute(setup):
+    """Under the NoW protocol the ground truth scores 0; with another identity, every group's
+    median / mean / std are the statistics of that group's pooled distances, as the top level's."""
+    layer, params, data = setup
+    df, agg, arrays = E.evaluate(TableModel(params), data, layer, batch_size=5, protocol="now")
+    assert agg["shape_protocol"] == "now" and agg["mean_mm"] < 1e-3 and df["median_mm"].max() < 1e-3
+    assert 0 < np.isnan(arrays["vertex_error_mm"]).sum() < layer.num_vertices  # the crop, not the face subset
+    other = params.clone()
+    other[:, :300] += 0.5 * torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
+    df, agg, _ = E.evaluate(TableModel(other), data, layer, batch_size=5, protocol="now")
+    assert 0.1 < agg["mean_mm"] < 10
+    for value, row in agg["by_attribute"]["quality"].items():
+        rows = np.flatnonzero(df["quality"] == value)
+        assert row["n"] == len(rows) and row["angle_error_deg"] == pytest.approx(df["angle_error_deg"].iloc[rows].mean())
+    everything = E.summarize(df.assign(all="yes"), _distances(E, TableModel(other), data, layer), "now")
+    assert {m: everything["by_attribute"]["all"]["yes"][m] for m in E.POOLED} == {m: agg[m] for m in E.POOLED}
+    assert agg["median_mm"] != pytest.approx(df["median_mm"].mean(), rel=1e-4)  # pooled, not a mean of medians
+
+
+def _distances(E, model, data, layer) -> np.ndarray:
+    """Each sample's per-vertex distances [N,V] under the NoW protocol, in data order."""
+    topo = TopologyTensors(layer.topology)
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=len(data))))
+    pred = E.mesh_views(layer, model.params[batch["index"]], S, batch["crop_affine"])
+    return E.sample_metrics(pred, batch, topo, "now")[1].numpy()
+
+
+def test_evaluate_command_takes_the_shape_protocol(monkeypatch, tmp_path, capsys):
+    """``evaluate --shape-protocol now`` overrides the checkpoint's study.shape_protocol; without it
+    the checkpoint's params decide, and the printout names the protocol."""
+    seen = []
+    agg = {"n_samples": 1, "by_attribute": {}, **{m: 0.0 for m in E.METRIC_COLUMNS}}
+    monkeypatch.setattr(E, "load_model", lambda c: (None, {"data": {"root": str(tmp_path)}, "study": {"jobs": 2}}))
+    monkeypatch.setattr(E, "split_protocol", lambda d: {"evaluate": "test"})
+    monkeypatch.setattr(E, "evaluate_run", lambda params, *a: seen.append(params["study"]) or
+                        {**agg, "shape_protocol": E.shape_protocol(params)})
+    assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path), "--shape-protocol", "now"]) == 0
+    assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path)]) == 0
+    assert seen == [{"jobs": 2, "shape_protocol": "now"}, {"jobs": 2}]
+    out = capsys.readouterr().out
+    assert "shape protocol now" in out and "shape protocol landmarks" in out

@@ -230,21 +230,29 @@ def test_similarity_transformed_prediction_gives_zero_mm(meshes):
     R = _random_rotations(3, gen)
     s = torch.tensor([0.5, 3.0, 1200.0], dtype=torch.float64)[:, None, None]
     pred = s * verts @ R.transpose(1, 2) + torch.randn(3, 1, 3, generator=gen, dtype=torch.float64)
-    for iters in (0, 5):
-        err = M.shape_error_mm(pred, pred[:, lmk[list(ALIGN7)]], verts[:, region], verts[:, lmk[list(ALIGN7)]],
-                               faces, refine_iters=iters)
-        assert err["mean"].max() < 1e-3 and err["median"].max() < 1e-3, iters
+    for protocol, points in (("landmarks", verts[:, region]), ("now", verts)):
+        err = M.shape_error_mm(pred, pred[:, lmk[list(ALIGN7)]], points, verts[:, lmk[list(ALIGN7)]],
+                               faces, protocol)
+        assert err["mean"].max() < 1e-3 and err["median"].max() < 1e-3, protocol
 
 
-def test_rigid_refinement_undoes_a_landmark_rotation(meshes):
-    """Landmarks off by a 4° rotation misalign the mesh; ICP on the face region brings it back."""
+def test_now_refinement_brings_a_similarity_transformed_gt_back_to_zero(meshes):
+    """The GT mesh under a random similarity, its landmarks off by a 4° rotation and 3 mm: the
+    landmark similarity leaves millimetres; NoW's scan-to-mesh refinement of scale, rotation and
+    translation brings the error back to 0."""
     verts, faces, lmk, region = meshes
+    gen = torch.Generator().manual_seed(7)
+    R = _random_rotations(3, gen)
+    s = torch.tensor([0.8, 2.0, 15.0], dtype=torch.float64)[:, None, None]
+    pred = s * verts @ R.transpose(1, 2) + torch.randn(3, 1, 3, generator=gen, dtype=torch.float64)
+    pred7 = pred[:, lmk[list(ALIGN7)]]
+    centre = pred7.mean(1, keepdim=True)
+    wrong7 = (pred7 - centre) @ _axis_angle(torch.tensor([0.3, 1.0, 0.2]), 4.0).T + centre + 0.003 * s
     gt7 = verts[:, lmk[list(ALIGN7)]]
-    centre = gt7.mean(1, keepdim=True)
-    pred7 = (gt7 - centre) @ _axis_angle(torch.tensor([0.3, 1.0, 0.2]), 4.0).T + centre
-    plain = M.shape_error_mm(verts, pred7, verts[:, region], gt7, faces)["mean"]
-    refined = M.shape_error_mm(verts, pred7, verts[:, region], gt7, faces, refine_iters=10)["mean"]
-    assert plain.min() > 1.0 and refined.max() < 0.05 * plain.min()
+    plain = M.shape_error_mm(pred, wrong7, verts[:, region], gt7, faces)["mean"]
+    refined = M.shape_error_mm(pred, wrong7, verts, gt7, faces, "now")
+    assert plain.min() > 1.0
+    assert refined["mean"].max() < 1e-3 and refined["median"].max() < 1e-3
 
 
 def test_shape_error_measures_a_known_offset(meshes):
@@ -295,3 +303,82 @@ def test_chamfer_reference_matches_numpy_oracle(meshes):
                                region.numpy())
         assert got[b].item() == pytest.approx(want, rel=1e-4)
     assert got.min() > 0.01
+
+
+# --------------------------------------------------------------------------------------------
+# The NoW protocol: its crop and its refinement
+# --------------------------------------------------------------------------------------------
+def _now_landmarks() -> torch.Tensor:
+    """7 landmarks (NoW order) whose sphere is known: nose bottom at the origin, nose bridge (inner
+    eye corners' midpoint) at (0, 10, 0), outer eye corners 40 apart -> centre (0, 3, 0), radius
+    1.4 × (40 + 10) / 2 = 35.  [1,7,3] float64"""
+    return torch.tensor([[[-20.0, 10, 0], [-1, 10, 0], [1, 10, 0], [20, 10, 0], [0, 0, 0], [-15, -20, 5],
+                          [15, -20, 5]]], dtype=torch.float64)
+
+
+def test_now_crop_keeps_exactly_the_points_inside_its_sphere():
+    lmk7 = _now_landmarks()
+    centre, radius = M.now_crop_sphere(lmk7)
+    assert centre[0].tolist() == pytest.approx([0.0, 3.0, 0.0]) and radius.item() == pytest.approx(35.0)
+    gen = torch.Generator().manual_seed(11)
+    directions = torch.nn.functional.normalize(torch.randn(200, 3, generator=gen, dtype=torch.float64), dim=-1)
+    lengths = torch.tensor([34.999, 35.001, 10.0, 60.0], dtype=torch.float64).repeat(50)
+    points = centre + directions * lengths[:, None]
+    on_sphere = torch.tensor([[35.0, 3.0, 0.0], [0.0, 38.0, 0.0], [0.0, 3.0, -35.0]], dtype=torch.float64)
+    mask = M.now_crop_mask(torch.cat([points, on_sphere])[None], lmk7)[0]
+    assert mask.tolist() == (lengths < 35).tolist() + [True] * 3  # the boundary is inside (<=)
+
+
+def test_now_scores_a_known_normal_offset():
+    """Scan points 2 mm off a flat 100 mm patch along its normal, up and down in a checkerboard
+    symmetric about the centre (no scale, rotation or translation brings them closer), score 2 mm
+    after NoW's refinement; every point is inside the crop."""
+    n, cell = 20, 0.005                                                  # 20 x 20 cells of 5 mm
+    grid = torch.stack(torch.meshgrid(torch.arange(n + 1.0), torch.arange(n + 1.0), indexing="ij"), -1)
+    verts = torch.cat([(grid.reshape(-1, 2) - n / 2) * cell, torch.zeros((n + 1) ** 2, 1)], -1).double()[None]
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    a, b, c, d = (i * (n + 1) + j), (i * (n + 1) + j + 1), ((i + 1) * (n + 1) + j), ((i + 1) * (n + 1) + j + 1)
+    faces = torch.cat([torch.stack([a, b, d], -1), torch.stack([a, d, c], -1)], 0).reshape(-1, 3)
+    inner = ((i > 0) & (i < n - 1) & (j > 0) & (j < n - 1)).reshape(-1).repeat(2)
+    sign = (1.0 - 2.0 * ((i + j) % 2)).reshape(-1).repeat(2).double()
+    points = verts[0][faces].mean(1) + 0.002 * sign[:, None] * torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    points = points[inner][None]
+    lmk7 = torch.tensor([[[-0.1, 0.01, 0.02], [-0.01, 0.01, 0.03], [0.01, 0.01, 0.03], [0.1, 0.01, 0.02],
+                          [0.0, -0.01, 0.03], [-0.03, -0.04, 0.025], [0.03, -0.04, 0.025]]], dtype=torch.float64)
+    err = M.shape_error_mm(verts, lmk7, points, lmk7, faces, "now")
+    assert M.now_crop_mask(points, lmk7).all() and not torch.isnan(err["distances"]).any()
+    assert err["median"].item() == pytest.approx(2.0, abs=1e-3)
+    assert err["mean"].item() == pytest.approx(2.0, abs=1e-3) and err["std"].item() < 1e-3
+
+
+def test_now_alignment_allows_a_reflection_as_the_official_procrustes():
+    """NoW's landmark Procrustes takes a reflection when it fits better ('best'); the landmarks
+    protocol never does."""
+    from pytorch3d.utils import ico_sphere
+
+    sphere = ico_sphere(2)
+    v, f = sphere.verts_packed().double()[None] * 0.09, sphere.faces_packed()
+    v = v * torch.tensor([1.0, 1.3, 0.8], dtype=torch.float64)  # an ellipsoid: no symmetry but the mirror
+    ids = torch.tensor([0, 5, 9, 14, 20, 33, 40])
+    mirrored = v * torch.tensor([-1.0, 1.0, 1.0], dtype=torch.float64)
+    now = M.shape_error_mm(mirrored, mirrored[:, ids], v, v[:, ids], f, "now")
+    assert now["mean"].item() < 1e-3
+    assert M.shape_error_mm(mirrored, mirrored[:, ids], v, v[:, ids], f)["mean"].item() > 0.5
+
+
+def test_nearest_surface_points_are_on_the_surface_at_the_kernel_distance(meshes):
+    """The closest points agree with point_to_surface_distance and lie on the nearest triangle's plane."""
+    verts, faces, _, _ = meshes
+    gen = torch.Generator().manual_seed(12)
+    mesh = verts[0].float() * 1000
+    points = mesh[torch.randperm(len(mesh), generator=gen)[:200]] * 1.05 + torch.randn(200, 3, generator=gen)
+    d, closest = M.nearest_surface_points(points, mesh, faces)
+    assert torch.allclose(d, M.point_to_surface_distance(points[None], mesh[None], faces)[0], atol=1e-4)
+    assert torch.allclose((points - closest).norm(dim=-1), d, atol=1e-3)
+    assert torch.allclose(M.point_to_surface_distance(closest[None], mesh[None], faces)[0], torch.zeros(200), atol=1e-3)
+
+
+def test_unknown_shape_protocol_is_refused_naming_the_known_ones(meshes):
+    verts, faces, lmk, region = meshes
+    with pytest.raises(ValueError, match="unknown shape protocol 'icp' \\(known: landmarks, now\\)"):
+        M.shape_error_mm(verts, verts[:, :7], verts, verts[:, :7], faces, "icp")

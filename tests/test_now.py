@@ -116,7 +116,7 @@ def test_export_writes_neutral_meshes_where_the_now_evaluation_reads_them(layer,
 
 def test_landmark_order_is_the_now_order(layer):
     """Right eye outer, right inner, left inner, left outer (subject's sides: x grows towards the
-    subject's left), nose tip (below the eyes, in front), right mouth corner, left mouth corner."""
+    subject's left), nose bottom (below the eyes, in front), right mouth corner, left mouth corner."""
     with torch.no_grad():
         _, lmk = now.neutral_mesh(layer, torch.zeros(1, 413))
     x, y, z = lmk[0].T.numpy()
@@ -215,3 +215,33 @@ def test_predict_now_without_the_training_data_asks_for_the_flame_directory(chec
     err = capsys.readouterr().err
     assert f"{tmp_path / 'moved.ckpt'}: its data are not here" in err and "--flame-assets" in err
     assert len(err.splitlines()) == 1 and not (tmp_path / "pred").exists()
+
+
+@pytest.mark.parametrize("clip_bbox", [False, True])
+def test_export_crops_exactly_as_evaluation(tmp_path, clip_bbox):
+    """The export's crop of each image is the evaluation crop (data.sample_affine, as the data set's):
+    with ``clip_bbox`` (the paper preset) a box grown past the image is cut to it first."""
+    from dad3dlib.data import sample_affine
+
+    root = make_release(tmp_path / "now", n=2)
+    subject, challenge, name = IMAGES[1]
+    _save_box(root / "detected_face" / subject / challenge / f"{name}.npy",
+              {"left": 2.0, "right": 88.0, "top": 4.0, "bottom": 118.0})  # grown by 10 %: past every edge
+    items = now.release_items(root)
+    images = now.NowImages(items, 64, clip_bbox)
+    for k, item in enumerate(items):
+        want = sample_affine(item["bbox"], (90, 120), 64, clip_bbox)
+        np.testing.assert_array_equal(images[k]["crop_affine"].numpy(), want.astype(np.float32))
+    clipped, grown = (sample_affine(items[1]["bbox"], (90, 120), 64, c) for c in (True, False))
+    assert not np.allclose(clipped, grown)
+
+
+def test_predict_now_crops_with_the_checkpoints_clip_setting(checkpoint, tmp_path, monkeypatch):
+    """``predict --format now`` passes the checkpoint's data.clip_bbox to the export."""
+    ckpt = torch.load(checkpoint, weights_only=True)
+    ckpt["hyper_parameters"]["params"]["data"]["clip_bbox"] = True
+    torch.save(ckpt, tmp_path / "clip.ckpt")
+    seen = {}
+    monkeypatch.setattr(now, "export", lambda *a, **k: seen.update(args=a, kwargs=k) or 0)
+    assert cli.main(_predict(tmp_path / "clip.ckpt", tmp_path, tmp_path / "pred")) == 0
+    assert seen["args"][-1] is True

@@ -301,6 +301,18 @@ def test_summary_table_is_the_mean_and_spread_over_finished_seeds_then_the_refer
 
 
 
+def test_the_shape_protocol_is_named_and_a_mixed_study_is_flagged(tmp_path):
+    """The report names the protocol the runs recorded (records from before the setting measured
+    landmarks); runs measured with different protocols are flagged as not comparable."""
+    legacy = write_study(tmp_path / "legacy", seeds=(1,))
+    note = report.shape_protocol_note(legacy)
+    assert note.startswith("3D shape error (median / mean / std, mm, each pooled") and "**landmarks**:" in note
+    path = legacy / "runs" / "good_s1" / "metrics.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "shape_protocol": "now"}))
+    mixed = report.shape_protocol_note(legacy)
+    assert "different protocols (landmarks, now)" in mixed and "**now**: the NoW protocol" in mixed
+
+
 def test_hypotheses_come_from_study_json_else_the_ablation_files(tmp_path):
     """A study records its hypotheses when it is planned; one planned before that takes the ablation
     files' present ones, with a warning that they were not stated in advance."""

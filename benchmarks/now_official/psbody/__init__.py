@@ -1,0 +1,1 @@
+"""Stand-ins for psbody-mesh (benchmarks/now_official/run_official.py)."""
