@@ -139,7 +139,7 @@ def run_job(execute, run, study_dir: Path, threads: int | None, time_min: int | 
     Ctrl-C, its checkpoints kept, and the run is recorded as failed at its time limit."""
     import torch
 
-    from .study import Interrupt
+    from .kernels import Interrupt
 
     gpus = torch.cuda.device_count()
     device = "cuda" if gpus == 1 else "auto" if gpus > 1 else "cpu"
