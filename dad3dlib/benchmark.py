@@ -25,8 +25,8 @@ from torch import Tensor
 from . import metrics as M
 from .errors import InputValueError
 from .files import write_json
-from .geometry import flip_yz, project
-from .flame import FlameTopology, TopologyTensors, load_flame_assets
+from .geometry import flip_yz
+from .flame import FlameTopology, TopologyTensors, landmarks_image, load_flame_assets
 
 FLAME_MESH = M.FLAME_MESH  # a pseudo-key: N_landmarks_3d with N = V
 
@@ -147,7 +147,7 @@ class Scorer(TopologyTensors):
         mv = gt["model_view_matrix"]
         world = gt_world(gt["vertices"], mv)
         return M.BenchmarkGT(
-            landmarks_2d=project(self.landmarks68(gt["vertices"]), mv, gt["projection_matrix"], gt["image_height"]),
+            landmarks_2d=landmarks_image(gt["vertices"], mv, gt["projection_matrix"], gt["image_height"], self),
             world=world, landmarks_world=self.landmarks68(world), rotation=flip_yz(mv), bbox=gt["bbox"])
 
     def __call__(self, gt: dict[str, Tensor], preds: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -139,7 +139,7 @@ def recipe_digest(recipe: dict) -> str:
 
 
 TRAINING_RECORD = "training.json"  # precision used, processes, the checkpoint to evaluate (step, why), the splits
-CHECKPOINT_POLICY = {  # optim.schedule -> (checkpoint file, why); the schedules train.SCHEDULES implements
+CHECKPOINT_POLICY = {  # optim.schedule -> (checkpoint file, why); the schedules lightning_module.SCHEDULES implements
     "onecycle": ("last.ckpt", "fixed-budget schedule (one-cycle): the last step is the intended result"),
     "plateau": ("best.ckpt", "plateau schedule: the lowest validation NME"),
 }

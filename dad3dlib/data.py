@@ -21,6 +21,7 @@ import shutil
 import warnings
 from collections import Counter
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -32,8 +33,8 @@ from torch.utils.data import Dataset
 from .config import HOLDOUT_FRACTION, data_root
 from .errors import InputError, InputFileNotFound, InputValueError
 from .files import exclusive_lock
-from .flame import MODEL_FILE, FlameAssets, FlameTopology
-from .geometry import apply_affine, flip_yz, landmarks_from_vertices, project
+from .flame import MODEL_FILE, FlameAssets, FlameTopology, landmarks_image
+from .geometry import apply_affine, flip_yz, project
 
 log = logging.getLogger(__name__)
 
@@ -153,12 +154,17 @@ def _gamma(rng, img):
     return cv2.LUT(img, lut)
 
 
-def _blur(rng, img):
-    return cv2.GaussianBlur(img, (0, 0), rng.uniform(0.5, 1.5))
+def gaussian_blur(rng: np.random.Generator, img: np.ndarray, sigma: tuple[float, float]) -> np.ndarray:
+    """[H,W,3] uint8 -> [H,W,3] uint8 blurred by a Gaussian of σ ~ U(sigma) pixels. The training
+    augmentation's and the synthetic data's (its "lq" images) one blur."""
+    return cv2.GaussianBlur(img, (0, 0), rng.uniform(*sigma))
 
 
-def _noise(rng, img):
-    noise = rng.normal(0, rng.uniform(2, 10), img.shape).astype(np.float32)
+def gaussian_noise(rng: np.random.Generator, img: np.ndarray, sd: tuple[float, float],
+                   dtype: type = np.float64) -> np.ndarray:
+    """[H,W,3] uint8 -> [H,W,3] uint8 plus Gaussian noise of σ ~ U(sd) grey levels (added in
+    ``dtype``), clipped. The training augmentation's and the synthetic data's one noise."""
+    noise = rng.normal(0, rng.uniform(*sd), img.shape).astype(dtype, copy=False)
     return np.clip(img + noise, 0, 255).astype(np.uint8)
 
 
@@ -166,8 +172,10 @@ def _grayscale(rng, img):
     return cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
 
 
-PHOTOMETRIC = {"jitter": (0.8, _jitter), "gamma": (0.3, _gamma), "blur": (0.1, _blur),
-               "noise": (0.2, _noise), "grayscale": (0.05, _grayscale)}
+PHOTOMETRIC = {"jitter": (0.8, _jitter), "gamma": (0.3, _gamma),
+               "blur": (0.1, partial(gaussian_blur, sigma=(0.5, 1.5))),
+               "noise": (0.2, partial(gaussian_noise, sd=(2, 10), dtype=np.float32)),
+               "grayscale": (0.05, _grayscale)}
 
 
 def photometric(rng: np.random.Generator, crop: np.ndarray) -> np.ndarray:
@@ -329,14 +337,6 @@ class SplitIndex:
     path: Path | None = None  # the cache's folder (None: not cached)
 
 
-def _landmarks_image(vertices: np.ndarray, mv: np.ndarray, P: np.ndarray, height: float,
-                     topology: FlameTopology) -> np.ndarray:
-    """68 GT landmarks in image pixels: embedding on model space, then MV, P. [68,2]"""
-    lmk = landmarks_from_vertices(vertices.astype(np.float64), topology.faces, topology.lmk_face_idx,
-                                  topology.lmk_bary)                                # [68,3]
-    return project(lmk, mv, P, height)
-
-
 def _files(ds: Path, split: str, entries: list[dict], annotations: bool) -> list[tuple[Path, Path | None]]:
     out = []
     for e in entries:
@@ -392,7 +392,7 @@ def _build_index(ds: Path, split: str, topology: FlameTopology, annotations: boo
     split_file = ds / split / f"{split}.json"
     entries = read_split(split_file)
     files = _files(ds, split, entries, annotations)
-    n_vert = int(topology.faces.max()) + 1
+    n_vert = topology.n_vertices
     key = _cache_key(split_file, files, topology, annotations)
     if cache_dir is not None:
         cached = _load_cache(cache_dir / key, ds, split, entries, files, skip_bad)
@@ -414,7 +414,8 @@ def _build_index(ds: Path, split: str, topology: FlameTopology, annotations: boo
             size = image_size(img)
             if annotations:
                 a = read_annotation(ann, n_vert)
-                lmk = _landmarks_image(a["vertices"], a["model_view_matrix"], a["projection_matrix"], size[1], topology)
+                lmk = landmarks_image(a["vertices"].astype(np.float64), a["model_view_matrix"], a["projection_matrix"],
+                                      size[1], topology)
                 if not np.isfinite(lmk).all():
                     raise InputValueError(f"{ann}: the projection of the landmarks is not finite")
         except InputError as e:
@@ -582,7 +583,7 @@ class DAD3DHeadsDataset(Dataset):
         self.train, self.augment = train, augment and train
         self.annotations = has_annotations(self.ds, split) if annotations is None else annotations
         self.cached = cache
-        self.n_vertices = int(self.topology.faces.max()) + 1
+        self.n_vertices = self.topology.n_vertices
         flame_path = flame.path if isinstance(flame, FlameAssets) else None
         if cache:
             cache_path = Path(cache_dir) if cache_dir is not None else _cache_root() / hashlib.sha1(
@@ -674,7 +675,7 @@ class DAD3DHeadsDataset(Dataset):
                 np.asarray(ix.landmarks[i])
         a = read_annotation(self._annotation_files[i], self.n_vertices)
         v, mv, P = a["vertices"], a["model_view_matrix"], a["projection_matrix"]
-        return v, mv, P, _landmarks_image(v, mv, P, height, self.topology)
+        return v, mv, P, landmarks_image(v.astype(np.float64), mv, P, height, self.topology)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         entry, S = self.index.entries[i], self.crop_size

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .errors import InputValueError
 from .files import LOAD_ERRORS, atomic_write, read_bytes
-from .geometry import landmarks_from_vertices
+from .geometry import landmarks_from_vertices, project
 
 N_SHAPE, N_EXPR, N_JAW, N_ROT6D, N_TRANS, N_SCALE = 300, 100, 3, 6, 3, 1
 N_3DMM = N_SHAPE + N_EXPR + N_JAW + N_ROT6D + N_TRANS + N_SCALE  # 413
@@ -156,6 +156,11 @@ class FlameTopology:
     subsets: dict                 # name -> int64 vertex ids
 
     @property
+    def n_vertices(self) -> int:
+        """V, the mesh's vertex count: the highest vertex id of a face, plus one."""
+        return int(self.faces.max()) + 1
+
+    @property
     def lmk_face_idx(self) -> np.ndarray:
         """[68] int64: 17 contour points (dynamic row 0) then the 51 static points."""
         return np.concatenate([self.dynamic_face_idx[0], self.static_face_idx]).astype(np.int64)
@@ -278,8 +283,8 @@ def load_flame_assets(path: str | Path, require_model: bool = True) -> FlameAsse
     for name, idx in ((STATIC_FILE, s_idx), (DYNAMIC_FILE, d_idx)):
         if idx.max() >= n_faces or idx.min() < 0:
             raise FlameFormatError(f"{path / name}: face ids out of range 0..{n_faces - 1}")
-    n_vert = int(faces.max()) + 1
-    subsets = {}
+    topo = FlameTopology(faces, s_idx, s_bary, d_idx, d_bary, subsets={})
+    n_vert = topo.n_vertices
     for name in SUBSETS:
         f = path / f"{name}.npy"
         try:
@@ -288,8 +293,7 @@ def load_flame_assets(path: str | Path, require_model: bool = True) -> FlameAsse
             raise FlameFormatError(f"{f}: cannot read vertex subset ({e})") from e
         if ids.ndim != 1 or len(ids) == 0 or ids.min() < 0 or ids.max() >= n_vert:
             raise FlameFormatError(f"{f}: expected a 1-D array of vertex ids below {n_vert}")
-        subsets[name] = ids
-    topo = FlameTopology(faces, s_idx, s_bary, d_idx, d_bary, subsets)
+        topo.subsets[name] = ids
     return FlameAssets(topology=topo, model=model, path=path)
 
 
@@ -342,7 +346,7 @@ class TopologyTensors:
         self.lmk_bary = torch.as_tensor(topology.lmk_bary, device=device)
         self.z_n = as_long(topology.subsets[Z_N_SUBSET])
         self.face = as_long(topology.subsets[FACE_SUBSET])
-        self.n_vertices = int(topology.faces.max()) + 1
+        self.n_vertices = topology.n_vertices
 
     def landmarks68(self, vertices: Tensor) -> Tensor:
         """[B,V,3] -> [B,68,3]"""
@@ -352,6 +356,15 @@ class TopologyTensors:
 # --------------------------------------------------------------------------------------------
 # Pure functions: landmarks, rotations, the 3DMM vector
 # --------------------------------------------------------------------------------------------
+def landmarks_image(vertices, mv, p, height, topology: FlameTopology | TopologyTensors):
+    """The 68 landmarks of meshes in image pixels: the embedding on model space, then MV and P
+    (:func:`dad3dlib.geometry.project`), e.g. the ground truth of annotations. vertices [...,V,3],
+    mv, p [...,4,4], height scalar or [...] -> [...,68,2]: numpy with a :class:`FlameTopology`,
+    torch with :class:`TopologyTensors` (on the vertices' device)."""
+    lmk = landmarks_from_vertices(vertices, topology.faces, topology.lmk_face_idx, topology.lmk_bary)  # [...,68,3]
+    return project(lmk, mv, p, height)
+
+
 def rot6d_to_matrix(x: Tensor) -> Tensor:
     """6D rotation (a, b) -> matrix with columns (b1, b2, b3) (Zhou et al., CVPR 2019).
 

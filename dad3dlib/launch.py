@@ -33,8 +33,8 @@ from pathlib import Path
 from .config import ParamsError
 from .files import write_record
 
-DEFAULTS = {"name": "local", "partition": None, "gpus_per_run": None, "cpus_per_run": None, "time_min": 720,
-            "mem_gb": None, "account": None, "qos": None, "constraint": None, "array_parallelism": 32}
+LAUNCHER_DEFAULTS = {"name": "local", "partition": None, "gpus_per_run": None, "cpus_per_run": None, "time_min": 720,
+                     "mem_gb": None, "account": None, "qos": None, "constraint": None, "array_parallelism": 32}
 CLUSTERS = {"local": None, "submitit-local": "local", "slurm": "slurm"}  # name -> submitit cluster
 SIGNAL_DELAY_S = 90  # submitit's default: its signal comes this long before a job's time limit
 
@@ -44,14 +44,14 @@ class ClusterError(ValueError):
 
 
 def launcher_settings(params: dict, overrides: dict | None = None) -> dict:
-    """The preset's ``launcher`` section over :data:`DEFAULTS`, then ``overrides`` (the command
+    """The preset's ``launcher`` section over :data:`LAUNCHER_DEFAULTS`, then ``overrides`` (the command
     line; None values ignored). Unknown keys and names, and a time limit under a minute, are refused."""
     section = params.get("launcher") or {}
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    unknown = sorted(set(section) - set(DEFAULTS)) + sorted(set(given) - set(DEFAULTS))
+    unknown = sorted(set(section) - set(LAUNCHER_DEFAULTS)) + sorted(set(given) - set(LAUNCHER_DEFAULTS))
     if unknown:
-        raise ParamsError(f"launcher: unknown setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    settings = {**DEFAULTS, **section, **given}
+        raise ParamsError(f"launcher: unknown setting(s) {', '.join(unknown)}; known: {', '.join(LAUNCHER_DEFAULTS)}")
+    settings = {**LAUNCHER_DEFAULTS, **section, **given}
     if settings["name"] not in CLUSTERS:
         raise ParamsError(f"launcher: unknown name {settings['name']!r}; one of {', '.join(CLUSTERS)}")
     time_min = settings["time_min"]

@@ -289,7 +289,7 @@ HEATMAP_LOSSES = {"awing": adaptive_wing_loss, "soft_iou": soft_iou_loss}
 @dataclass(frozen=True)
 class LossTerm:
     """A term of the objective: the key of its weight in ``loss.lambdas``, its display name, the
-    reference recipe's weight, the prediction it reads (a key of what ``train.DADModule``
+    reference recipe's weight, the prediction it reads (a key of what ``lightning_module.DADModule``
     predicts) and ``fn(loss: DADLoss, pred, batch) -> unweighted scalar``."""
     name: str
     label: str

@@ -336,12 +336,15 @@ class DAD3DNet(nn.Module):
             nn.init.zeros_(head[-1].bias)
         nn.init.constant_(self.landmark_head[-1].bias, 0.5)
         nn.init.constant_(self.heatmap_head.bias, math.log(HEATMAP_PRIOR / (1 - HEATMAP_PRIOR)))
-        self.set_pose_prior(torch.tensor(FRONTAL_ROT6D), torch.zeros(2), init_scale)
+        self.set_pose_prior({"scale": init_scale, "tx": 0.0, "ty": 0.0}, torch.tensor(FRONTAL_ROT6D))
 
     @torch.no_grad()
-    def set_pose_prior(self, rot6d: Tensor, translation_xy: Tensor, scale: float) -> None:
-        """Set the pose head's output bias: rot6d [6], translation_xy [2], scale s (stored s - 1)."""
-        bias = torch.cat([rot6d.float(), translation_xy.float(), torch.zeros(1), torch.tensor([scale - 1.0])])
+    def set_pose_prior(self, prior: dict, rot6d: Tensor | None = None) -> None:
+        """Set the pose head's output bias to a pose prior {"scale" s, "tx", "ty"} (:func:`pose_prior`;
+        s stored as s - 1) and the rotation to ``rot6d`` [6] (None: it stays)."""
+        rot6d = self.pose_head[-1].bias[:6].clone() if rot6d is None else rot6d
+        bias = torch.cat([rot6d.float(), torch.tensor([prior["tx"], prior["ty"]]).float(), torch.zeros(1),
+                          torch.tensor([prior["scale"] - 1.0])])
         self.pose_head[-1].bias.copy_(bias)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
@@ -421,10 +424,3 @@ def pose_prior(dataset: torch.utils.data.Dataset, n: int, crop_size: int) -> dic
     s, t = fit_weak_perspective(stack("vertices_model"), stack("rotation"), stack("vertices_crop"), crop_size)
     scale, trans = s.median(), t.median(0).values
     return {"scale": float(scale), "tx": float(trans[0]), "ty": float(trans[1])}
-
-
-@torch.no_grad()
-def set_pose_prior(model: nn.Module, prior: dict) -> None:
-    """Set the pose head's bias to a :func:`pose_prior` (rotation stays frontal)."""
-    rot6d = model.pose_head[-1].bias[:6].clone()
-    model.set_pose_prior(rot6d, torch.tensor([prior["tx"], prior["ty"]]), prior["scale"])

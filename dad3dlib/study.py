@@ -47,7 +47,7 @@ from .files import atomic_write, exclusive_lock, write_json, write_record
 from .kernels import Interrupt, ipc_kernel_manager
 from .launch import ClusterError, execute_runs_submitit, launcher_settings
 from .progress import StudyProgress
-from .synthetic_data import DATASET_DIR
+from .data import DATASET_DIR
 
 NOTEBOOKS = REPO_ROOT / "notebooks"
 ABLATION_NB = NOTEBOOKS / "ablation.ipynb"

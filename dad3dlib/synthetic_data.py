@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -29,11 +30,12 @@ import numpy as np
 import orjson
 
 from .config import synthetic_recipe
+from .data import DATASET_DIR, gaussian_blur, gaussian_noise
 from .files import atomic_write
-from .geometry import landmarks_from_vertices, perspective_projection, project
+from .flame import landmarks_image
+from .geometry import perspective_projection, project
 from .render import Light, Renderer
 
-DATASET_DIR = "DAD-3DHeadsDataset"
 SPLITS = ("train", "val", "test")
 FEATHER = 0.6        # px: soft silhouette edge (anti-aliasing without MSAA)
 VERTEX_DECIMALS = 6  # annotation precision (1 µm); the image is rendered from the rounded vertices
@@ -357,14 +359,6 @@ def add_occluders(rng: np.random.Generator, image: np.ndarray, landmarks: np.nda
     return mask.astype(bool)
 
 
-def degrade_blur(rng, img):
-    return cv2.GaussianBlur(img, (0, 0), rng.uniform(0.8, 2.5))
-
-
-def degrade_noise(rng, img):
-    return np.clip(img + rng.normal(0, rng.uniform(4, 14), img.shape), 0, 255).astype(np.uint8)
-
-
 def degrade_downscale(rng, img):
     h, w = img.shape[:2]
     f = rng.uniform(2.0, 4.5)
@@ -377,7 +371,8 @@ def degrade_jpeg(rng, img):
     return cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
 
 
-DEGRADATIONS = {"blur": degrade_blur, "noise": degrade_noise, "downscale": degrade_downscale, "jpeg": degrade_jpeg}
+DEGRADATIONS = {"blur": partial(gaussian_blur, sigma=(0.8, 2.5)), "noise": partial(gaussian_noise, sd=(4, 14)),
+                "downscale": degrade_downscale, "jpeg": degrade_jpeg}
 
 
 # --------------------------------------------------------------------------------------------
@@ -455,7 +450,6 @@ class Generator:
         scene = sample_scene(rng, self.cfg, self.recipe["image_sizes"])
         verts = self.vertices(scene)
 
-        torch = self._torch
         width, height = scene.size
         mv, P = camera(scene, verts[self.head])
         colors = self.albedo(rng)
@@ -471,12 +465,9 @@ class Generator:
         x0, y0 = np.clip(np.floor(head_px.min(0)), 0, [width, height]).astype(int)
         x1, y1 = np.clip(np.ceil(head_px.max(0)), 0, [width, height]).astype(int)
         bbox = [int(x0), int(y0), int(x1 - x0), int(y1 - y0)]
-        topo = self.assets.topology
-        lmk3d = landmarks_from_vertices(torch.from_numpy(verts[None]), torch.from_numpy(self.faces),
-                                        torch.from_numpy(topo.lmk_face_idx), torch.from_numpy(topo.lmk_bary))[0]
         occluded = False
         if rng.random() < self.cfg["occluder_prob"]:
-            occ = add_occluders(rng, image, project(lmk3d.numpy(), mv, P, height), bbox)
+            occ = add_occluders(rng, image, landmarks_image(verts, mv, P, height, self.assets.topology), bbox)
             occluded = bool((occ & mask).sum() > 0.05 * max(mask.sum(), 1))
         degraded = False
         for name in DEGRADATIONS:  # a fixed order of draws, however the recipe lists them

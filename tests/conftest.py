@@ -1,5 +1,6 @@
 """Shared test helpers: a tiny FLAME model, the released DAD-3DHeads layout, a hand-written study;
-the smoke study (``smoke_study``, a session fixture: built once, read by several test files).
+the synthetic head (``assets``) and the smoke study (``smoke_study``), session fixtures: built once,
+read by several test files.
 
 Plain functions, imported as ``from conftest import ...``: pytest's default import mode puts this
 directory (no ``__init__.py``) on the import path when it loads this file.
@@ -113,6 +114,15 @@ def _wait_for_finished_runs(proc: subprocess.Popen, out: Path, n: int) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"no {n} run(s) finished within 10 minutes")
         time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def assets() -> FlameAssets:
+    """The project's synthetic head (its FLAME-format directory, made on first use)."""
+    from dad3dlib.flame import load_flame_assets
+    from dad3dlib.synthetic_head import default_flame_dir
+
+    return load_flame_assets(default_flame_dir())
 
 
 @pytest.fixture(scope="session")

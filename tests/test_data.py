@@ -25,11 +25,6 @@ TINY = {"splits": {"train": 6, "test": 2}, "image_sizes": [[160, 160], [144, 176
 
 
 @pytest.fixture(scope="module")
-def assets():
-    return load_flame_assets(default_flame_dir())
-
-
-@pytest.fixture(scope="module")
 def source(tmp_path_factory):
     out = tmp_path_factory.mktemp("src")
     make_data(out, {**TINY, "seed": 5}, workers=1)

@@ -133,7 +133,8 @@ def test_validation_means_equal_one_process_validating_the_same_checkpoint(ddp, 
     from dad3dlib.synthetic_head import default_flame_dir
     from dad3dlib.config import with_defaults
     from dad3dlib.report import read_metrics
-    from dad3dlib.train import DADModule, build_trainer
+    from dad3dlib.lightning_module import DADModule
+    from dad3dlib.train import build_trainer
 
     params = with_defaults(run_params("smoke", "baseline", 1, {"data": {"root": str(ddp.tmp / "data")},
                                                                "trainer": {"precision": "32-true"}}))

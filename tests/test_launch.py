@@ -12,7 +12,7 @@ import pytest
 
 import dad3dlib
 from dad3dlib.config import ParamsError
-from dad3dlib.launch import (DEFAULTS, ClusterError, SlurmQueue, job_failure, launcher_settings, make_executor,
+from dad3dlib.launch import (LAUNCHER_DEFAULTS, ClusterError, SlurmQueue, job_failure, launcher_settings, make_executor,
                              settle_gpus)
 
 
@@ -20,7 +20,7 @@ def test_settings_come_from_the_preset_then_the_command_line():
     params = {"launcher": {"name": "slurm", "partition": "gpu", "time_min": 60}}
     s = launcher_settings(params, {"partition": "long", "mem_gb": None, "gpus_per_run": 4})
     assert (s["name"], s["partition"], s["time_min"], s["gpus_per_run"], s["mem_gb"]) == ("slurm", "long", 60, 4, None)
-    assert launcher_settings({}) == DEFAULTS and DEFAULTS["name"] == "local"
+    assert launcher_settings({}) == LAUNCHER_DEFAULTS and LAUNCHER_DEFAULTS["name"] == "local"
     with pytest.raises(ParamsError, match="unknown setting"):
         launcher_settings({"launcher": {"partitoin": "gpu"}})
     with pytest.raises(ParamsError, match="unknown name 'pbs'"):

@@ -30,11 +30,6 @@ ATTRIBUTES = {"quality": {"hq", "lq"}, "gender": {"undefined"}, "expression": {"
 
 
 @pytest.fixture(scope="module")
-def assets():
-    return load_flame_assets(default_flame_dir())
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory, assets):
     out = tmp_path_factory.mktemp("tiny")
     sd.make_data(out, {**TINY, "seed": 3}, workers=1)

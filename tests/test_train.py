@@ -24,7 +24,9 @@ from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, 
 from dad3dlib.geometry import crop_to_image
 from dad3dlib.model import load_model
 from dad3dlib.report import read_metrics
-from dad3dlib.train import DADModule, check_shares, train
+from dad3dlib.lightning_module import DADModule
+from dad3dlib.samplers import check_shares
+from dad3dlib.train import train
 
 
 S = 64
@@ -344,7 +346,7 @@ def test_epoch_sampler_shares_one_order_among_processes():
     """Every process draws the same order, cut to a multiple of the process count, and takes
     every world-th item: equal shares, no sample twice, the remainder left out; a resumed
     process skips the part of its share it had done."""
-    from dad3dlib.train import EpochSampler
+    from dad3dlib.samplers import EpochSampler
 
     one = list(EpochSampler(25, seed=7))
     shares = [list(EpochSampler(25, seed=7, rank=r, world=2)) for r in (0, 1)]
@@ -357,7 +359,7 @@ def test_epoch_sampler_shares_one_order_among_processes():
 
 
 def test_shard_sampler_gives_each_validation_sample_to_one_process():
-    from dad3dlib.train import ShardSampler
+    from dad3dlib.samplers import ShardSampler
 
     shares = [list(ShardSampler(7, rank=r, world=2)) for r in (0, 1)]
     assert shares == [[0, 2, 4, 6], [1, 3, 5]] and [len(ShardSampler(7, r, 2)) for r in (0, 1)] == [4, 3]

@@ -1,4 +1,5 @@
-"""The benchmark CLI end to end on FLAME topology (../shared/flame_topology), reference formats."""
+"""The benchmark CLI (dad3dlib/benchmark.py) end to end on FLAME topology (../shared/flame_topology),
+reference formats."""
 from __future__ import annotations
 
 import json
