@@ -32,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dad3dlib import OUTPUTS_DIR  # noqa: E402
 from dad3dlib.config import run_params  # noqa: E402
 from dad3dlib.report import TIME_PARTS  # noqa: E402
-from dad3dlib.study import ensure_data, finish_run, on_device, time_parts  # noqa: E402
+from dad3dlib.data_setup import ensure_data  # noqa: E402
+from dad3dlib.devices import on_device  # noqa: E402
+from dad3dlib.finish import finish_run  # noqa: E402
+from dad3dlib.provenance import time_parts  # noqa: E402
 from dad3dlib.train import train  # noqa: E402
 
 IMPORTS_S = time.perf_counter() - START

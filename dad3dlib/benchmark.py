@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from . import metrics as M
+from .data import attribute_key
 from .errors import InputValueError
 from .files import write_json
 from .geometry import flip_yz
@@ -193,10 +194,6 @@ def score(gt_items: list[dict], submission: dict, scorer: Scorer, batch_size: in
     return rows, missing
 
 
-def _attr_key(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if not np.isnan(v)]
     return float(np.mean(values)) if values else None
@@ -208,7 +205,7 @@ def summarize(rows: list[dict]) -> dict:
     groups: dict = defaultdict(lambda: defaultdict(list))
     for r in rows:
         for name, value in r["attributes"].items():
-            groups[name][_attr_key(value)].append(r)
+            groups[name][attribute_key(value)].append(r)
     return {
         "overall": {m: _mean([r[m] for r in rows]) for m in METRICS},
         "per_attribute": {m: {name: {v: _mean([r[m] for r in rs]) for v, rs in sorted(vals.items())}
@@ -219,17 +216,13 @@ def summarize(rows: list[dict]) -> dict:
 
 def format_report(result: dict) -> str:
     """The overall table and the per-attribute table, as text."""
-    fmt = lambda x: f"{'n/a':>10}" if x is None else f"{x:10.6f}"  # noqa: E731
-    lines = ["overall" + " " * 21 + "value   items"]
-    lines += [f"  {m:<20}{fmt(v)}{result['n_scored'][m]:>8}" for m, v in result["overall"].items()]
+    lines = M.text_table("overall", ("value", "items"), [(m, [v, result["n_scored"][m]])
+                                                         for m, v in result["overall"].items()], width=10, digits=6)
     first = next(iter(result["per_attribute"].values()), {})
     if first:
-        lines += ["", f"{'per attribute':<28}" + "".join(f"{SHORT[m]:>12}" for m in METRICS)]
-        for name, vals in first.items():
-            for value in vals:
-                cells = "".join(f"{fmt(result['per_attribute'][m][name][value]):>12}" for m in METRICS)
-                label = f"{name}={value}"[:26]
-                lines.append(f"  {label:<26}{cells}")
+        rows = [(f"{name}={value}", [result["per_attribute"][m][name][value] for m in METRICS])
+                for name, vals in first.items() for value in vals]
+        lines += ["", *M.text_table("per attribute", [SHORT[m] for m in METRICS], rows, label=28, digits=6)]
     return "\n".join(lines)
 
 

@@ -239,6 +239,12 @@ def read_split(path: Path) -> list[dict]:
     return entries
 
 
+def attribute_key(value) -> str:
+    """An entry's attribute value as a group's name (the evaluation's columns, the benchmark's groups):
+    a string as it is, any other value as its JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _check_entry(entry: dict, annotations: bool) -> None:
     keys = ("item_id", "bbox") + (("annotation_path",) if annotations else ())
     missing = [k for k in keys if k not in entry]

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .config import DEFAULT_SHAPE_PROTOCOL, data_root, shape_protocol, with_defaults
-from .data import flame_dir, open_split, split_protocol
+from .data import attribute_key, flame_dir, open_split, split_protocol
 from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
@@ -110,10 +110,6 @@ def _as_model(model_or_ckpt) -> nn.Module:
     return model_or_ckpt if isinstance(model_or_ckpt, nn.Module) else load_model(model_or_ckpt)[0]
 
 
-def _attribute_key(value) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
 POOLED = ("median_mm", "mean_mm", "std_mm")  # statistics of every distance of a group, not means over samples
 
 
@@ -174,7 +170,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
         values, d = sample_metrics(pred, batch, topo, protocol)
         for j, i in enumerate(batch["index"].tolist()):
             item = dataset.items[i]
-            attributes = {str(k): _attribute_key(v) for k, v in (item.get("attributes") or {}).items()}
+            attributes = {str(k): attribute_key(v) for k, v in (item.get("attributes") or {}).items()}
             rows.append({"item_id": str(item["item_id"]), **attributes,
                          **{m: float(values[m][j]) for m in METRIC_COLUMNS}})
         dists.append(d.numpy())
@@ -375,11 +371,10 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
 def format_aggregate(agg: dict) -> str:
     lines = [f"{agg['n_samples']} samples" + (f" of {agg['split']}" if agg.get("split") else "")
              + f"; shape protocol {agg.get('shape_protocol', DEFAULT_SHAPE_PROTOCOL)}"]
-    lines += [f"  {m:<20}{agg[m]:12.4f}" for m in METRIC_COLUMNS]
+    lines += M.text_table("metric", ("value",), [(m, [agg[m]]) for m in METRIC_COLUMNS])
     for attr, values in agg["by_attribute"].items():
-        lines.append(f"\n{attr:<22}" + "".join(f"{m[:10]:>11}" for m in ("n",) + METRIC_COLUMNS))
-        for value, row in values.items():
-            lines.append(f"  {value[:20]:<20}{row['n']:>11d}" + "".join(f"{row[m]:11.4f}" for m in METRIC_COLUMNS))
+        rows = [(value, [row["n"], *(row[m] for m in METRIC_COLUMNS)]) for value, row in values.items()]
+        lines += ["", *M.text_table(attr, ("n",) + METRIC_COLUMNS, rows, width=11)]
     return "\n".join(lines)
 
 

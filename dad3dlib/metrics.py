@@ -612,6 +612,19 @@ def metric_names(scope: str | None = None) -> tuple[str, ...]:
     return tuple(k for k, m in METRICS.items() if scope is None or scope in m.scopes)
 
 
+def text_table(title: str, columns, rows, label: int = 22, width: int = 12, digits: int = 4) -> list[str]:
+    """Metric values as a text table (the evaluate and benchmark commands' printouts): a header of
+    ``title`` in ``label`` characters and each column's name right-aligned in ``width``, then a line
+    per ``(name, values)`` of ``rows``, the name indented by two, each value right-aligned under its
+    column (an integer as it is, a float with ``digits`` decimals, None as n/a)."""
+    def cell(v) -> str:
+        return "n/a" if v is None else f"{v:d}" if isinstance(v, (int, np.integer)) else f"{v:.{digits}f}"
+
+    lines = [f"{title[:label - 1]:<{label}}" + "".join(f"{c[:width - 1]:>{width}}" for c in columns)]
+    return lines + [f"  {name[:label - 2]:<{label - 2}}" + "".join(f"{cell(v):>{width}}" for v in values)
+                    for name, values in rows]
+
+
 def _bench_zn(g: dict, p: dict, s) -> tuple[Tensor, Tensor]:
     """The reference's Z_n points: prediction unchanged, GT = -world; head subset, float32."""
     return p["N_landmarks_3d"][:, s.z_n].float(), (-g.world[:, s.z_n]).float()

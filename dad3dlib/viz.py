@@ -40,7 +40,7 @@ def ablation_colour(ablation: str) -> str:
     """An ablation's colour: the study's ablations (params/ablations/, baseline first, as ``make study``
     runs them) take :data:`PALETTE`'s colours in that order, so every figure and notebook agrees; any
     other name takes the next colour not taken, kept for the rest of the session."""
-    from .study import default_ablations
+    from .plan import default_ablations
 
     known = default_ablations()
     if ablation in known:

@@ -6,8 +6,9 @@ import nbformat
 import pytest
 
 from conftest import small_study
-from dad3dlib import browser
-from dad3dlib.study import ABLATION_NB, AGGREGATE_NB, NOTEBOOKS
+from dad3dlib import NOTEBOOKS, browser
+from dad3dlib.html_report import AGGREGATE_NB
+from dad3dlib.study import ABLATION_NB
 
 
 def _study(path, mtime):

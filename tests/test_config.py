@@ -1,7 +1,7 @@
 """Params files: presets × ablations, validation errors that name the file, run planning."""
 import pytest
 
-from dad3dlib import config, study
+from dad3dlib import config, devices
 from dad3dlib.config import ParamsError
 
 
@@ -135,7 +135,7 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     settings: the run still has the fingerprint it was planned with."""
     params = config.run_params("smoke", "no_2d", seed=2)
     rewritten = tmp_path / "params.yaml"
-    config.save_params(config.with_defaults(study.on_device(params, "cpu", num_threads=3)), rewritten)
+    config.save_params(config.with_defaults(devices.on_device(params, "cpu", num_threads=3)), rewritten)
     assert config.training_fingerprint(config.load_params(rewritten)) == config.training_fingerprint(params)
     explicit = config.deep_merge(params, {"optim": {"schedule": "plateau"}, "trainer": {"max_steps": -1}})
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults

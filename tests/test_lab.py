@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dad3dlib.study import AGGREGATE_NB
+from dad3dlib.html_report import AGGREGATE_NB
 
 pytestmark = pytest.mark.slow
 

@@ -18,7 +18,7 @@ import pytest
 
 import dad3dlib
 from conftest import as_released, study_cmd
-from dad3dlib import config, data, report, study
+from dad3dlib import config, data, data_setup, devices, files, finish, html_report, kernels, plan, report, study
 from dad3dlib.config import ParamsError
 
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
@@ -69,7 +69,7 @@ def test_concurrent_notebooks_have_kernels_of_their_own_over_ipc(tmp_path):
     nbformat.write(nb, tmp_path / "in.ipynb")
     managers = []
 
-    class Recording(study.ipc_kernel_manager()):
+    class Recording(kernels.ipc_kernel_manager()):
         async def start_kernel(self, **kw):
             managers.append(self)
             await super().start_kernel(**kw)
@@ -91,7 +91,7 @@ def test_a_full_disk_fails_the_run_without_crashing_the_runner(tmp_path, monkeyp
     runner cannot write is one line on stderr naming it."""
     import papermill
 
-    run = study.plan_runs("smoke", ["baseline"], [1])[0]
+    run = plan.plan_runs("smoke", ["baseline"], [1])[0]
     replace = os.replace
 
     def full_disk(src, dst, *args, **kwargs):
@@ -122,7 +122,7 @@ def test_a_hung_kernel_fails_its_run_after_the_cell_timeout(tmp_path, monkeypatc
                                           metadata={"tags": ["parameters"]}), nbformat.v4.new_code_cell(HUNG_KERNEL)]
     nbformat.write(nb, tmp_path / "hangs.ipynb")
     monkeypatch.setattr(study, "ABLATION_NB", tmp_path / "hangs.ipynb")
-    run = study.plan_runs("smoke", ["baseline"], [1], overrides={"study": {"cell_timeout_s": 2}})[0]
+    run = plan.plan_runs("smoke", ["baseline"], [1], overrides={"study": {"cell_timeout_s": 2}})[0]
     start = time.time()
     result = study.execute_run(run, tmp_path, "cpu", 1)
     assert result["status"] == "failed" and time.time() - start < 60
@@ -140,12 +140,12 @@ def test_a_hung_kernel_fails_its_run_after_the_cell_timeout(tmp_path, monkeypatc
 def test_a_bad_cell_timeout_is_one_line():
     with pytest.raises(ParamsError, match=r"^study.cell_timeout_s must be a positive number of seconds or null, "
                                           r"got '1h'$"):
-        study.cell_timeout({"study": {"cell_timeout_s": "1h"}})
-    assert study.cell_timeout({}) is None and study.cell_timeout(config.run_params("smoke"))
+        plan.cell_timeout({"study": {"cell_timeout_s": "1h"}})
+    assert plan.cell_timeout({}) is None and plan.cell_timeout(config.run_params("smoke"))
 
 
 def test_identical_configurations_run_once():
-    runs = study.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
+    runs = plan.plan_runs("smoke", ["baseline", "l3d50_proj0.05", "no_l3d"], seeds=[1, 2])
     assert [r.name for r in runs] == ["baseline_s1", "no_l3d_s1", "baseline_s2", "no_l3d_s2"]
     assert runs[0].aliases == ["l3d50_proj0.05"] and runs[1].aliases == []
 
@@ -153,7 +153,7 @@ def test_identical_configurations_run_once():
 def test_missing_real_data_dir_is_a_clear_error(tmp_path):
     p = config.run_params("smoke", "baseline", overrides=config.data_overrides(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="nowhere.*not found"):
-        study.ensure_data(p)
+        data_setup.ensure_data(p)
 
 
 def test_generated_data_is_remade_when_its_recipe_changes_and_only_then(tmp_path, capsys):
@@ -162,21 +162,21 @@ def test_generated_data_is_remade_when_its_recipe_changes_and_only_then(tmp_path
     tiny = {"splits": {"train": 2}, "image_sizes": [[64, 64]], "seed": 1}
     params = config.run_params("smoke", overrides={"data": {"root": str(tmp_path / "d")}})
     params["data"]["synthetic"] = tiny
-    record = study.ensure_data(params) / "make_data.json"
+    record = data_setup.ensure_data(params) / "make_data.json"
     assert "no data set there yet" in capsys.readouterr().out
     made = json.loads(record.read_text())
     assert made["recipe"] == config.synthetic_recipe(tiny)
     stamp = record.stat().st_mtime_ns
-    study.ensure_data(params)
+    data_setup.ensure_data(params)
     assert record.stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
     earlier = {k: v for k, v in made.items() if k != "recipe"} | {  # the form of an earlier record
         "config": {"splits": tiny["splits"], "image_sizes": tiny["image_sizes"]}, "sampling": config.SYNTHETIC_SAMPLING}
     record.write_text(json.dumps(earlier))
     stamp = record.stat().st_mtime_ns
-    study.ensure_data(params)
+    data_setup.ensure_data(params)
     assert record.stat().st_mtime_ns == stamp
     other = config.deep_merge(params, {"data": {"synthetic": {"sampling": {"yaw_max": 60.0}}}})
-    study.ensure_data(other)
+    data_setup.ensure_data(other)
     assert "made from another recipe" in capsys.readouterr().out
     assert json.loads(record.read_text())["recipe"]["sampling"]["yaw_max"] == 60.0
 
@@ -190,14 +190,14 @@ def test_study_cli_reports_bad_input(tmp_path, capsys):
 
 def test_concurrent_jobs_come_from_the_flag_else_the_preset():
     cpu, smoke = config.run_params("cpu"), config.run_params("smoke")
-    assert study.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
-    assert study.study_jobs(smoke) == 1 and study.study_jobs(cpu, 3) == 3
+    assert plan.study_jobs(cpu) == cpu["study"]["jobs"] == 2  # two 1-thread runs beat one 2-thread run
+    assert plan.study_jobs(smoke) == 1 and plan.study_jobs(cpu, 3) == 3
     with pytest.raises(ParamsError, match="jobs must be a positive integer, got 0"):
-        study.study_jobs(cpu, 0)
+        plan.study_jobs(cpu, 0)
     with pytest.raises(ParamsError, match="got 'two'"):
-        study.study_jobs({"study": {"jobs": "two"}})
+        plan.study_jobs({"study": {"jobs": "two"}})
     with pytest.raises(ParamsError, match="got 0"):
-        study.study_jobs({"study": {"jobs": 0}})
+        plan.study_jobs({"study": {"jobs": 0}})
 
 
 def test_runs_over_several_processes_run_one_at_a_time_here():
@@ -205,37 +205,37 @@ def test_runs_over_several_processes_run_one_at_a_time_here():
     jobs each has its own allocation."""
     ddp = config.deep_merge(config.run_params("cpu"), {"trainer": {"devices": 2, "strategy": "ddp"}})
     with pytest.raises(ParamsError, match=r"jobs 2: each run of this preset trains over 2 processes"):
-        study.study_jobs(ddp)
-    assert study.study_jobs(ddp, 1) == 1 and study.study_jobs(ddp, 4, "slurm") == 4
+        plan.study_jobs(ddp)
+    assert plan.study_jobs(ddp, 1) == 1 and plan.study_jobs(ddp, 4, "slurm") == 4
     nodes = config.deep_merge(config.run_params("smoke"), {"trainer": {"num_nodes": 2}})
     with pytest.raises(ParamsError, match="over 2 processes"):
-        study.study_jobs(nodes, 2)
+        plan.study_jobs(nodes, 2)
 
 
 def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
-    run = study.plan_runs("smoke", ["baseline"], seeds=[1])[0]
+    run = plan.plan_runs("smoke", ["baseline"], seeds=[1])[0]
     run_dir = tmp_path / "runs" / run.name
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "checkpoints" / "last.ckpt").write_text("an older model")
-    study.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
-    moved = study.retire_stale(run_dir, run)
+    files.write_json(run_dir / "provenance.json", {"fingerprint": "0123abcd", "status": "running"})
+    moved = plan.retire_stale(run_dir, run)
     assert moved == tmp_path / "runs" / f"{run.name}.stale-0123abcd"
     assert not run_dir.exists() and (moved / "checkpoints" / "last.ckpt").read_text() == "an older model"
     run_dir.mkdir()
-    study.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
-    assert study.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
-    study.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
-    assert study.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
+    files.write_json(run_dir / "metrics.json", {"fingerprint": run.fingerprint})
+    assert plan.retire_stale(run_dir, run) is None and run_dir.exists()  # same params: resumed
+    files.write_json(run_dir / "metrics.json", {"fingerprint": "0123abcd"})
+    assert plan.retire_stale(run_dir, run).name == f"{run.name}.stale-0123abcd-2"
 
 
 def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
     ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
                                                                      "strategy": "ddp"}})
-    cpu = study.on_device(ddp, "cpu", num_threads=2)["trainer"]
+    cpu = devices.on_device(ddp, "cpu", num_threads=2)["trainer"]
     assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
-    gpu = study.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
+    gpu = devices.on_device(ddp, "cuda:1", num_threads=8)["trainer"]
     assert (gpu["accelerator"], gpu["devices"], gpu["num_threads"]) == ("gpu", 2, 4)
-    one = study.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
+    one = devices.on_device(config.run_params("smoke"), "cuda:1", num_threads=8)["trainer"]
     assert (one["devices"], one["num_threads"]) == ([1], 8)
 
 
@@ -375,7 +375,7 @@ def test_the_report_page_fetches_nothing_from_a_network(tmp_path):
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x", outputs=[nbformat.v4.new_output(
         "display_data", {"text/html": "<table><tr><td>a table</td></tr></table>"})])])
     nbformat.write(nb, tmp_path / "nb.ipynb")
-    html = study.report_html(tmp_path / "nb.ipynb")
+    html = html_report.report_html(tmp_path / "nb.ipynb")
     assert "a table" in html and ">x<" not in html  # the output, not the input
     assert not re.findall(r"<(?:script|link)[^>]+(?:src|href)=[\"'](?:https?:)?//", html), \
         re.findall(r"<(?:script|link)[^>]+>", html)
@@ -476,7 +476,7 @@ def test_explorer_fragment_is_compact(smoke_study):
 def released(tmp_path_factory):
     """The smoke preset's data (24 train, 8 val, 8 test images) in the released DAD-3DHeads layout."""
     root = tmp_path_factory.mktemp("released") / "data"
-    shutil.copytree(study.ensure_data(config.run_params("smoke")), root)
+    shutil.copytree(data_setup.ensure_data(config.run_params("smoke")), root)
     return as_released(root)
 
 
@@ -510,7 +510,7 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
     val = released / data.DATASET_DIR / "val"
     val.rename(val.with_name("val.hidden"))
     try:
-        checkpoint = train(study.on_device(params, "cpu", 2), run)
+        checkpoint = train(devices.on_device(params, "cpu", 2), run)
     finally:
         val.with_name("val.hidden").rename(val)
     assert json.loads((run / "training.json").read_text())["splits"] == {
@@ -518,7 +518,7 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
         "fit_items": 24 - len(holdout), "select_items": len(holdout)}
     assert 0 < len(holdout) < 24 and config.load_params(run / "params.yaml")["data"]["holdout_fraction"] == 0.1
 
-    metrics = study.finish_run(params, checkpoint, run, "cpu")
+    metrics = finish.finish_run(params, checkpoint, run, "cpu")
     assert metrics["split"] == "val" and metrics["n_samples"] == 8
     recorded = json.loads((run / "metrics.json").read_text())
     assert recorded["split"] == "val" and recorded["splits"]["select"] == "train-holdout"

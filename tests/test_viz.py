@@ -163,7 +163,7 @@ def _write_logs(root, values):
 def test_every_ablation_has_one_colour_from_one_place():
     """The study's ablations (params/ablations, baseline first) take the palette in order; another
     name takes the next free colour and keeps it; no two names share one."""
-    from dad3dlib.study import default_ablations
+    from dad3dlib.plan import default_ablations
 
     known = default_ablations()
     assert known[0] == "baseline" and [viz.ablation_colour(a) for a in known] == list(viz.PALETTE[:len(known)])
