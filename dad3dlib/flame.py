@@ -473,17 +473,18 @@ class FlameLayer(nn.Module):
         self.register_buffer("posedirs", f32(m.posedirs.reshape(-1, m.posedirs.shape[-1]).T))  # [36,V*3]
         self.register_buffer("J_regressor", f32(m.J_regressor))
         self.register_buffer("lbs_weights", f32(m.weights))
-        # jaw_lbs's arrays, coordinate-major (the x of every vertex, then y, then z): all vertices,
-        # and the selection of select_vertices (registered there)
+        # jaw_lbs's per-vertex arrays, coordinate-major (the x of every vertex, then y, then z)
         jaw_rows = m.posedirs[..., 9 * (JAW_JOINT - 1): 9 * JAW_JOINT]  # [V,3,9]: the jaw's pose features
-        self.register_buffer("shapedirs_cm", f32(m.shapedirs.transpose(2, 1, 0).reshape(m.shapedirs.shape[-1], -1)))
-        self._jaw_arrays = {"v_template": f32(m.v_template.T), "posedirs_jaw": f32(jaw_rows.transpose(2, 1, 0)),
-                            "weights_jaw": f32(m.weights[:, JAW_JOINT]), "weights_sum": f32(m.weights.sum(1))}
+        cm = {"v_template": m.v_template.T,                                              # [3,V]
+              "shapedirs": m.shapedirs.transpose(2, 1, 0).reshape(m.shapedirs.shape[-1], -1),  # [L,3V]
+              "posedirs_jaw": jaw_rows.transpose(2, 1, 0).reshape(9, -1),                 # [9,3V]
+              "weights_jaw": m.weights[:, JAW_JOINT], "weights_sum": m.weights.sum(1)}    # [V]
+        for k, v in cm.items():
+            self.register_buffer(f"cm_{k}", f32(v))
         regressor = m.J_regressor[JAW_JOINT].astype(np.float64)
         self.register_buffer("joint_template", f32(regressor @ m.v_template))                       # [3]
         self.register_buffer("joint_dirs", f32(np.einsum("v,vcl->lc", regressor, m.shapedirs)))     # [L,3]
-        self._register_jaw_arrays("all", None)
-        self.select_vertices(None)
+        self.selected = None
         self.register_buffer("parents", torch.as_tensor(m.parents))
         # jaw_lbs holds when no joint hangs below the jaw (FLAME: the eyes hang below the neck)
         self.jaw_only = JAW_JOINT not in m.parents
@@ -497,36 +498,37 @@ class FlameLayer(nn.Module):
     def num_vertices(self) -> int:
         return self.v_template.shape[0]
 
-    def _register_jaw_arrays(self, prefix: str, ids: Tensor | None) -> None:
-        """Buffers ``<prefix>_*``: :func:`jaw_lbs`'s per-vertex arrays for the vertices ``ids`` (None:
-        all), coordinate-major. Not in state dicts (FLAME is data)."""
-        ix = slice(None) if ids is None else ids.cpu()
-        a = self._jaw_arrays
-        L = self.shapedirs_cm.shape[0]
-        arrays = {"v_template": a["v_template"][:, ix], "posedirs_jaw": a["posedirs_jaw"][:, :, ix].reshape(9, -1),
-                  "weights_jaw": a["weights_jaw"][ix], "weights_sum": a["weights_sum"][ix]}
-        arrays["shapedirs"] = (self.shapedirs_cm if ids is None else
-                               self.shapedirs_cm.view(L, 3, -1)[:, :, ix.to(self.shapedirs_cm.device)].reshape(L, -1))
-        for k, v in arrays.items():
-            self.register_buffer(f"{prefix}_{k}", v.to(self.shapedirs_cm.device).contiguous(), persistent=False)
+    JAW_ARRAYS = ("v_template", "shapedirs", "posedirs_jaw", "weights_jaw", "weights_sum")  # jaw_lbs's, in order
+
+    def _jaw_arrays(self, ids: Tensor | None) -> list[Tensor]:
+        """:func:`jaw_lbs`'s per-vertex arrays (:data:`JAW_ARRAYS`) for the vertices ``ids`` [n]
+        (None: all), coordinate-major."""
+        arrays = [getattr(self, f"cm_{k}") for k in self.JAW_ARRAYS]
+        if ids is None:
+            return arrays
+        return [a[..., ids] if a.shape[-1] == len(self.v_template) else a.view(len(a), 3, -1)[..., ids].reshape(len(a), -1)
+                for a in arrays]
 
     def select_vertices(self, ids: Tensor | None) -> None:
         """Let :meth:`canonical` compute only the vertices ``ids`` [n] (in that order) when asked
-        for the selection: training computes just the vertices its losses read. None: all."""
-        self.selected = None if ids is None else torch.as_tensor(ids, dtype=torch.long).cpu()
-        self._register_jaw_arrays("sel", self.selected)
+        for the selection: training computes just the vertices its losses read. None: all.
+        The selection's arrays are buffers (``sel_*``, on the layer's device, not in state dicts)."""
+        self.selected = None if ids is None else torch.as_tensor(ids, dtype=torch.long, device=self.cm_shapedirs.device)
+        for k, a in zip(self.JAW_ARRAYS, self._jaw_arrays(self.selected)):
+            self.register_buffer(f"sel_{k}", None if ids is None else a.contiguous(), persistent=False)
 
-    def _jaw_lbs(self, betas: Tensor, jaw: Tensor, prefix: str) -> Tensor:
-        """:func:`jaw_lbs` on the vertices of ``prefix`` ("all" or "sel") -> [B,3,n]."""
-        b = {k: getattr(self, f"{prefix}_{k}") for k in ("v_template", "shapedirs", "posedirs_jaw", "weights_jaw",
-                                                        "weights_sum")}
-        return jaw_lbs(betas, jaw, b["v_template"], b["shapedirs"], b["posedirs_jaw"], self.joint_template,
-                       self.joint_dirs, b["weights_jaw"], b["weights_sum"])
+    def _jaw_lbs(self, betas: Tensor, jaw: Tensor, selected: bool) -> Tensor:
+        """:func:`jaw_lbs` on every vertex, or on the selection -> [B,3,n]."""
+        prefix = "sel" if selected and self.selected is not None else "cm"
+        v_template, shapedirs, posedirs_jaw, weights_jaw, weights_sum = (getattr(self, f"{prefix}_{k}")
+                                                                        for k in self.JAW_ARRAYS)
+        return jaw_lbs(betas, jaw, v_template, shapedirs, posedirs_jaw, self.joint_template, self.joint_dirs,
+                       weights_jaw, weights_sum)
 
     @property
     def shapedirs(self) -> Tensor:
-        """[V,3,L] (smplx's layout; a view of ``shapedirs_cm``)."""
-        return self.shapedirs_cm.view(-1, 3, self.num_vertices).permute(2, 1, 0)
+        """[V,3,L] (smplx's layout; a view of ``cm_shapedirs``)."""
+        return self.cm_shapedirs.view(-1, 3, self.num_vertices).permute(2, 1, 0)
 
     def subset(self, name: str) -> Tensor:
         """Vertex ids [n] of "face", "face_w_ears" or "head"."""
@@ -543,7 +545,7 @@ class FlameLayer(nn.Module):
 
         betas = torch.cat([shape, expression], dim=-1)
         if neck is None and global_pose is None and self.jaw_only:
-            return self._jaw_lbs(betas, jaw, "all").transpose(1, 2).contiguous()
+            return self._jaw_lbs(betas, jaw, selected=False).transpose(1, 2).contiguous()
         zeros = torch.zeros_like(jaw)
         pose = torch.cat([zeros if global_pose is None else global_pose,
                           zeros if neck is None else neck, jaw, zeros, zeros], dim=-1)
@@ -556,8 +558,7 @@ class FlameLayer(nn.Module):
         ``selected``: only the vertices of :meth:`select_vertices`, [B,n,3] (all when none are)."""
         p = split_3dmm(params)
         if self.jaw_only:  # coordinate-major throughout: the result is a [B,V,3] view of [B,3,V]
-            v = self._jaw_lbs(torch.cat([p["shape"], p["expression"]], dim=-1), p["jaw"],
-                              "sel" if selected and self.selected is not None else "all")
+            v = self._jaw_lbs(torch.cat([p["shape"], p["expression"]], dim=-1), p["jaw"], selected)
         else:
             v = self.vertices(p["shape"], p["expression"], p["jaw"]).transpose(1, 2)  # [B,3,V]
         return (v + v.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET])[:, None]).transpose(1, 2)
