@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ParamsError
+from .errors import ParamsError
 from .files import write_record
 
 LAUNCHER_DEFAULTS = {"name": "local", "partition": None, "gpus_per_run": None, "cpus_per_run": None, "time_min": 720,

@@ -16,7 +16,7 @@ from dad3dlib import cli, config, now
 from dad3dlib.data import IMAGENET_MEAN, IMAGENET_STD
 from dad3dlib.flame import ALIGN7, FlameFormatError, FlameLayer, load_flame_assets, split_3dmm
 from dad3dlib.model import create_model
-from dad3dlib.config import MODEL_ONLY_KEYS, with_defaults
+from dad3dlib.settings import Settings
 from dad3dlib.synthetic_head import default_flame_dir
 
 torch.set_num_threads(1)
@@ -167,8 +167,9 @@ def test_obj_has_plain_vertices_and_one_based_faces():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny untrained checkpoint in train.py's format (smoke network, 64-px crops)."""
-    params = with_defaults(config.run_params("smoke"))
-    model = create_model({k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS})
+    settings = Settings.parse(config.run_params("smoke"))
+    params = settings.to_dict()
+    model = create_model(settings.model)
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
     torch.save({"hyper_parameters": {"params": params},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
