@@ -129,7 +129,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
     loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
     flame.select_vertices(loss_fn.vertex_subsets.union)  # as training: the vertices the losses read
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as training
-    data = synthetic_batch(B, S, flame.num_vertices, device)
+    data = synthetic_batch(B, S, flame.n_vertices, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     image = data["image"].contiguous(memory_format=torch.channels_last)
 

@@ -12,9 +12,11 @@ code and tests catching ``ValueError`` or ``FileNotFoundError`` keep working:
     ├── InputValueError (ValueError)             a bad value, setting or file content
     │   ├── ParamsError                          a params file or setting
     │   ├── flame.FlameFormatError               a FLAME-format file or directory
-    │   └── benchmark.BenchmarkFormatError       a ground-truth or submission file
-    └── InputFileNotFound (FileNotFoundError)    a file or directory the user named is missing
-        └── browser.StudyNotFound                no study where a notebook looked
+    │   ├── benchmark.BenchmarkFormatError       a ground-truth or submission file
+    │   └── launch.ClusterError                  the cluster cannot be asked, or refused a setting
+    ├── InputFileNotFound (FileNotFoundError)    a file or directory the user named is missing
+    │   └── browser.StudyNotFound                no study where a notebook looked
+    └── study.StudyBusy                          the study directory is held by another runner
 
 A module with no imports: any module may raise these.
 """

@@ -178,7 +178,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
         raise InputValueError("evaluate: the dataset is empty")
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
-    vertex_error = np.full(layer.num_vertices, np.nan)
+    vertex_error = np.full(layer.n_vertices, np.nan)
     counts = (~np.isnan(distances)).sum(axis=0)
     some = counts > 0
     scored = np.ascontiguousarray(distances[:, some])  # row-major, so that the sums run as they always did

@@ -45,7 +45,7 @@ class DADModule(L.LightningModule):
         self.loss = DADLoss(settings.loss.lambdas, {n: self.flame.subset(n) for n in SUBSETS},
                             settings.loss.heatmap_loss)
         union = self.loss.vertex_subsets.union  # training computes only the vertices its losses read
-        if union is not None and len(union) < self.flame.num_vertices:
+        if union is not None and len(union) < self.flame.n_vertices:
             self.flame.select_vertices(union)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:

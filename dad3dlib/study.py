@@ -38,14 +38,14 @@ from pathlib import Path
 
 from . import NOTEBOOKS
 from .config import available, data_overrides, run_params, save_params
-from .errors import ParamsError
+from .errors import InputError
 from .data_setup import ensure_data
 from .devices import devices_for
 from .files import exclusive_lock, write_json, write_record
 from .finish import is_finished
 from .html_report import write_report
 from .kernels import Interrupt, ipc_kernel_manager
-from .launch import ClusterError, execute_runs_submitit, launcher_settings
+from .launch import execute_runs_submitit, launcher_settings
 from .plan import (Run, cell_timeout, default_ablations, plan_runs, retire_stale, study_jobs,
                    study_setting)
 from .progress import StudyProgress
@@ -55,8 +55,8 @@ from .references import ensure_references
 ABLATION_NB = NOTEBOOKS / "ablation.ipynb"
 
 
-class StudyBusy(RuntimeError):
-    """The study directory is held by another runner."""
+class StudyBusy(InputError):
+    """The study directory is held by another runner (the user's situation: one line naming the holder)."""
 
 
 @contextlib.contextmanager
@@ -294,11 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 "account": args.account, "qos": args.qos}
     overrides = data_overrides(args.data, args.flame_assets)
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
-    try:
+    try:  # bad input (InputError, OSError naming a file) ends the command in one line (dad3dlib.cli)
         record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides, launcher)
-    except (ParamsError, StudyBusy, ClusterError, OSError) as e:  # OSError: a missing data set, a full disk
-        print(f"error: {e}", file=sys.stderr)                       # (names the file)
-        return 2
     except KeyboardInterrupt:  # before the runs started (planning, data generation)
         record = {"interrupted": True}
     command = shlex.join(["python", "-m", "dad3dlib", "study", *(sys.argv[1:] if argv is None else argv)])

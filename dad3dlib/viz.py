@@ -562,7 +562,7 @@ def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192, items: 
         return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
     ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
     params, layer, pred0 = next(iter(ctx.values()))
-    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
+    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy(), layer.n_vertices)
     items = [str(x) for x in pred0["item_id"][:n_samples]] if items is None else [str(x) for x in items]
     if not items:
         return "<p>No evaluation sample to explore.</p>"

@@ -95,7 +95,7 @@ def test_gt_as_prediction_is_perfect(setup):
     assert agg["by_attribute"]["quality"]["hq"]["n"] == 3
     assert set(agg["by_attribute"]["occlusions"]) == {"true", "false"}
     assert arrays["params_3dmm"].shape == (5, 413) and arrays["crop_affine"].shape == (5, 2, 3)
-    assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.num_vertices - len(layer.subset("face"))
+    assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.n_vertices - len(layer.subset("face"))
 
 
 def test_sample_metrics_computes_exactly_the_registered_metrics(setup):
@@ -223,7 +223,7 @@ def test_now_protocol_scores_gt_as_prediction_zero_and_pools_by_attribute(setup)
     layer, params, data = setup
     df, agg, arrays = E.evaluate(TableModel(params), data, layer, batch_size=5, protocol="now")
     assert agg["shape_protocol"] == "now" and agg["mean_mm"] < 1e-3 and df["median_mm"].max() < 1e-3
-    assert 0 < np.isnan(arrays["vertex_error_mm"]).sum() < layer.num_vertices  # the crop, not the face subset
+    assert 0 < np.isnan(arrays["vertex_error_mm"]).sum() < layer.n_vertices  # the crop, not the face subset
     other = params.clone()
     other[:, :300] += 0.5 * torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
     df, agg, _ = E.evaluate(TableModel(other), data, layer, batch_size=5, protocol="now")

@@ -105,7 +105,7 @@ def test_export_writes_neutral_meshes_where_the_now_evaluation_reads_them(layer,
     paths = _compute_error_paths(tmp_path / "pred", root / "imagepathsvalidation.txt")
     for k, (obj, npy) in enumerate(paths):
         v, f = _read_obj(obj)
-        assert v.shape == (layer.num_vertices, 3) and np.array_equal(f, layer.faces.numpy() + 1)
+        assert v.shape == (layer.n_vertices, 3) and np.array_equal(f, layer.faces.numpy() + 1)
         np.testing.assert_allclose(v, neutral[k], atol=1e-6)  # this image's identity, neutral, metres
         assert np.abs(posed[k] - neutral[k]).max() > 1e-3  # the expression and jaw were there to remove
         lmk = np.load(npy, allow_pickle=False)
@@ -187,7 +187,7 @@ def test_predict_now_command(checkpoint, tmp_path, capsys, layer):
     assert "wrote 2 predictions" in capsys.readouterr().out
     for obj, npy in _compute_error_paths(tmp_path / "pred", root / "imagepathsvalidation.txt"):
         v, f = _read_obj(obj)
-        assert v.shape == (layer.num_vertices, 3) and len(f) == len(layer.faces)
+        assert v.shape == (layer.n_vertices, 3) and len(f) == len(layer.faces)
         assert np.load(npy, allow_pickle=False).shape == (7, 3)
 
 

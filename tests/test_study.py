@@ -18,7 +18,8 @@ import pytest
 
 import dad3dlib
 from conftest import as_released, study_cmd
-from dad3dlib import config, data, data_setup, devices, files, finish, html_report, kernels, plan, report, settings, study
+from dad3dlib import (cli, config, data, data_setup, devices, errors, files, finish, html_report, kernels, plan, report,
+                      settings, study)
 from dad3dlib.errors import ParamsError
 
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
@@ -45,12 +46,14 @@ def test_a_second_runner_is_refused_and_a_dead_ones_lock_blocks_nobody(tmp_path)
 
 
 def test_study_command_on_a_held_directory_exits_2_naming_the_holder(tmp_path, monkeypatch, capsys):
+    assert issubclass(study.StudyBusy, errors.InputError)
+
     def must_not_run(*args):
         raise AssertionError("the second runner started the study")
 
     monkeypatch.setattr(study, "ensure_data", must_not_run)
     with study.study_lock(tmp_path):
-        assert study.main(["--preset", "smoke", "--out", str(tmp_path)]) == 2
+        assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: in use by another study runner (pid {os.getpid()}); wait for it to end "
                    "or stop it, then run this command again"]
@@ -182,9 +185,9 @@ def test_generated_data_is_remade_when_its_recipe_changes_and_only_then(tmp_path
 
 
 def test_study_cli_reports_bad_input(tmp_path, capsys):
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
+    assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
     assert "unknown ablation 'bogus'" in capsys.readouterr().err
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
 
 

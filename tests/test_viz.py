@@ -61,7 +61,7 @@ def head():
     from dad3dlib.synthetic_head import default_flame_dir
 
     layer = FlameLayer(load_flame_assets(default_flame_dir())).eval()
-    colors = np.tile(np.array(BLUE, np.float32), (layer.num_vertices, 1))
+    colors = np.tile(np.array(BLUE, np.float32), (layer.n_vertices, 1))
     colors[layer.subset("face").numpy()] = RED
     return layer, layer.faces.numpy(), colors
 
@@ -264,10 +264,10 @@ def test_flame_layer_cache_follows_the_directory_and_its_files(tmp_path):
 
     a, b = save(30, tmp_path / "a"), save(40, tmp_path / "b")
     layer = viz._layer(a)
-    assert layer.num_vertices == 30 and viz._layer(a) is layer
-    assert viz._layer(b).num_vertices == 40  # another study's FLAME directory
+    assert layer.n_vertices == 30 and viz._layer(a) is layer
+    assert viz._layer(b).n_vertices == 40  # another study's FLAME directory
     save(50, a)  # the same directory rewritten
-    assert viz._layer(a).num_vertices == 50
+    assert viz._layer(a).n_vertices == 50
     kept = viz._layer(b)
     viz.clear_caches()
     assert viz._layer(b) is not kept
