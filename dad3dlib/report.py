@@ -94,7 +94,7 @@ def per_sample_table(study_dir: str | Path) -> pd.DataFrame:
 def reference_table(study_dir: str | Path) -> pd.DataFrame:
     """One row per reference predictor (``references/<name>/metrics.json``, evaluated on the same
     split as the runs), in the order of ``references/references.json`` ({"descriptions": {name:
-    one-sentence description}, "split", ...}, as :func:`dad3dlib.evaluate.evaluate_references`
+    one-sentence description}, "split", ...}, as :func:`dad3dlib.references.evaluate_references`
     writes it): kind 'reference', split, description and the metrics. Empty when there are none; a
     file that cannot be read is named in a warning and skipped."""
     ref_dir = Path(study_dir) / "references"
