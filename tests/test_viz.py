@@ -1,6 +1,7 @@
 """Figures: mesh renders in image space and from a view, plots of the report's tables, and the
 figures' caches (which follow the files they were read from)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import small_study, tiny_flame_assets
 from dad3dlib import report, viz
+from dad3dlib.settings import DataSettings
 
 
 RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
@@ -280,10 +282,10 @@ def test_dataset_cache_is_keyed_by_crop_size_and_follows_the_split_file(tmp_path
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
     root = tmp_path / "d"
     make_data(root, {"splits": {"train": 3}, "image_sizes": [[96, 96]], "seed": 1}, workers=1)
-    section = {"root": str(root)}
-    ds = viz._dataset(str(root), "train", 64, section)
-    assert len(ds) == 3 and ds.crop_size == 64 and viz._dataset(str(root), "train", 64, section) is ds
-    assert viz._dataset(str(root), "train", 96, section).crop_size == 96
+    section = DataSettings(root=str(root), crop_size=64)
+    ds = viz._dataset(section, "train")
+    assert len(ds) == 3 and ds.crop_size == 64 and viz._dataset(section, "train") is ds
+    assert viz._dataset(replace(section, crop_size=96), "train").crop_size == 96
     split = root / data.DATASET_DIR / "train" / "train.json"
     split.write_text(json.dumps(json.loads(split.read_text())[:2]))  # the data set changed on disk
-    assert len(viz._dataset(str(root), "train", 64, section)) == 2
+    assert len(viz._dataset(section, "train")) == 2
