@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     assets = load_flame_assets(args.flame_assets or default_flame_dir())
     layer, topo = FlameLayer(assets), assets.topology
-    n_vert = layer.num_vertices
+    n_vert = layer.n_vertices
     print(f"metrics on {n_vert}-vertex meshes ({len(topo.faces)} faces), batch {args.batch}, "
           f"{args.threads} thread(s), CPU")
     print(f"  {'metric':<34}{'samples/s':>12}")

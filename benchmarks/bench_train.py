@@ -34,6 +34,7 @@ from dad3dlib.flame import (FlameAssets, FlameLayer, FlameModel, FlameTopology, 
                             load_flame_assets)
 from dad3dlib.losses import DADLoss  # noqa: E402
 from dad3dlib.model import cpu_has_native_bf16, create_model  # noqa: E402
+from dad3dlib.settings import ModelSettings  # noqa: E402
 
 FLAME_V, FLAME_F = 5023, 9976
 CPU_FALLBACK = {"model": {"encoder": "resnet18", "bifpn_filters": 64}, "data": {"crop_size": 128, "batch_size": 32}}
@@ -123,12 +124,12 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
 def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, batch: int | None,
                  warmup: int, bf16: bool) -> dict:
     B, S = batch or cfg["data"]["batch_size"], cfg["data"]["crop_size"]
-    model_cfg = {k: v for k, v in cfg["model"].items() if k not in ("pose_prior_samples", "pretrained_path")}
-    model = create_model(model_cfg).to(device).to(memory_format=torch.channels_last).train()
+    model_settings = ModelSettings.parse({**cfg["model"], "pretrained_path": None})
+    model = create_model(model_settings).to(device).to(memory_format=torch.channels_last).train()
     loss_fn = DADLoss(LAMBDAS, {n: flame.subset(n) for n in ("face", "face_w_ears", "head")}).to(device)
     flame.select_vertices(loss_fn.vertex_subsets.union)  # as training: the vertices the losses read
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as training
-    data = synthetic_batch(B, S, flame.num_vertices, device)
+    data = synthetic_batch(B, S, flame.n_vertices, device)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     image = data["image"].contiguous(memory_format=torch.channels_last)
 
@@ -180,7 +181,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
         if sampler:
             sampler.__exit__()
     row = {"config": name, "source": cfg.get("source", "built-in"), "encoder": cfg["model"]["encoder"],
-           "bifpn_filters": cfg["model"].get("bifpn_filters", 256), "crop_size": S, "batch_size": B,
+           "bifpn_filters": model_settings.bifpn_filters, "crop_size": S, "batch_size": B,
            "batch_size_preset": cfg["data"]["batch_size"], "steps": steps, "device": str(device),
            "precision": "bf16-mixed" if bf16 else "32-true", "channels_last": True,
            "images_per_s": round(B / sec_step, 2), "ms_per_step": round(1000 * sec_step, 1),

@@ -30,11 +30,12 @@ import orjson
 import torch
 from torch.utils.data import Dataset
 
-from .config import HOLDOUT_FRACTION, data_root
+from .config import data_root
 from .errors import InputError, InputFileNotFound, InputValueError
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology, landmarks_image
 from .geometry import apply_affine, flip_yz, project
+from .settings import DataSettings
 
 log = logging.getLogger(__name__)
 
@@ -197,18 +198,18 @@ def dataset_dir(root: str | Path) -> Path:
     return root / DATASET_DIR if (root / DATASET_DIR).is_dir() else root
 
 
-def flame_dir(data: dict) -> Path:
-    """The FLAME directory of a data section ({root, flame_path}): ``flame_path``, else the one
+def flame_dir(data: DataSettings) -> Path:
+    """The FLAME directory of a data section (its root and flame_path): ``flame_path``, else the one
     recorded in the data set's ``make_data.json`` (data made by ``make-data``), else the
     project's synthetic head (``synthetic_head.default_flame_dir``, written if missing). Every
     reader of a data set takes its FLAME directory from here."""
     from .synthetic_head import default_flame_dir
 
-    if data.get("flame_path"):
-        return Path(data["flame_path"])
-    if not data.get("root"):
+    if data.flame_path:
+        return Path(data.flame_path)
+    if not data.root:
         return default_flame_dir()
-    record = dataset_dir(data_root(data)).parent / "make_data.json"
+    record = dataset_dir(data_root(data.root)).parent / "make_data.json"
     if not record.is_file():
         return default_flame_dir()
     try:
@@ -734,13 +735,7 @@ def has_annotations(ds: Path, split: str) -> bool:
     return any("annotation_path" in e for e in read_split(ds / split / f"{split}.json"))
 
 
-def holdout_fraction(data: dict) -> float:
-    """``data.holdout_fraction`` of a data section, else :data:`HOLDOUT_FRACTION`."""
-    f = data.get("holdout_fraction")
-    return HOLDOUT_FRACTION if f is None else float(f)
-
-
-def split_protocol(data: dict) -> dict:
+def split_protocol(data: DataSettings) -> dict:
     """Which split each stage of a run uses, decided by the data set of a data section:
     ``{"fit", "select", "evaluate", "submit", "holdout_fraction"}`` (split names of :func:`open_split`).
 
@@ -751,12 +746,12 @@ def split_protocol(data: dict) -> dict:
     fit on ``train-fit``, the rest; evaluate on ``val``, which training never reads; write a
     benchmark submission for ``test`` when there is one.
     """
-    ds = dataset_dir(data_root(data))
+    ds = dataset_dir(data_root(data.root))
     has_test = (ds / "test" / "test.json").is_file()
     if has_test and has_annotations(ds, "test"):
         return {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
     return {"fit": "train-fit", "select": "train-holdout", "evaluate": "val", "submit": "test" if has_test else None,
-            "holdout_fraction": holdout_fraction(data)}
+            "holdout_fraction": data.holdout_fraction}
 
 
 def holdout_score(item_id) -> float:
@@ -765,21 +760,21 @@ def holdout_score(item_id) -> float:
     return int.from_bytes(hashlib.sha256(str(item_id).encode()).digest()[:8], "big") / 2.0 ** 64
 
 
-def open_split(data: dict, name: str, flame: FlameAssets | FlameTopology, train: bool = False,
+def open_split(data: DataSettings, name: str, flame: FlameAssets | FlameTopology, train: bool = False,
                annotations: bool | None = True) -> Dataset:
-    """The dataset a split name of :func:`split_protocol` names, on a run's data section
-    ({root, crop_size, augment, skip_bad, clip_bbox, holdout_fraction}): a split of the data set, or
+    """The dataset a split name of :func:`split_protocol` names, on a run's data section (its root,
+    crop_size, augment, skip_bad, clip_bbox, holdout_fraction): a split of the data set, or
     ``train-holdout`` / ``train-fit`` (a ``torch.utils.data.Subset`` of train; an empty one is an
     error naming the split). ``train``, ``annotations``: as :class:`DAD3DHeadsDataset`'s."""
     split, _, part = name.partition("-")
     if part and part not in HOLDOUT_PARTS:
         raise InputValueError(f"unknown split '{name}' (a split name, or <split>-fit / <split>-holdout)")
-    dataset = DAD3DHeadsDataset(data_root(data), split, data["crop_size"], flame, train=train,
-                                augment=bool(data.get("augment")), skip_bad=data.get("skip_bad", False),
-                                annotations=annotations, clip_bbox=data.get("clip_bbox", False))
+    dataset = DAD3DHeadsDataset(data_root(data.root), split, data.crop_size, flame, train=train,
+                                augment=data.augment, skip_bad=data.skip_bad, annotations=annotations,
+                                clip_bbox=data.clip_bbox)
     if not part:
         return dataset
-    fraction = holdout_fraction(data)
+    fraction = data.holdout_fraction
     keep = [i for i, e in enumerate(dataset.items) if (holdout_score(e["item_id"]) < fraction) == HOLDOUT_PARTS[part]]
     if not keep:
         raise InputValueError(f"{dataset.ds / split}: '{name}' is empty (data.holdout_fraction {fraction} of "

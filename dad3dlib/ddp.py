@@ -15,14 +15,15 @@ from collections import deque
 from pathlib import Path
 
 from .config import TRAINING_RECORD, save_params
+from .settings import TrainerSettings
 
 
-def trains_in_child(t: dict) -> bool:
+def trains_in_child(t: TrainerSettings) -> bool:
     """Whether a run of the trainer section ``t`` trains in a child process (:func:`train_in_child`):
     its strategy starts the other processes by running the command again (Lightning's ``ddp``
     family, not its spawn, fork or notebook variants), and this is an interactive session (a
     Jupyter kernel, a REPL), which Lightning cannot run again."""
-    s = str(t["strategy"])
+    s = str(t.strategy)
     relaunches = s.startswith("ddp") and not any(w in s for w in ("spawn", "fork", "notebook"))
     return relaunches and (hasattr(sys, "ps1") or bool(sys.flags.interactive))
 

@@ -3,13 +3,15 @@ device with a number of CPU threads (:func:`on_device`), and one device per conc
 (:func:`devices_for`)."""
 from __future__ import annotations
 
+from .settings import TrainerSettings
 
-def processes(trainer: dict) -> tuple[int, int]:
+
+def processes(trainer: TrainerSettings) -> tuple[int, int]:
     """(processes per machine, machines) of a run's trainer section: ``devices`` (a count or a
     list; "auto" counts 1) and ``num_nodes``."""
-    devices = trainer.get("devices", 1)
+    devices = trainer.devices
     local = len(devices) if isinstance(devices, list) else devices if isinstance(devices, int) and devices > 1 else 1
-    return local, int(trainer.get("num_nodes") or 1)
+    return local, int(trainer.num_nodes)
 
 
 def on_device(params: dict, device: str = "auto", num_threads: int | None = None) -> dict:
@@ -18,7 +20,7 @@ def on_device(params: dict, device: str = "auto", num_threads: int | None = None
     ``trainer.num_nodes`` > 1, e.g. strategy ddp) keeps its devices, takes only the kind of device
     ("cpu" or a GPU) from ``device``, and shares ``num_threads`` out among its processes."""
     trainer = dict(params.get("trainer") or {})
-    local, nodes = processes(trainer)
+    local, nodes = processes(TrainerSettings.parse(trainer))
     several = local * nodes > 1
     if device == "cpu":
         trainer.update(accelerator="cpu", **({} if several else {"devices": 1}))

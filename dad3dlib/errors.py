@@ -10,11 +10,13 @@ code and tests catching ``ValueError`` or ``FileNotFoundError`` keep working:
 
     InputError
     ├── InputValueError (ValueError)             a bad value, setting or file content
-    │   ├── config.ParamsError                   a params file or setting
+    │   ├── ParamsError                          a params file or setting
     │   ├── flame.FlameFormatError               a FLAME-format file or directory
-    │   └── benchmark.BenchmarkFormatError       a ground-truth or submission file
-    └── InputFileNotFound (FileNotFoundError)    a file or directory the user named is missing
-        └── browser.StudyNotFound                no study where a notebook looked
+    │   ├── benchmark.BenchmarkFormatError       a ground-truth or submission file
+    │   └── launch.ClusterError                  the cluster cannot be asked, or refused a setting
+    ├── InputFileNotFound (FileNotFoundError)    a file or directory the user named is missing
+    │   └── browser.StudyNotFound                no study where a notebook looked
+    └── study.StudyBusy                          the study directory is held by another runner
 
 A module with no imports: any module may raise these.
 """
@@ -31,3 +33,7 @@ class InputValueError(InputError, ValueError):
 
 class InputFileNotFound(InputError, FileNotFoundError):
     """A file or directory the user named (or one its layout requires) is missing."""
+
+
+class ParamsError(InputValueError):
+    """A params file or setting is missing, unreadable or invalid; the message names the file or key."""

@@ -9,8 +9,7 @@ to the original image), Z5 accuracy with the reference pairing and with the pape
 subset), pose error, angle error and yaw/pitch/roll errors, the 3D shape error in mm (median,
 mean, std of the GT points' distances to the predicted canonical surface, by a shape protocol of
 :data:`metrics.SHAPE_PROTOCOLS`: ``landmarks``, the FLAME face region after a 7-landmark similarity,
-or ``now``, the NoW protocol; a run's choice is its ``study.shape_protocol``,
-:func:`config.shape_protocol`) and the reference's "chamfer". The aggregate is the mean over
+or ``now``, the NoW protocol; a run's choice is its ``study.shape_protocol``) and the reference's "chamfer". The aggregate is the mean over
 samples, except median_mm / mean_mm / std_mm, which pool every scored distance of the split (as the
 NoW benchmark does); ``by_attribute`` breaks every metric down by the split's attributes the same
 way (means over samples, the three shape statistics pooled over the group's distances).
@@ -23,7 +22,6 @@ import argparse
 import io
 import json
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +29,13 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .config import DEFAULT_SHAPE_PROTOCOL, data_root, shape_protocol, with_defaults
 from .data import attribute_key, flame_dir, open_split, split_protocol
 from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
-from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
-                    fit_weak_perspective, load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix, split_3dmm)
-from .geometry import FRONTAL_ROT6D, crop_to_image
-from .model import load_model, pose_prior
+from .flame import ALIGN7, FlameLayer, TopologyTensors, load_flame_assets, rot6d_to_matrix, split_3dmm
+from .geometry import crop_to_image
+from .model import load_model
+from .settings import DataSettings, Settings, StudySettings, deep_merge
 
 METRIC_COLUMNS = M.metric_names()  # every registered metric (metrics.METRICS)
 
@@ -77,7 +74,7 @@ def mesh_views(layer: FlameLayer, params: Tensor, crop_size: int, crop_affine: T
 
 
 def sample_metrics(pred: dict[str, Tensor], batch: dict[str, Tensor], topo: TopologyTensors,
-                   protocol: str = DEFAULT_SHAPE_PROTOCOL) -> tuple[dict[str, Tensor], Tensor]:
+                   protocol: str = StudySettings.shape_protocol) -> tuple[dict[str, Tensor], Tensor]:
     """Every registered metric per sample ([B] each, METRIC_COLUMNS) and each GT vertex's distance
     in mm [B,V] (NaN where the protocol does not score it).
 
@@ -120,7 +117,7 @@ def pooled_shape(distances: np.ndarray) -> dict[str, float]:
     return {"median_mm": float(np.median(d)), "mean_mm": float(d.mean()), "std_mm": float(d.std())}
 
 
-def summarize(df, distances: np.ndarray, protocol: str = DEFAULT_SHAPE_PROTOCOL) -> dict:
+def summarize(df, distances: np.ndarray, protocol: str = StudySettings.shape_protocol) -> dict:
     """Means over samples of METRIC_COLUMNS, but :data:`POOLED` are pooled over every distance
     (:func:`pooled_shape`; distances [N,V], rows in ``df``'s order); n_samples; shape_protocol;
     by_attribute {attribute: {value: {metric: the same statistics over the group, "n": count}}}."""
@@ -135,7 +132,7 @@ def summarize(df, distances: np.ndarray, protocol: str = DEFAULT_SHAPE_PROTOCOL)
 
 
 def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 16, device: str = "cpu",
-             protocol: str = DEFAULT_SHAPE_PROTOCOL, num_workers: int = 0) -> tuple:
+             protocol: str = StudySettings.shape_protocol, num_workers: int = 0) -> tuple:
     """Score a model (or a checkpoint path) on a dataset with annotations: :func:`evaluate_predictor`
     with the network's predictions."""
     dev = resolve_device(device)
@@ -146,7 +143,7 @@ def evaluate(model_or_ckpt, dataset, flame_layer: FlameLayer, batch_size: int = 
 
 
 def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 16,
-                       protocol: str = DEFAULT_SHAPE_PROTOCOL,
+                       protocol: str = StudySettings.shape_protocol,
                        num_workers: int = 0, desc: str = "evaluate", progress: bool = True) -> tuple:
     """Score any predictor on a dataset with annotations.
 
@@ -181,7 +178,7 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
         raise InputValueError("evaluate: the dataset is empty")
     df = pd.DataFrame(rows)
     distances = np.concatenate(dists)
-    vertex_error = np.full(layer.num_vertices, np.nan)
+    vertex_error = np.full(layer.n_vertices, np.nan)
     counts = (~np.isnan(distances)).sum(axis=0)
     some = counts > 0
     scored = np.ascontiguousarray(distances[:, some])  # row-major, so that the sums run as they always did
@@ -189,86 +186,6 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     arrays = {"item_id": df["item_id"].to_numpy(dtype=str), "crop_size": np.int64(crop_size),
               "vertex_error_mm": vertex_error, **{k: np.concatenate(v) for k, v in keep.items()}}
     return df, summarize(df, distances, protocol), arrays
-
-
-# --------------------------------------------------------------------------------------------
-# Reference predictors: what trivial or perfect predictions score with the same metrics
-# --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Reference:
-    """A reference predictor: what of the ground truth it is given, and what it stands for."""
-    gt_mesh: bool     # the ground-truth mesh (shape, expression, jaw); else the mean head
-    gt_pose: bool     # the ground-truth rotation and its best weak perspective; else the constant pose
-    description: str  # one sentence for the report
-
-
-REFERENCES = {
-    "constant": Reference(False, False, "the mean head (zero shape, expression and jaw), frontal, at the training "
-                          "split's median scale and position: what a network that ignores the image scores"),
-    "shape_blind": Reference(False, True, "the mean head under the ground-truth rotation and the best "
-                             "weak-perspective scale and translation of the ground truth: perfect pose, no "
-                             "knowledge of shape"),
-    "pose_blind": Reference(True, False, "the ground-truth mesh (shape, expression, jaw) at the constant "
-                            "predictor's pose: perfect shape, no knowledge of pose"),
-    "camera_floor": Reference(True, True, "the ground-truth mesh under the ground-truth rotation and its best "
-                              "weak-perspective scale and translation: what a perfect network scores under "
-                              "DAD-3DNet's camera model"),
-}
-
-
-def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer, prior: dict) -> dict[str, Tensor]:
-    """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
-
-    batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], crop_affine [B,2,3],
-    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
-    -> predict_batch's dict
-    """
-    reference = REFERENCES[name]
-    verts = batch["vertices_model"].float()
-    B, S = len(verts), batch["image"].shape[-1]
-    if reference.gt_pose:
-        R = batch["rotation"].float()
-        scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), S)
-        rot6d = matrix_to_rot6d(R)
-    else:
-        rot6d = torch.tensor(FRONTAL_ROT6D).expand(B, 6)
-        scale, trans = torch.full((B,), float(prior["scale"])), torch.tensor([prior["tx"], prior["ty"]]).expand(B, 2)
-    zeros = verts.new_zeros
-    params = pack_3dmm(zeros(B, N_SHAPE), zeros(B, N_EXPR), zeros(B, N_JAW), rot6d,
-                       torch.cat([trans, zeros(B, 1)], -1), (scale - 1)[:, None])
-    canonical = verts + verts.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET]) if reference.gt_mesh else None
-    return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
-
-
-def evaluate_references(params: dict, out_dir: str | Path, split: str | None = None, names=tuple(REFERENCES),
-                        progress: bool = True) -> dict:
-    """Evaluate the reference predictors on ``split`` of a run's data (None: the evaluation split of
-    :func:`dad3dlib.data.split_protocol`), the pose prior fitted as training fits it
-    (:func:`model.pose_prior` of the first ``model.pose_prior_samples`` samples of the protocol's fit
-    split, never the evaluation split; here at the evaluation crop, so that it is deterministic). Writes
-    ``out_dir/<name>/{metrics.json, per_sample.csv}`` and ``out_dir/references.json`` (name ->
-    description, the prior and the data it was measured on); returns {name: aggregate}."""
-
-    params = with_defaults(params)
-    d = params["data"]
-    splits = split_protocol(d)
-    split = split or splits["evaluate"]
-    dataset, assets = _split_dataset(params, split)
-    fit, _ = _split_dataset(params, splits["fit"], assets=assets)
-    prior = pose_prior(fit, params["model"]["pose_prior_samples"] or 64, d["crop_size"])
-    layer = FlameLayer(assets).eval()
-    out, results = Path(out_dir), {}
-    for name in names:
-        df, agg, _ = evaluate_predictor(lambda b, n=name: reference_prediction(n, b, layer, prior), dataset, layer,
-                                        d["batch_size"], shape_protocol(params), desc=f"reference {name}",
-                                        progress=progress)
-        atomic_write(out / name / "per_sample.csv", df.to_csv(index=False).encode())
-        write_json(out / name / "metrics.json", {**agg, "reference": name})
-        results[name] = agg
-    write_json(out / "references.json",
-               {"descriptions": {n: REFERENCES[n].description for n in names}, "split": split, "prior": prior,
-                "data_root": str(data_root(d)), "crop_size": d["crop_size"]})
-    return results
 
 
 def save_evaluation(out_dir: str | Path, df, agg: dict, arrays: dict) -> None:
@@ -281,10 +198,9 @@ def save_evaluation(out_dir: str | Path, df, agg: dict, arrays: dict) -> None:
     atomic_write(out / "predictions.npz", buf.getvalue())
 
 
-def _split_dataset(params: dict, split: str, annotations: bool | None = True, assets=None):
+def split_dataset(d: DataSettings, split: str, annotations: bool | None = True, assets=None):
     """(dataset, FLAME assets) of a split (:func:`dad3dlib.data.open_split`) of a run's data section
     (``assets``: already loaded ones)."""
-    d = params["data"]
     assets = assets or load_flame_assets(flame_dir(d))
     return open_split(d, split, assets, annotations=annotations), assets
 
@@ -292,16 +208,15 @@ def _split_dataset(params: dict, split: str, annotations: bool | None = True, as
 def evaluate_run(params: dict, checkpoint: str | Path, out_dir: str | Path, split: str | None = None,
                  device: str = "auto", batch_size: int | None = None) -> dict:
     """Evaluate a run's checkpoint on ``split`` of its data (None: the evaluation split of
-    :func:`dad3dlib.data.split_protocol`) with its shape protocol (:func:`config.shape_protocol`); writes
+    :func:`dad3dlib.data.split_protocol`) with its shape protocol (``study.shape_protocol``); writes
     per_sample.csv, evaluation.json and predictions.npz into ``out_dir`` and returns the aggregate
     (flat metrics + by_attribute + ``split`` + ``shape_protocol``)."""
-    params = with_defaults(params)
-    protocol = shape_protocol(params)
-    split = split or split_protocol(params["data"])["evaluate"]
-    dataset, assets = _split_dataset(params, split)
-    d = params["data"]
-    df, agg, arrays = evaluate(checkpoint, dataset, FlameLayer(assets), batch_size or d["batch_size"], device,
-                               protocol, num_workers=d["num_workers"])
+    settings = Settings.parse(params)
+    d = settings.data
+    split = split or split_protocol(d)["evaluate"]
+    dataset, assets = split_dataset(d, split)
+    df, agg, arrays = evaluate(checkpoint, dataset, FlameLayer(assets), batch_size or d.batch_size, device,
+                               settings.study.shape_protocol, num_workers=d.num_workers)
     agg["split"] = split
     save_evaluation(out_dir, df, agg, {**arrays, "split": np.str_(split)})
     return agg
@@ -328,9 +243,9 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     from tqdm import tqdm
 
     model, params = load_model(checkpoint)
-    params = {**params, "data": {**params["data"], "root": str(Path(data).resolve()),
-                                 **({"flame_path": str(flame_assets)} if flame_assets else {})}}
-    dataset, assets = _split_dataset(params, split, annotations=False)
+    d = DataSettings.parse({**params["data"], "root": str(Path(data).resolve()),
+                            **({"flame_path": str(flame_assets)} if flame_assets else {})}, str(checkpoint))
+    dataset, assets = split_dataset(d, split, annotations=False)
     dev = resolve_device(device)
     model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
     topo = TopologyTensors(layer.topology)
@@ -353,16 +268,15 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
     from . import now
 
     model, params = load_model(checkpoint)
+    d = DataSettings.parse(params["data"], str(checkpoint))
     if flame_assets is None:
         try:
-            flame_assets = flame_dir(params["data"])
+            flame_assets = flame_dir(d)
         except FileNotFoundError as e:
             raise InputFileNotFound(f"{checkpoint}: its data are not here to tell its FLAME directory ({e}); "
                                     "name it with --flame-assets") from None
     layer = FlameLayer(load_flame_assets(flame_assets))
-    d = params["data"]
-    return now.export(model, layer, images, out, d["crop_size"], resolve_device(device), batch_size,
-                      bool(d.get("clip_bbox")))
+    return now.export(model, layer, images, out, d.crop_size, resolve_device(device), batch_size, d.clip_bbox)
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,7 +284,7 @@ def predict_now(checkpoint: str | Path, images: str | Path, out: str | Path, fla
 # --------------------------------------------------------------------------------------------
 def format_aggregate(agg: dict) -> str:
     lines = [f"{agg['n_samples']} samples" + (f" of {agg['split']}" if agg.get("split") else "")
-             + f"; shape protocol {agg.get('shape_protocol', DEFAULT_SHAPE_PROTOCOL)}"]
+             + f"; shape protocol {agg.get('shape_protocol', StudySettings.shape_protocol)}"]
     lines += M.text_table("metric", ("value",), [(m, [agg[m]]) for m in METRIC_COLUMNS])
     for attr, values in agg["by_attribute"].items():
         rows = [(value, [row["n"], *(row[m] for m in METRIC_COLUMNS)]) for value, row in values.items()]
@@ -393,16 +307,13 @@ def main_evaluate(argv: list[str] | None = None) -> int:
                          "else landmarks): " + "; ".join(f"{k}: {v}" for k, v in M.SHAPE_PROTOCOLS.items()))
     args = ap.parse_args(argv)
     _, params = load_model(args.checkpoint)
-    data = dict(params["data"])
-    if args.data:
-        data["root"] = str(Path(args.data).resolve())
-    if args.flame_assets:
-        data["flame_path"] = str(Path(args.flame_assets).resolve())
-    split = args.split or split_protocol(data)["evaluate"]
+    params = deep_merge(params, {"data": {**({"root": str(Path(args.data).resolve())} if args.data else {}),
+                                          **({"flame_path": str(Path(args.flame_assets).resolve())}
+                                             if args.flame_assets else {})},
+                                 "study": {"shape_protocol": args.shape_protocol} if args.shape_protocol else {}})
+    split = args.split or split_protocol(DataSettings.parse(params["data"], args.checkpoint))["evaluate"]
     out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / f"eval_{split}"
-    study = {**(params.get("study") or {}), **({"shape_protocol": args.shape_protocol} if args.shape_protocol else {})}
-    agg = evaluate_run({**params, "data": data, "study": study}, args.checkpoint, out, split, args.device,
-                       args.batch_size)
+    agg = evaluate_run(params, args.checkpoint, out, split, args.device, args.batch_size)
     print(format_aggregate(agg))
     print(f"\nwrote {out}/per_sample.csv, evaluation.json, predictions.npz")
     return 0

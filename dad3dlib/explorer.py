@@ -43,10 +43,11 @@ def decode_mesh(mesh: dict) -> np.ndarray:
     return np.asarray(mesh["lo"]) + (q.astype(np.float64) + 32768) * np.asarray(mesh["step"])
 
 
-def submesh(faces: np.ndarray, vertex_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The faces [F,3] whose three vertices are all in ``vertex_ids``, re-indexed: -> (faces
-    [F',3] into ``keep``, keep [V'] the vertex ids they use, ascending)."""
-    inside = np.zeros(int(faces.max()) + 1, bool)
+def submesh(faces: np.ndarray, vertex_ids: np.ndarray, n_vertices: int) -> tuple[np.ndarray, np.ndarray]:
+    """The faces [F,3] of a mesh of ``n_vertices`` vertices (its topology's ``n_vertices``) whose
+    three vertices are all in ``vertex_ids``, re-indexed: -> (faces [F',3] into ``keep``, keep [V']
+    the vertex ids they use, ascending)."""
+    inside = np.zeros(n_vertices, bool)
     inside[np.asarray(vertex_ids)] = True
     sub = faces[inside[faces].all(1)]
     keep, remapped = np.unique(sub, return_inverse=True)

@@ -45,12 +45,14 @@ def finish_run(params: dict, checkpoint: str | Path, run_dir: str | Path, device
     from .config import data_root
     from .data import split_protocol
     from .evaluate import evaluate_run, predict
+    from .settings import DataSettings
 
-    splits, run_dir, start = split_protocol(params["data"]), Path(run_dir), time.perf_counter()
+    data = DataSettings.parse(params.get("data"))
+    splits, run_dir, start = split_protocol(data), Path(run_dir), time.perf_counter()
     metrics = evaluate_run(params, checkpoint, run_dir, splits["evaluate"], device)
     if splits["submit"]:
         metrics["submission"] = f"submission_{splits['submit']}.json"
-        predict(checkpoint, data_root(params["data"]), splits["submit"], run_dir / metrics["submission"],
+        predict(checkpoint, data_root(data.root), splits["submit"], run_dir / metrics["submission"],
                 device=device)
     metrics["evaluation_time_s"] = round(time.perf_counter() - start, 2)
     write_run_metrics(run_dir, metrics, params)

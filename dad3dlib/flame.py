@@ -495,7 +495,9 @@ class FlameLayer(nn.Module):
             self.register_buffer(f"subset_{name}", torch.as_tensor(t.subsets[name]))
 
     @property
-    def num_vertices(self) -> int:
+    def n_vertices(self) -> int:
+        """V, the template's vertex count (that of its topology, :attr:`FlameTopology.n_vertices`, for
+        assets whose faces use every vertex)."""
         return self.v_template.shape[0]
 
     JAW_ARRAYS = ("v_template", "shapedirs", "posedirs_jaw", "weights_jaw", "weights_sum")  # jaw_lbs's, in order
@@ -528,7 +530,7 @@ class FlameLayer(nn.Module):
     @property
     def shapedirs(self) -> Tensor:
         """[V,3,L] (smplx's layout; a view of ``cm_shapedirs``)."""
-        return self.cm_shapedirs.view(-1, 3, self.num_vertices).permute(2, 1, 0)
+        return self.cm_shapedirs.view(-1, 3, self.n_vertices).permute(2, 1, 0)
 
     def subset(self, name: str) -> Tensor:
         """Vertex ids [n] of "face", "face_w_ears" or "head"."""

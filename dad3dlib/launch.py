@@ -30,7 +30,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .config import ParamsError
+from .errors import InputValueError, ParamsError
 from .files import write_record
 
 LAUNCHER_DEFAULTS = {"name": "local", "partition": None, "gpus_per_run": None, "cpus_per_run": None, "time_min": 720,
@@ -39,7 +39,7 @@ CLUSTERS = {"local": None, "submitit-local": "local", "slurm": "slurm"}  # name 
 SIGNAL_DELAY_S = 90  # submitit's default: its signal comes this long before a job's time limit
 
 
-class ClusterError(ValueError):
+class ClusterError(InputValueError):
     """The cluster cannot be asked, or refused what was asked (one line naming the setting)."""
 
 

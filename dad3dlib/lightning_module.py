@@ -13,12 +13,13 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from .config import CHECKPOINT_POLICY, MODEL_ONLY_KEYS, ParamsError
+from .errors import ParamsError
 from .data import flame_dir
 from .flame import SUBSETS, FlameAssets, FlameLayer, load_flame_assets
 from .losses import LOSS_TERMS, DADLoss
 from .metrics import batch_metrics
 from .model import create_model
+from .settings import OptimSettings, Settings
 
 MONITOR = "val/nme"  # the validation metric that picks best.ckpt and steps the plateau schedule
 
@@ -32,18 +33,19 @@ def _non_persistent(module: nn.Module) -> nn.Module:
 
 
 class DADModule(L.LightningModule):
-    """DAD-3DNet + FlameLayer + DADLoss. ``params`` as :data:`dad3dlib.config.DEFAULTS` (already completed)."""
+    """DAD-3DNet + FlameLayer + DADLoss of a run's settings, which checkpoints hold as plain data
+    (hyper parameter ``params``: :meth:`dad3dlib.settings.Settings.to_dict`)."""
 
-    def __init__(self, params: dict, flame: FlameAssets | None = None):
+    def __init__(self, settings: Settings, flame: FlameAssets | None = None):
         super().__init__()
-        self.save_hyperparameters({"params": params})
-        model_cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS}
-        self.model = create_model(model_cfg)
-        self.flame = _non_persistent(FlameLayer(flame or load_flame_assets(flame_dir(params["data"]))))
-        self.loss = DADLoss(params["loss"]["lambdas"], {n: self.flame.subset(n) for n in SUBSETS},
-                            params["loss"].get("heatmap_loss", "awing"))
+        self.settings = settings
+        self.save_hyperparameters({"params": settings.to_dict()})
+        self.model = create_model(settings.model)
+        self.flame = _non_persistent(FlameLayer(flame or load_flame_assets(flame_dir(settings.data))))
+        self.loss = DADLoss(settings.loss.lambdas, {n: self.flame.subset(n) for n in SUBSETS},
+                            settings.loss.heatmap_loss)
         union = self.loss.vertex_subsets.union  # training computes only the vertices its losses read
-        if union is not None and len(union) < self.flame.num_vertices:
+        if union is not None and len(union) < self.flame.n_vertices:
             self.flame.select_vertices(union)
 
     def forward(self, image: Tensor) -> dict[str, Tensor]:
@@ -56,7 +58,7 @@ class DADModule(L.LightningModule):
         # Deterministic algorithms (set by the Trainer on CPUs) also fill every new tensor with NaN,
         # a debugging aid that costs ~8 % of a cpu-preset step; the algorithms stay deterministic.
         torch.utils.deterministic.fill_uninitialized_memory = False
-        if self.hparams["params"]["trainer"].get("compile"):  # in place: state-dict keys unchanged
+        if self.settings.trainer.compile:  # in place: state-dict keys unchanged
             self.model.compile()
 
     def _predict(self, batch: dict, needs: set[str], selected: bool = False) -> dict[str, Tensor]:
@@ -123,27 +125,26 @@ class DADModule(L.LightningModule):
             scheduler.step()
 
     def configure_optimizers(self):
-        o = self.hparams["params"]["optim"]
+        o = self.settings.optim
         # fused: one kernel for all parameters (on a CPU 6x faster than the per-tensor loop)
-        opt = torch.optim.Adam(self.model.parameters(), lr=o["lr"], weight_decay=o["weight_decay"],
+        opt = torch.optim.Adam(self.model.parameters(), lr=o.lr, weight_decay=o.weight_decay,
                                fused=self.device.type in ("cpu", "cuda"))
-        return {"optimizer": opt, "lr_scheduler": SCHEDULES[o["schedule"]](opt, o, self.trainer)}
+        return {"optimizer": opt, "lr_scheduler": SCHEDULES[o.schedule](opt, o, self.trainer)}
 
 
-def _plateau(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o["plateau_factor"],
-                                                       patience=o["plateau_patience"], min_lr=o["min_lr"])
+def _plateau(opt: torch.optim.Optimizer, o: OptimSettings, trainer: L.Trainer) -> dict:
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=o.plateau_factor,
+                                                       patience=o.plateau_patience, min_lr=o.min_lr)
     return {"scheduler": sched, "monitor": MONITOR, "interval": "epoch", "strict": False}
 
 
-def _onecycle(opt: torch.optim.Optimizer, o: dict, trainer: L.Trainer) -> dict:
+def _onecycle(opt: torch.optim.Optimizer, o: OptimSettings, trainer: L.Trainer) -> dict:
     total = trainer.estimated_stepping_batches
     if not math.isfinite(total):
         raise ParamsError("params: optim.schedule 'onecycle' needs a bounded run (trainer.max_steps or max_epochs)")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o["lr"], total_steps=max(int(total), 1),
-                                                pct_start=o["warmup_fraction"], anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=max(int(total), 1),
+                                                pct_start=o.warmup_fraction, anneal_strategy="cos")
     return {"scheduler": sched, "interval": "step"}
 
 
-SCHEDULES = {"plateau": _plateau, "onecycle": _onecycle}
-assert set(SCHEDULES) == set(CHECKPOINT_POLICY), "config.CHECKPOINT_POLICY names the schedules implemented here"
+SCHEDULES = {"plateau": _plateau, "onecycle": _onecycle}  # optim.schedule: settings.CHECKPOINT_POLICY's names

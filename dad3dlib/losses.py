@@ -333,23 +333,23 @@ def _awing(loss, p, b):
     return loss.heatmap_loss(torch.sigmoid(p["heatmaps"].float()), b["heatmaps"])
 
 
-def validate_lambdas(lambdas, source: str = "loss weights") -> dict:
+def validate_lambdas(lambdas, source: str | None = "loss weights") -> dict:
     """The loss weights as floats: exactly the keys of :data:`LOSS_TERMS` (0 switches a term off), each
-    finite and >= 0, not all zero; InputValueError naming ``source`` otherwise. The one check of loss
-    weights (params files, :class:`DADLoss`)."""
-    names = tuple(LOSS_TERMS)
+    finite and >= 0, not all zero; InputValueError naming ``source`` (None: the message alone)
+    otherwise. The one check of loss weights (params files, :class:`DADLoss`)."""
+    names, at = tuple(LOSS_TERMS), f"{source}: " if source else ""
     if not isinstance(lambdas, dict):
-        raise InputValueError(f"{source}: loss.lambdas must be a mapping of {names}, got {lambdas!r}")
+        raise InputValueError(f"{at}loss.lambdas must be a mapping of {names}, got {lambdas!r}")
     unknown, missing = set(lambdas) - set(names), [k for k in names if k not in lambdas]
     if unknown:
-        raise InputValueError(f"{source}: unknown loss weight(s) {sorted(unknown)}; expected {names}")
+        raise InputValueError(f"{at}unknown loss weight(s) {sorted(unknown)}; expected {names}")
     if missing:
-        raise InputValueError(f"{source}: loss.lambdas misses {missing}; list all of {names} (0 switches a term off)")
+        raise InputValueError(f"{at}loss.lambdas misses {missing}; list all of {names} (0 switches a term off)")
     for k, v in lambdas.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-            raise InputValueError(f"{source}: loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
+            raise InputValueError(f"{at}loss.lambdas.{k} must be a finite number >= 0, got {v!r}")
     if not any(lambdas.values()):
-        raise InputValueError(f"{source}: all loss weights are zero; nothing would be trained")
+        raise InputValueError(f"{at}all loss weights are zero; nothing would be trained")
     return {k: float(lambdas[k]) for k in names}
 
 

@@ -15,6 +15,7 @@ Shapes: B batch, S crop side; output keys as docs/ARCHITECTURE.md:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import timm
@@ -22,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import MODEL_ONLY_KEYS
 from .errors import InputFileNotFound, InputValueError
 from .files import LOAD_ERRORS
 from .flame import N_3DMM, N_EXPR, N_JAW, N_SHAPE, fit_weak_perspective
 from .geometry import FRONTAL_ROT6D
+from .settings import ModelSettings
 
 N_LANDMARKS = 68
 N_SHAPE_HEAD = N_SHAPE + N_EXPR + N_JAW  # 403, tanh * 3
@@ -170,8 +171,7 @@ class SeparableConvBlock(nn.Sequential):
     The reference's block has k = 1 (a per-channel scale before the pointwise conv) and ReLU.
     """
 
-    def __init__(self, channels: int, kernel: int = 3, act: str = "silu", bn_momentum: float = 0.1,
-                 bn_eps: float = 1e-5):
+    def __init__(self, channels: int, kernel: int, act: str, bn_momentum: float, bn_eps: float):
         super().__init__(
             nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
             nn.Conv2d(channels, channels, 1, bias=False),
@@ -206,8 +206,7 @@ class BiFPNLayer(nn.Module):
     ``bu_<level>``; blocks ``conv.td_<level>`` and ``conv.out_<level>``.
     """
 
-    def __init__(self, filters: int, names: tuple[str, ...], block: dict, downsample: str = "maxpool",
-                 top_inputs: int = 2):
+    def __init__(self, filters: int, names: tuple[str, ...], block: dict, downsample: str, top_inputs: int):
         super().__init__()
         _choice("bifpn_downsample", downsample, BIFPN_DOWNSAMPLING)
         _choice("bifpn_top_inputs", top_inputs, (2, 3))
@@ -253,16 +252,12 @@ class BiFPN(nn.Module):
     (strides 4, 8, 16[, 32, 64]); h_l = ceil(h_{l-1} / 2) above stride 16.
     """
 
-    def __init__(self, in_channels: list[int], filters: int = 256, repeats: int = 1, levels: int = 3,
-                 block: dict | None = None, downsample: str = "maxpool", lateral: str = "bn",
-                 top_inputs: int = 2):
+    def __init__(self, in_channels: list[int], filters: int, repeats: int, levels: int, block: dict,
+                 downsample: str, lateral: str, top_inputs: int):
         super().__init__()
-        block = {"kernel": 3, "act": "silu", "bn_momentum": 0.1, "bn_eps": 1e-5, **(block or {})}
         _choice("bifpn_levels", levels, LEVEL_NAMES)
         _choice("bifpn_lateral", lateral, BIFPN_LATERALS)
         _choice("bifpn_act", block["act"], BIFPN_ACTIVATIONS)
-        if not (isinstance(block["kernel"], int) and block["kernel"] >= 1 and block["kernel"] % 2):
-            raise InputValueError(f"model.bifpn_depthwise_kernel must be an odd integer >= 1, got {block['kernel']!r}")
         bn = lambda: nn.BatchNorm2d(filters, eps=block["bn_eps"], momentum=block["bn_momentum"])  # noqa: E731
         self.lateral = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, filters, 1, bias=False), bn()) if lateral == "bn" else nn.Conv2d(c, filters, 1)
@@ -286,7 +281,7 @@ class BiFPN(nn.Module):
 # --------------------------------------------------------------------------------------------
 # DAD-3DNet
 # --------------------------------------------------------------------------------------------
-def mlp_head(in_features: int, out_features: int, hidden: int = 512, dropout: float = 0.3) -> nn.Sequential:
+def mlp_head(in_features: int, out_features: int, hidden: int, dropout: float) -> nn.Sequential:
     """Linear-ReLU-Dropout-Linear: [B,in] -> [B,out]."""
     return nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
                          nn.Linear(hidden, out_features))
@@ -300,6 +295,8 @@ class DAD3DNet(nn.Module):
     the crop centre); with FLAME metres and crop coordinates in [-1,1], a head filling the crop has
     s ~ 8-10. :meth:`set_pose_prior` replaces it with values fitted on data.
 
+    The arguments are the model section's settings (:class:`dad3dlib.settings.ModelSettings`, their
+    defaults and checks; :func:`create_model` builds one from them).
     BiFPN settings (:class:`BiFPN`; defaults: the light pyramid, the paper preset: the reference's):
     ``bifpn_levels`` 3 | 5, ``bifpn_repeats`` layers, ``bifpn_depthwise_kernel`` k of the blocks'
     depthwise conv, ``bifpn_act`` silu | relu, ``bifpn_bn_momentum`` / ``bifpn_bn_eps`` of its
@@ -307,12 +304,10 @@ class DAD3DNet(nn.Module):
     maxpool | nearest, ``bifpn_lateral`` bn | bias, ``bifpn_top_inputs`` 2 | 3.
     """
 
-    def __init__(self, encoder: str = "resnet50", bifpn_filters: int = 256, bifpn_repeats: int = 1,
-                 hidden: int = 512, dropout: float = 0.3, init_scale: float = 8.0,
-                 pretrained_path: str | Path | None = None, bifpn_levels: int = 3,
-                 bifpn_depthwise_kernel: int = 3, bifpn_act: str = "silu", bifpn_bn_momentum: float = 0.1,
-                 bifpn_bn_eps: float = 1e-5, bifpn_downsample: str = "maxpool", bifpn_lateral: str = "bn",
-                 bifpn_top_inputs: int = 2):
+    def __init__(self, *, encoder: str, bifpn_filters: int, bifpn_repeats: int, hidden: int, dropout: float,
+                 init_scale: float, pretrained_path: str | Path | None, bifpn_levels: int,
+                 bifpn_depthwise_kernel: int, bifpn_act: str, bifpn_bn_momentum: float, bifpn_bn_eps: float,
+                 bifpn_downsample: str, bifpn_lateral: str, bifpn_top_inputs: int):
         super().__init__()
         self.encoder = SplitEncoder(encoder, pretrained_path)
         ch = self.encoder.channels
@@ -372,19 +367,16 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def create_model(cfg: dict) -> nn.Module:
-    """A model from plain config data: ``{"name": "dad3dnet", "encoder": ..., "bifpn_filters": ...,
-    "bifpn_repeats": ..., "bifpn_levels": ..., ..., "hidden": ..., "dropout": ..., "init_scale": ...,
-    "pretrained_path": ...}`` (the keyword arguments of :class:`DAD3DNet`; every key but ``encoder``
-    optional)."""
-    cfg = dict(cfg)
-    name = cfg.pop("name", "dad3dnet")
-    if name not in MODELS:
-        raise InputValueError(f"unknown model '{name}' (known: {sorted(MODELS)})")
-    try:
-        return MODELS[name](**cfg)
-    except TypeError as e:
-        raise InputValueError(f"model '{name}': bad config keys {sorted(cfg)} ({e})") from e
+def create_model(cfg: ModelSettings | dict) -> nn.Module:
+    """A model from its settings, or from plain config data: ``{"name": "dad3dnet", "encoder": ...,
+    "bifpn_filters": ..., "hidden": ..., ...}`` (the model section of params: any key of
+    :class:`dad3dlib.settings.ModelSettings`, which refuses unknown keys and bad values and fills in
+    the defaults)."""
+    if isinstance(cfg, dict):
+        cfg = ModelSettings.parse(cfg, "model")
+    if cfg.name not in MODELS:
+        raise InputValueError(f"unknown model '{cfg.name}' (known: {sorted(MODELS)})")
+    return MODELS[cfg.name](**cfg.network())
 
 
 # --------------------------------------------------------------------------------------------
@@ -408,8 +400,7 @@ def load_model(ckpt: str | Path, map_location: str = "cpu") -> tuple[nn.Module, 
     if not isinstance(data, dict) or not {"hyper_parameters", "state_dict"} <= set(data):
         raise InputValueError(f"{ckpt}: not a training checkpoint (no hyper_parameters and state_dict)")
     params = data["hyper_parameters"]["params"]
-    cfg = {k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS} | {"pretrained_path": None}
-    model = create_model(cfg)
+    model = create_model(replace(ModelSettings.parse(params["model"], str(ckpt)), pretrained_path=None))
     prefix = "model."
     model.load_state_dict({k[len(prefix):]: v for k, v in data["state_dict"].items() if k.startswith(prefix)})
     return model.eval(), params

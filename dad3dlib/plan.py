@@ -8,8 +8,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ParamsError, available, run_params, training_fingerprint
+from .config import available, run_params, training_fingerprint
 from .devices import processes
+from .errors import ParamsError
+from .settings import StudySettings, TrainerSettings
 
 
 @dataclass
@@ -72,15 +74,10 @@ def retire_stale(run_dir: Path, run: Run) -> Path | None:
 
 
 def study_setting(params: dict, key: str, given: int | None = None) -> int:
-    """A positive integer study setting (``jobs``, ``seeds``): ``given`` (the command line) when
-    set, else the preset's ``study.<key>``, else 1."""
-    value = given if given is not None else (params.get("study") or {}).get(key, 1)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ParamsError(f"{key} must be a positive integer, got {value!r} (--{key} or the preset's study.{key})")
-    return value
-
-
-CELL_TIMEOUT = "cell_timeout_s"  # the preset's study.cell_timeout_s
+    """A study setting (``jobs``, ``seeds``: :class:`dad3dlib.settings.StudySettings`): ``given`` (the
+    command line) when set, else the preset's ``study.<key>``, else its default."""
+    study = {**(params.get("study") or {}), **({key: given} if given is not None else {})}
+    return getattr(StudySettings.parse(study, f"--{key} or the preset"), key)
 
 
 def cell_timeout(params: dict) -> int | None:
@@ -88,10 +85,7 @@ def cell_timeout(params: dict) -> int | None:
     unset or null: no limit). A cell still running then fails its notebook (the run's
     ``error.json``, or the report) and its kernel is stopped, so that a hung kernel cannot hang the
     study."""
-    value = (params.get("study") or {}).get(CELL_TIMEOUT)
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-        raise ParamsError(f"study.{CELL_TIMEOUT} must be a positive number of seconds or null, got {value!r}")
-    return value
+    return StudySettings.parse(params.get("study")).cell_timeout_s
 
 
 def study_jobs(params: dict, jobs: int | None = None, launcher: str = "local") -> int:
@@ -99,7 +93,7 @@ def study_jobs(params: dict, jobs: int | None = None, launcher: str = "local") -
     several processes (``trainer.devices``/``num_nodes``) share out this machine already: here
     (``launcher`` local) they run one at a time, and more is refused."""
     jobs = study_setting(params, "jobs", jobs)
-    local, nodes = processes(params.get("trainer") or {})
+    local, nodes = processes(TrainerSettings.parse(params.get("trainer")))
     if jobs > 1 and local * nodes > 1 and launcher == "local":
         raise ParamsError(f"jobs {jobs}: each run of this preset trains over {local * nodes} processes "
                           "(trainer.devices, num_nodes), which use this machine's devices and ports: run them "

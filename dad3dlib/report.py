@@ -94,7 +94,7 @@ def per_sample_table(study_dir: str | Path) -> pd.DataFrame:
 def reference_table(study_dir: str | Path) -> pd.DataFrame:
     """One row per reference predictor (``references/<name>/metrics.json``, evaluated on the same
     split as the runs), in the order of ``references/references.json`` ({"descriptions": {name:
-    one-sentence description}, "split", ...}, as :func:`dad3dlib.evaluate.evaluate_references`
+    one-sentence description}, "split", ...}, as :func:`dad3dlib.references.evaluate_references`
     writes it): kind 'reference', split, description and the metrics. Empty when there are none; a
     file that cannot be read is named in a warning and skipped."""
     ref_dir = Path(study_dir) / "references"
@@ -188,13 +188,13 @@ def shape_protocol_note(study_dir: str | Path) -> str:
     the study's finished runs and reference predictors was measured with (their ``metrics.json``'s
     ``shape_protocol``; records from before the setting existed measured ``landmarks``), and a
     warning when they differ (a study whose ``study.shape_protocol`` changed after runs finished)."""
-    from .config import DEFAULT_SHAPE_PROTOCOL
     from .metrics import SHAPE_PROTOCOLS
+    from .settings import StudySettings
 
     study_dir = Path(study_dir)
     paths = [study_dir / "runs" / r["run"] / "metrics.json" for r in study_runs(study_dir)]
     paths += sorted((study_dir / "references").glob("*/metrics.json"))
-    used = dict.fromkeys(str(m.get("shape_protocol", DEFAULT_SHAPE_PROTOCOL))
+    used = dict.fromkeys(str(m.get("shape_protocol", StudySettings.shape_protocol))
                          for m in map(_read_json, paths) if isinstance(m, dict))
     if not used:
         return "No run has finished: the 3D shape error's protocol is not known yet."
@@ -282,7 +282,8 @@ def study_hypotheses(study_dir: str | Path) -> dict[str, dict[str, str]]:
     when the study was planned; for a study planned before hypotheses were recorded, as the ablation
     files of this checkout state them now (:func:`dad3dlib.config.stated_hypothesis`; an ablation
     without a file has none)."""
-    from .config import ParamsError, stated_hypothesis
+    from .config import stated_hypothesis
+    from .errors import ParamsError
 
     record = json.loads((Path(study_dir) / "study.json").read_text())
     if "hypotheses" in record:

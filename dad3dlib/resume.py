@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from .config import ParamsError, load_params, with_defaults
+from .config import load_params
+from .errors import ParamsError
+from .settings import Settings
 from .files import LOAD_ERRORS, atomic_open
 from .samplers import EpochSampler
 
@@ -60,17 +62,16 @@ def resume_checkpoint(ckpt_dir: Path) -> Path | None:
     return None
 
 
-def check_resumable(out_dir: Path, params: dict) -> None:
+def check_resumable(out_dir: Path, settings: Settings) -> None:
     """Refuse to resume ``out_dir`` with params whose network, losses or optimiser differ from the
     ones it was started with (its ``params.yaml``): the checkpoint would not fit, or would silently
     continue another experiment. Trainer settings (devices, threads, more epochs) may change."""
     try:
-        before = with_defaults(load_params(out_dir / "params.yaml"))
+        before = Settings.parse(load_params(out_dir / "params.yaml"))
     except ParamsError:
         return  # no readable record of the first start: nothing to compare with
     changed = [f"{section}.{k}" for section in RESUME_MUST_MATCH
-               for k in sorted(set(before[section]) | set(params[section]))
-               if before[section].get(k) != params[section].get(k)]
+               for k, v in getattr(settings, section).to_dict().items() if getattr(getattr(before, section), k) != v]
     if changed:
         raise ParamsError(f"{out_dir}: holds a run started with other params ({', '.join(changed)} differ from "
                           f"{out_dir / 'params.yaml'}); it cannot be resumed with these. Use another output "

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import torch
 
-from .config import ParamsError
+from .errors import ParamsError
+from .settings import DataSettings
 
 
-def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
-    """Train (shuffled by an :class:`EpochSampler` seeded from ``params["seed"]``, samples drawn
-    through :class:`SeededSamples`) and val (in order, :class:`ShardSampler`) loaders, each taking
-    this process's share of the samples. Neither draws from the global torch generator."""
-    d, seed = params["data"], params["seed"]
-    common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"],
-              "persistent_workers": d["num_workers"] > 0, "pin_memory": torch.cuda.is_available()}
+def make_loaders(datasets: dict, d: DataSettings, seed: int) -> dict[str, torch.utils.data.DataLoader]:
+    """Train (shuffled by an :class:`EpochSampler` seeded from the run's ``seed``, samples drawn
+    through :class:`SeededSamples`) and val (in order, :class:`ShardSampler`) loaders of the data
+    section's batch size and workers, each taking this process's share of the samples. Neither draws
+    from the global torch generator."""
+    common = {"batch_size": d.batch_size, "num_workers": d.num_workers,
+              "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
     private = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 (worker base seeds only)
     return {"train": torch.utils.data.DataLoader(SeededSamples(datasets["train"]), drop_last=True,
                                                  sampler=EpochSampler(len(datasets["train"]), seed),

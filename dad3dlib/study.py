@@ -37,15 +37,16 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 from . import NOTEBOOKS
-from .config import ParamsError, available, data_overrides, run_params, save_params
+from .config import available, data_overrides, run_params, save_params
+from .errors import InputError
 from .data_setup import ensure_data
 from .devices import devices_for
 from .files import exclusive_lock, write_json, write_record
 from .finish import is_finished
 from .html_report import write_report
 from .kernels import Interrupt, ipc_kernel_manager
-from .launch import ClusterError, execute_runs_submitit, launcher_settings
-from .plan import (CELL_TIMEOUT, Run, cell_timeout, default_ablations, plan_runs, retire_stale, study_jobs,
+from .launch import execute_runs_submitit, launcher_settings
+from .plan import (Run, cell_timeout, default_ablations, plan_runs, retire_stale, study_jobs,
                    study_setting)
 from .progress import StudyProgress
 from .provenance import complete_provenance, provenance, time_parts
@@ -54,8 +55,8 @@ from .references import ensure_references
 ABLATION_NB = NOTEBOOKS / "ablation.ipynb"
 
 
-class StudyBusy(RuntimeError):
-    """The study directory is held by another runner."""
+class StudyBusy(InputError):
+    """The study directory is held by another runner (the user's situation: one line naming the holder)."""
 
 
 @contextlib.contextmanager
@@ -84,6 +85,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     import papermill as pm
 
     from .data import split_protocol
+    from .settings import DataSettings
 
     run_dir = study_dir / "runs" / run.name
     start = time.time()
@@ -92,7 +94,7 @@ def execute_run(run: Run, study_dir: Path, device: str, num_threads: int | None,
     try:
         retire_stale(run_dir, run)
         run_dir.mkdir(parents=True, exist_ok=True)
-        prov["splits"] = split_protocol(run.params["data"])
+        prov["splits"] = split_protocol(DataSettings.parse(run.params["data"]))
         save_params(run.params, run_dir / "params.yaml")
         (run_dir / "error.json").unlink(missing_ok=True)
         write_record(run_dir / "provenance.json", prov)
@@ -127,7 +129,7 @@ def _one_line(e: Exception, timeout: int | None) -> str:
     """What failed a notebook: the cell's error, or that a cell ran past ``timeout`` (nbclient's
     CellTimeoutError, a TimeoutError)."""
     if isinstance(e, TimeoutError) and timeout and "timed out while it was being executed" in str(e):
-        return f"a cell ran longer than study.{CELL_TIMEOUT} ({timeout} s); its kernel was stopped"
+        return f"a cell ran longer than study.cell_timeout_s ({timeout} s); its kernel was stopped"
     return str(getattr(e, "evalue", e))
 
 
@@ -292,11 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 "account": args.account, "qos": args.qos}
     overrides = data_overrides(args.data, args.flame_assets)
     ablations = [a.strip() for a in args.ablations.split(",")] if args.ablations else None
-    try:
+    try:  # bad input (InputError, OSError naming a file) ends the command in one line (dad3dlib.cli)
         record = run_study(args.preset, args.out, args.seeds, args.jobs, ablations, overrides, launcher)
-    except (ParamsError, StudyBusy, ClusterError, OSError) as e:  # OSError: a missing data set, a full disk
-        print(f"error: {e}", file=sys.stderr)                       # (names the file)
-        return 2
     except KeyboardInterrupt:  # before the runs started (planning, data generation)
         record = {"interrupted": True}
     command = shlex.join(["python", "-m", "dad3dlib", "study", *(sys.argv[1:] if argv is None else argv)])

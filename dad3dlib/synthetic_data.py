@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import orjson
 
-from .config import synthetic_recipe
+from .settings import synthetic_recipe
 from .data import DATASET_DIR, gaussian_blur, gaussian_noise
 from .files import atomic_write
 from .flame import landmarks_image
@@ -397,7 +397,7 @@ class Generator:
     """Renders chunks of items; one per process (holds the FLAME layer and the GL renderers)."""
 
     def __init__(self, flame_assets: str | Path, recipe: dict):
-        """recipe: complete (``config.synthetic_recipe``)."""
+        """recipe: complete (``settings.synthetic_recipe``)."""
         import torch
 
         from .flame import FlameLayer, load_flame_assets
@@ -528,7 +528,7 @@ def make_data(out: str | Path, recipe: dict, flame_assets: str | Path | None = N
     """Render the data set ``recipe`` describes under ``out``; returns ``out/DAD-3DHeadsDataset``.
 
     recipe: a preset's ``data.synthetic`` ({splits: {split: n}, image_sizes: [[w, h], ...], seed,
-    sampling}; missing keys take their defaults, :func:`dad3dlib.config.synthetic_recipe`); ``name``
+    sampling}; missing keys take their defaults, :func:`dad3dlib.settings.synthetic_recipe`); ``name``
     labels it (progress bar, record). The FLAME assets are loaded (validated) first; the data set is
     rendered into a temporary folder in ``out`` and replaces the previous one only when complete, so
     a failed or interrupted run leaves ``out`` as it was.
@@ -629,7 +629,8 @@ def _render(root: Path, recipe: dict, name: str, flame_assets: str, workers: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ParamsError, read_yaml, resolve
+    from .config import read_yaml, resolve
+    from .errors import ParamsError
 
     ap = argparse.ArgumentParser(prog="python -m dad3dlib make-data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="smoke",

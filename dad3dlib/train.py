@@ -2,9 +2,9 @@
 
     python -m dad3dlib train --params FILE [--out DIR]
 
-Params: plain nested data, sections seed, model, loss, data, optim, trainer. Every key but
-``data.root`` has a default; the keys and their defaults are ``config.DEFAULTS`` (their one home),
-and a run's ``params.yaml`` is rewritten with all of them filled in.
+Params: plain nested data, sections seed, model, loss, data, optim, trainer, read once into typed
+settings (:class:`dad3dlib.settings.Settings`: every key, its default and its check). Every key but
+``data.root`` has a default, and a run's ``params.yaml`` is rewritten with all of them filled in.
 
 ``model.pose_prior_samples`` > 0 fits the pose head's initial scale/translation to that many training
 samples (a weak-perspective least-squares fit of the GT), so that training from scratch starts from
@@ -77,7 +77,8 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from .board import BOARD_DIR
-from .config import ParamsError, TRAINING_RECORD, evaluation_checkpoint, load_params, save_params, with_defaults
+from .config import TRAINING_RECORD, evaluation_checkpoint, load_params, save_params
+from .errors import ParamsError
 from .data import flame_dir, open_split, split_protocol
 from .ddp import train_in_child, trains_in_child
 from .files import write_json
@@ -87,13 +88,13 @@ from .model import checkpoint_step, cpu_has_native_bf16, pose_prior
 from .progress import write_progress
 from .resume import AtomicCheckpointIO, ExactResume, check_resumable, resume_checkpoint
 from .samplers import check_shares, make_loaders
+from .settings import DataSettings, Settings, TrainerSettings
 
 
-def make_datasets(params: dict, flame: FlameAssets | None = None,
+def make_datasets(d: DataSettings, flame: FlameAssets | None = None,
                   splits: dict | None = None) -> dict[str, torch.utils.data.Dataset]:
     """{"train", "val"}: the fit and the model-selection datasets of the data section's split
     protocol (``splits``, default :func:`dad3dlib.data.split_protocol`)."""
-    d = params["data"]
     splits = splits or split_protocol(d)
     flame = flame or load_flame_assets(flame_dir(d))
     return {"train": open_split(d, splits["fit"], flame, train=True), "val": open_split(d, splits["select"], flame)}
@@ -123,15 +124,15 @@ def _max_time(value) -> datetime.timedelta | str | None:
     return datetime.timedelta(seconds=float(value))
 
 
-def _on_gpu(t: dict) -> bool:
-    return t["accelerator"] in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+def _on_gpu(t: TrainerSettings) -> bool:
+    return t.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def resolve_precision(t: dict) -> str:
+def resolve_precision(t: TrainerSettings) -> str:
     """``trainer.precision``; ``auto``: bf16-mixed on a GPU and on a CPU with native bfloat16, else
     32-true. The network runs in the chosen precision; FLAME and the losses always in fp32."""
-    if t["precision"] != "auto":
-        return str(t["precision"])
+    if t.precision != "auto":
+        return str(t.precision)
     return "bf16-mixed" if _on_gpu(t) or cpu_has_native_bf16() else "32-true"
 
 
@@ -206,9 +207,8 @@ class ProgressFile(Callback):
             self._write(trainer)
 
 
-def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
+def build_trainer(t: TrainerSettings, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning Trainer of the trainer section; returns it and the best-checkpoint callback."""
-    t = params["trainer"]
     gpu = _on_gpu(t)
     precision = resolve_precision(t)
     ckpt_dir = out_dir / "checkpoints"
@@ -217,21 +217,21 @@ def build_trainer(params: dict, out_dir: Path, callbacks=()) -> tuple[L.Trainer,
     # "last.ckpt" = the top-1 checkpoint by step: written after every validation (and every
     # checkpoint_every_n_steps steps), unlike save_last, which only follows saved top-k files.
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
-                           every_n_train_steps=t["checkpoint_every_n_steps"], enable_version_counter=False)
+                           every_n_train_steps=t.checkpoint_every_n_steps, enable_version_counter=False)
     cbs = [best, last, LearningRateMonitor("step"), ProgressFile(out_dir), *callbacks]
-    if t["progress_bar"]:
-        cbs.append(TQDMProgressBar(refresh_rate=max(1, t["log_every_n_steps"])))
-    if t["early_stopping_patience"]:
-        cbs.append(EarlyStopping(MONITOR, patience=t["early_stopping_patience"], mode="min", check_finite=False))
+    if t.progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))
+    if t.early_stopping_patience:
+        cbs.append(EarlyStopping(MONITOR, patience=t.early_stopping_patience, mode="min", check_finite=False))
     trainer = L.Trainer(
-        accelerator=t["accelerator"], devices=t["devices"], num_nodes=t["num_nodes"], strategy=t["strategy"],
-        precision=precision, min_epochs=t["min_epochs"], max_epochs=t["max_epochs"], max_steps=t["max_steps"], max_time=_max_time(t["max_time"]),
-        val_check_interval=t["val_check_interval"], check_val_every_n_epoch=t["check_val_every_n_epoch"],
-        limit_val_batches=t["limit_val_batches"], log_every_n_steps=t["log_every_n_steps"],
-        gradient_clip_val=t["gradient_clip_val"], deterministic=not gpu or "warn", callbacks=cbs,
-        logger=[CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t["log_every_n_steps"]),
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        precision=precision, min_epochs=t.min_epochs, max_epochs=t.max_epochs, max_steps=t.max_steps, max_time=_max_time(t.max_time),
+        val_check_interval=t.val_check_interval, check_val_every_n_epoch=t.check_val_every_n_epoch,
+        limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
+        gradient_clip_val=t.gradient_clip_val, deterministic=not gpu or "warn", callbacks=cbs,
+        logger=[CSVLogger(out_dir, name="logs", flush_logs_every_n_steps=t.log_every_n_steps),
                 TensorBoardLogger(out_dir, name=BOARD_DIR, version="", default_hp_metric=False)],
-        default_root_dir=out_dir, enable_progress_bar=t["progress_bar"],
+        default_root_dir=out_dir, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, plugins=[AtomicCheckpointIO()],
         use_distributed_sampler=False)  # make_loaders' samplers share the data out themselves
     return trainer, best
@@ -248,36 +248,37 @@ def train(params: dict, out_dir: str | Path, datasets: dict | None = None, callb
     ``datasets``: {"train", "val"} to use instead of the data section's (tests, notebooks); else
     those of :func:`dad3dlib.data.split_protocol`, recorded in training.json with their sizes.
     """
-    params = with_defaults(params)
+    settings = Settings.parse(params)
     out_dir = Path(out_dir)
-    if trains_in_child(params["trainer"]):
+    if trains_in_child(settings.trainer):
         if datasets is not None or callbacks:
             raise ParamsError("params: trainer.strategy 'ddp' starts its processes by running a command; from an "
                               "interactive session it trains from the params alone (no datasets or callbacks)")
-        return train_in_child(params, out_dir)
+        return train_in_child(settings.to_dict(), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / "checkpoints" / "last.ckpt"
     resume = resume_checkpoint(last.parent)
     if resume:
-        check_resumable(out_dir, params)
-    save_params(params, out_dir / "params.yaml")
-    if params["trainer"]["num_threads"]:
-        torch.set_num_threads(int(params["trainer"]["num_threads"]))
-    L.seed_everything(params["seed"], workers=True, verbose=False)
-    flame = load_flame_assets(flame_dir(params["data"]))
-    splits = None if datasets else split_protocol(params["data"])
-    datasets = datasets or make_datasets(params, flame, splits)
-    module = DADModule(params, flame)
-    n_prior = params["model"]["pose_prior_samples"]
-    prior = [PosePrior(datasets["train"], n_prior, params["data"]["crop_size"])] if n_prior and not resume else []
-    loaders = make_loaders(datasets, params)
-    exact, times = ExactResume(loaders["train"].sampler, params["data"]["batch_size"]), PhaseTimes()
-    trainer, best = build_trainer(params, out_dir, [exact, times, *prior, *callbacks])
-    check_shares({k: len(v) for k, v in datasets.items()}, trainer.world_size, params["data"]["batch_size"])
-    if params["trainer"]["num_threads"] and trainer.world_size > 1:  # the other processes' threads
-        os.environ["OMP_NUM_THREADS"] = str(int(params["trainer"]["num_threads"]))  # (Lightning's default otherwise)
+        check_resumable(out_dir, settings)
+    save_params(settings.to_dict(), out_dir / "params.yaml")
+    d, t = settings.data, settings.trainer
+    if t.num_threads:
+        torch.set_num_threads(int(t.num_threads))
+    L.seed_everything(settings.seed, workers=True, verbose=False)
+    flame = load_flame_assets(flame_dir(d))
+    splits = None if datasets else split_protocol(d)
+    datasets = datasets or make_datasets(d, flame, splits)
+    module = DADModule(settings, flame)
+    n_prior = settings.model.pose_prior_samples
+    prior = [PosePrior(datasets["train"], n_prior, d.crop_size)] if n_prior and not resume else []
+    loaders = make_loaders(datasets, d, settings.seed)
+    exact, times = ExactResume(loaders["train"].sampler, d.batch_size), PhaseTimes()
+    trainer, best = build_trainer(t, out_dir, [exact, times, *prior, *callbacks])
+    check_shares({k: len(v) for k, v in datasets.items()}, trainer.world_size, d.batch_size)
+    if t.num_threads and trainer.world_size > 1:  # the other processes' threads
+        os.environ["OMP_NUM_THREADS"] = str(int(t.num_threads))  # (Lightning's default otherwise)
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=resume)
-    chosen, why = evaluation_checkpoint(params, out_dir)
+    chosen, why = evaluation_checkpoint(settings.optim.schedule, out_dir)
     if trainer.is_global_zero:
         record = {"precision": str(trainer.precision), "cpu_native_bf16": cpu_has_native_bf16(),
                   "processes": trainer.world_size, "checkpoint": {"file": str(chosen.relative_to(out_dir)),

@@ -25,6 +25,7 @@ from .geometry import FLIP_YZ, apply_affine, edge_counts, orthographic_projectio
 from .losses import LOSS_TERMS
 from .report import (ATTRIBUTE_METRICS, ATTRIBUTES, CURVES, METRICS, UNRECORDED_SPLIT, format_metric, one_name_per_run,
                      run_label, study_runs)
+from .settings import DataSettings
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,12 +231,11 @@ def _layer(flame_dir):
     return _LAYERS.get(str(path), [path], lambda: FlameLayer(load_flame_assets(path)).eval())
 
 
-def _dataset(root: str, split: str, crop_size: int, data: dict):
+def _dataset(data: DataSettings, split: str):
     from .data import DAD3DHeadsDataset, dataset_dir, flame_dir
     from .flame import load_flame_assets
 
-    flame = flame_dir(data)
-    skip_bad = data.get("skip_bad", False)
+    flame, root, crop_size, skip_bad = flame_dir(data), data.root, data.crop_size, data.skip_bad
 
     def build():
         assets = load_flame_assets(flame, require_model=False)
@@ -400,7 +400,7 @@ def _run_layer(run_dir: Path):
     from .data import flame_dir
 
     params = load_params(run_dir / "params.yaml")
-    return params, _layer(flame_dir(params["data"]))
+    return params, _layer(flame_dir(DataSettings.parse(params["data"], str(run_dir / "params.yaml"))))
 
 
 def _run_context(run_dir: Path):
@@ -434,7 +434,7 @@ def _landmarks(layer, vertices_img: np.ndarray) -> np.ndarray:
 
 def _sample(params: dict, split: str, item_id: str):
     """(image RGB uint8, GT vertices in image pixels with depth [V,3]) of one item of a run's data."""
-    ds = _dataset(params["data"]["root"], split, params["data"]["crop_size"], params["data"])
+    ds = _dataset(DataSettings.parse(params["data"]), split)
     i = ds.position(item_id)
     img = ds.image(i)
     v, mv, p, _ = ds.geometry(i, img.shape[0])
@@ -562,7 +562,7 @@ def explorer(study_dir: str | Path, n_samples: int = 8, size: int = 192, items: 
         return "<p>No finished run yet: the explorer shows predictions once a run has finished.</p>"
     ctx = {d: _run_context(d) for d in dict.fromkeys(runs.values())}
     params, layer, pred0 = next(iter(ctx.values()))
-    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy())
+    faces, keep = submesh(layer.faces.numpy(), layer.subset("head").numpy(), layer.n_vertices)
     items = [str(x) for x in pred0["item_id"][:n_samples]] if items is None else [str(x) for x in items]
     if not items:
         return "<p>No evaluation sample to explore.</p>"
@@ -675,7 +675,7 @@ def main_show_head(argv: list[str] | None = None) -> int:
                     help="FLAME-format directory (default: the project's synthetic head)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    out = show_head(load_flame_assets(flame_dir({"flame_path": args.flame_assets})), args.out, args.seed)
+    out = show_head(load_flame_assets(flame_dir(DataSettings(flame_path=args.flame_assets))), args.out, args.seed)
     print(f"wrote {out}")
     return 0
 
@@ -733,7 +733,7 @@ def show_data(data: str | Path, out: str | Path, split: str = "train", n: int = 
     from .data import DAD3DHeadsDataset, denormalize_image, flame_dir, read_image
     from .flame import load_flame_assets
 
-    assets = load_flame_assets(flame_dir({"root": data, "flame_path": flame_assets}), require_model=False)
+    assets = load_flame_assets(flame_dir(DataSettings(root=data, flame_path=flame_assets)), require_model=False)
     ds = DAD3DHeadsDataset(data, split, crop_size, assets, train=True, augment=True, cache_dir=cache_dir)
     edges = edge_counts(assets.topology.faces)[0]
     rng = np.random.default_rng(seed)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from dad3dlib import REPO_ROOT, cli, config, data, errors
+from dad3dlib import REPO_ROOT, cli, config, data, errors, settings
 
 
 def _command(*args: str) -> subprocess.CompletedProcess:
@@ -28,7 +28,7 @@ def _one_line_error(res: subprocess.CompletedProcess) -> str:
 
 def _params_file(tmp_path, **changes):
     path = tmp_path / "params.yaml"
-    config.save_params(config.deep_merge(config.run_params("smoke"), changes), path)
+    config.save_params(settings.deep_merge(config.run_params("smoke"), changes), path)
     return path
 
 
@@ -95,7 +95,7 @@ def test_input_errors_are_told_from_bugs(tmp_path):
 
 def test_input_errors_are_caught_as_before():
     """Each input error is also the built-in error its checks raised before the family existed."""
-    assert issubclass(config.ParamsError, ValueError) and issubclass(errors.InputFileNotFound, FileNotFoundError)
+    assert issubclass(errors.ParamsError, ValueError) and issubclass(errors.InputFileNotFound, FileNotFoundError)
     with pytest.raises(FileNotFoundError, match="split file not found"):
         data.read_split(Path("/nonexistent/train.json"))
 

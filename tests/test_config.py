@@ -2,7 +2,9 @@
 import pytest
 
 from dad3dlib import config, devices
-from dad3dlib.config import ParamsError
+from dad3dlib.errors import ParamsError
+from dad3dlib.losses import LOSS_TERMS
+from dad3dlib.settings import Settings, deep_merge
 
 
 def test_every_ablation_of_the_study_plan_is_there():
@@ -58,7 +60,7 @@ def test_malformed_ablation_file_is_reported_with_its_path(tmp_path, text, match
 def test_every_ablation_lists_all_four_weights():
     for name in config.available("ablations"):
         lambdas = config.read_yaml(config.PARAMS_DIR / "ablations" / f"{name}.yaml")["loss"]["lambdas"]
-        assert tuple(lambdas) == tuple(config.LOSS_TERMS), name
+        assert tuple(lambdas) == tuple(LOSS_TERMS), name
 
 
 def _run_params_file(tmp_path, edit=lambda params: None):
@@ -106,13 +108,13 @@ def test_bad_preset_value_is_refused_naming_the_files(tmp_path):
 def test_fingerprint_ignores_where_outputs_live_but_not_which_data(monkeypatch, tmp_path):
     params = config.run_params("smoke")
     before = config.training_fingerprint(params)
-    assert config.training_fingerprint(config.deep_merge(params, {"description": "reworded"})) == before
+    assert config.training_fingerprint(deep_merge(params, {"description": "reworded"})) == before
     moved = tmp_path / "elsewhere" / "outputs"
     monkeypatch.setattr(config, "OUTPUTS_DIR", moved)
     params_moved = config.run_params("smoke")
     assert params_moved["data"]["root"] == str(moved / "data" / "smoke")
     assert config.training_fingerprint(params_moved) == before
-    other = config.deep_merge(params_moved, {"data": {"root": str(tmp_path / "real_data")}})
+    other = deep_merge(params_moved, {"data": {"root": str(tmp_path / "real_data")}})
     assert config.training_fingerprint(other) != before
 
 
@@ -122,12 +124,12 @@ def test_data_root_has_one_rule_for_every_reader(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "OUTPUTS_DIR", tmp_path / "outputs")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data" / "smoke").mkdir(parents=True)  # a same-named folder in the working directory
-    assert config.data_root({"root": "data/smoke"}) == tmp_path / "outputs" / "data" / "smoke"
+    assert config.data_root("data/smoke") == tmp_path / "outputs" / "data" / "smoke"
     assert config.run_params("smoke")["data"]["root"] == str(tmp_path / "outputs" / "data" / "smoke")
-    assert config.data_root({"root": "/abs/olute"}) == config.Path("/abs/olute")
-    assert config.data_root({"root": "~/d"}) == config.Path.home() / "d"
+    assert config.data_root("/abs/olute") == config.Path("/abs/olute")
+    assert config.data_root("~/d") == config.Path.home() / "d"
     with pytest.raises(ValueError, match="data.root is not set"):
-        config.data_root({"root": None})
+        config.data_root(None)
 
 
 def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
@@ -135,17 +137,17 @@ def test_fingerprint_survives_training_rewriting_params_yaml(tmp_path):
     settings: the run still has the fingerprint it was planned with."""
     params = config.run_params("smoke", "no_2d", seed=2)
     rewritten = tmp_path / "params.yaml"
-    config.save_params(config.with_defaults(devices.on_device(params, "cpu", num_threads=3)), rewritten)
+    config.save_params(Settings.parse(devices.on_device(params, "cpu", num_threads=3)).to_dict(), rewritten)
     assert config.training_fingerprint(config.load_params(rewritten)) == config.training_fingerprint(params)
-    explicit = config.deep_merge(params, {"optim": {"schedule": "plateau"}, "trainer": {"max_steps": -1}})
+    explicit = deep_merge(params, {"optim": {"schedule": "plateau"}, "trainer": {"max_steps": -1}})
     assert config.training_fingerprint(explicit) == config.training_fingerprint(params)  # the defaults
-    assert config.training_fingerprint(config.deep_merge(params, {"trainer": {"max_steps": 7}})) != \
+    assert config.training_fingerprint(deep_merge(params, {"trainer": {"max_steps": 7}})) != \
         config.training_fingerprint(params)
 
 
 def test_paper_preset_is_the_reference_recipe():
     """The official configuration's schedule, stopping and crop (docs/ARCHITECTURE.md, differences)."""
-    p = config.with_defaults(config.run_params("paper"))
+    p = Settings.parse(config.run_params("paper")).to_dict()
     assert p["optim"]["schedule"] == "plateau"
     assert (p["optim"]["plateau_patience"], p["optim"]["plateau_factor"], p["optim"]["min_lr"]) == (8, 0.5, 1e-6)
     assert (p["trainer"]["early_stopping_patience"], p["trainer"]["min_epochs"], p["trainer"]["max_epochs"]) == \
@@ -155,20 +157,65 @@ def test_paper_preset_is_the_reference_recipe():
     assert (p["model"]["bifpn_levels"], p["model"]["bifpn_repeats"], p["model"]["bifpn_bn_eps"]) == (5, 2, 4e-5)
 
 
-def test_runs_planned_before_the_reference_settings_keep_their_fingerprints(monkeypatch):
-    """Settings added with defaults that reproduce the earlier behaviour leave the fingerprints of
-    existing studies as they were (finished runs are not redone), unless a run sets them otherwise."""
-    params = {name: config.run_params(name) for name in ("cpu", "smoke")}
-    now = {name: config.training_fingerprint(p) for name, p in params.items()}
-    before = {s: {k: v for k, v in d.items() if k not in config.LATER_KEYS.get(s, ())} if isinstance(d, dict) else d
-              for s, d in config.DEFAULTS.items()}
-    monkeypatch.setattr(config, "DEFAULTS", before)
-    monkeypatch.setattr(config, "LATER_KEYS", {})
-    assert {name: config.training_fingerprint(p) for name, p in params.items()} == now
-    monkeypatch.undo()
+# Fingerprints computed on the code before settings were typed (commit ce3044a), one line per preset
+# and ablation: seeds 1, 2, 3. The runs of existing studies stay finished only while these hold.
+PINNED_FINGERPRINTS = """
+smoke baseline f86b36c705de 7500d945d21e 2740aeb8daeb
+smoke l3d50_proj0.05 f86b36c705de 7500d945d21e 2740aeb8daeb
+smoke l3d50_proj0.5 000996511375 6b1e1ff8330e e8896f17799d
+smoke l3d5_proj0.05 42f390bac25a d6c0fb7c40cc e599edbc11a5
+smoke no_2d deb566ee183f cb02620ce69a 9b53c09a8b72
+smoke no_l3d 10bb5aec0918 552cf9ddbfce 0c107b08d695
+smoke no_lproj ec4786da3808 22b3691e9448 2b5295368371
+cpu baseline 6ffb94a95a95 4b36573a2ba0 d04d1bb32ed8
+cpu l3d50_proj0.05 6ffb94a95a95 4b36573a2ba0 d04d1bb32ed8
+cpu l3d50_proj0.5 b7277824fe6b 0e5e931f5055 7f17332dadbb
+cpu l3d5_proj0.05 bb7b87686882 4a6e684af800 fbbd5e41df22
+cpu no_2d c8335017a374 211909bfe3ad 2fe4d088716a
+cpu no_l3d cd10bdda7189 ba6670e57f88 4b4a9538bb83
+cpu no_lproj cfad4b4da702 8fff8f5db966 3b4b87dc3a74
+paper baseline f121977bd828 684a04a43937 4c85608596dc
+paper l3d50_proj0.05 f121977bd828 684a04a43937 4c85608596dc
+paper l3d50_proj0.5 67f97731d4b0 7365fb908cbe 60d66bcda3c7
+paper l3d5_proj0.05 3d36e3da58fe 3e6b7076d27b d90e479173b5
+paper no_2d 9fe24b39f8c9 277fc4b7b614 413aa43c46fa
+paper no_l3d 9fd6926f8132 0c5a1879430f 01038e0805cd
+paper no_lproj ff447d334122 3397b768d926 6003d3a8ea69
+"""
+FINGERPRINTS = {(preset, ablation): tuple(seeds) for preset, ablation, *seeds in
+                (line.split() for line in PINNED_FINGERPRINTS.strip().splitlines())}
+
+
+@pytest.mark.parametrize("preset", ("smoke", "cpu", "paper"))
+def test_every_existing_run_keeps_its_fingerprint(preset):
+    """Each preset × ablation × seed hashes as it did before settings were typed, also with every
+    default filled in (a run's params.yaml rewritten by training) and placed on a device: the runs of
+    existing studies stay finished."""
+    assert sorted(a for p, a in FINGERPRINTS if p == preset) == config.available("ablations")
+    for ablation in config.available("ablations"):
+        for seed, fingerprint in enumerate(FINGERPRINTS[preset, ablation], 1):
+            params = config.run_params(preset, ablation, seed)
+            assert config.training_fingerprint(params) == fingerprint, (preset, ablation, seed)
+            complete = Settings.parse(devices.on_device(params, "cpu", num_threads=1)).to_dict()
+            assert config.training_fingerprint(complete) == fingerprint, (preset, ablation, seed)
+
+
+def test_the_schema_version_counts_only_when_it_is_not_1(monkeypatch):
+    params = config.run_params("smoke")
+    assert config.SCHEMA_VERSION == 1 and config.training_fingerprint(params) == FINGERPRINTS["smoke", "baseline"][0]
+    monkeypatch.setattr(config, "SCHEMA_VERSION", 2)
+    assert config.training_fingerprint(params) != FINGERPRINTS["smoke", "baseline"][0]
+
+
+def test_later_keys_count_only_when_set_otherwise():
+    """Settings added with defaults that reproduce the earlier behaviour (LATER_KEYS) leave the
+    fingerprints of existing studies as they were (the pins above), unless a run sets them otherwise."""
+    params = config.run_params("cpu")
+    now = config.training_fingerprint(params)
     for section, key, value in [("model", "bifpn_levels", 5), ("data", "clip_bbox", True), ("trainer", "min_epochs", 3),
-                                ("data", "holdout_fraction", 0.2)]:
-        assert config.training_fingerprint(config.deep_merge(params["cpu"], {section: {key: value}})) != now["cpu"]
+                                ("data", "holdout_fraction", 0.2), ("trainer", "compile", True)]:
+        assert key in config.LATER_KEYS[section]
+        assert config.training_fingerprint(deep_merge(params, {section: {key: value}})) != now
 
 
 def test_the_data_recipe_counts_in_the_fingerprint_but_leaves_earlier_studies_finished():
@@ -176,15 +223,15 @@ def test_the_data_recipe_counts_in_the_fingerprint_but_leaves_earlier_studies_fi
     were named in code count as they did then (not at all), so studies begun then keep their runs."""
     for name in ("smoke", "cpu", "paper"):
         params = config.run_params(name)
-        recipe = config.with_defaults(params)["data"]["synthetic"]
+        recipe = Settings.parse(params).data.synthetic
         assert config.recipe_digest(recipe) in config.FORMER_RECIPES
         assert config.training_fingerprint(params) == \
-            config.training_fingerprint(config.deep_merge(params, {"data": {"synthetic": None}}))
+            config.training_fingerprint(deep_merge(params, {"data": {"synthetic": None}}))
     params = config.run_params("cpu")
     now = config.training_fingerprint(params)
     for change in ({"splits": {"train": 1000}}, {"seed": 1}, {"sampling": {"yaw_max": 60.0}},
                    {"sampling": {"degrade": {"jpeg": 0.0}}}, {"image_sizes": [[224, 224]]}):
-        assert config.training_fingerprint(config.deep_merge(params, {"data": {"synthetic": change}})) != now, change
+        assert config.training_fingerprint(deep_merge(params, {"data": {"synthetic": change}})) != now, change
 
 
 @pytest.mark.parametrize("text, match", [
@@ -227,11 +274,11 @@ def test_the_shape_protocol_is_an_evaluation_setting_outside_the_fingerprint(tmp
 
     for name in ("smoke", "cpu", "paper"):
         params = config.run_params(name)
-        assert config.shape_protocol(params) == "landmarks"
+        assert Settings.parse(params).study.shape_protocol == "landmarks"
         for protocol in SHAPE_PROTOCOLS:
-            changed = config.deep_merge(params, {"study": {"shape_protocol": protocol}})
+            changed = deep_merge(params, {"study": {"shape_protocol": protocol}})
             assert config.training_fingerprint(changed) == config.training_fingerprint(params)
-            assert config.shape_protocol(changed) == protocol
+            assert Settings.parse(changed).study.shape_protocol == protocol
     preset = tmp_path / "mine.yaml"
     preset.write_text("data: {root: x}\nstudy: {shape_protocol: icp}\n")
     with pytest.raises(ParamsError) as e:

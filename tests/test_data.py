@@ -4,6 +4,7 @@ import math
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from conftest import as_released, tiny_flame_assets
 from dad3dlib import cli, data
 from dad3dlib.data import DAD3DHeadsDataset, crop_affine, gaussian_heatmaps, warp_crop
+from dad3dlib.settings import DataSettings
 from dad3dlib.flame import landmarks_from_vertices, load_flame_assets
 from dad3dlib.geometry import project
 from dad3dlib.synthetic_head import default_flame_dir
@@ -324,17 +326,17 @@ def test_unannotated_split_gives_image_and_bbox_only(root, assets):
 
 
 def test_split_protocol_follows_the_test_splits_annotations(root):
-    labelled = data.split_protocol({"root": str(root)})
+    labelled = data.split_protocol(DataSettings(root=str(root)))
     assert labelled == {"fit": "train", "select": "val", "evaluate": "test", "submit": None, "holdout_fraction": None}
     as_released(root)
-    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+    assert data.split_protocol(DataSettings(root=str(root))) == {"fit": "train-fit", "select": "train-holdout",
                                                         "evaluate": "val", "submit": "test", "holdout_fraction": 0.1}
-    assert data.split_protocol({"root": str(root), "holdout_fraction": 0.3})["holdout_fraction"] == 0.3
+    assert data.split_protocol(DataSettings(root=str(root), holdout_fraction=0.3))["holdout_fraction"] == 0.3
     split = root / "DAD-3DHeadsDataset/test/test.json"  # annotations elsewhere, named by the entries
     split.write_text(json.dumps([{**e, "annotation_path": "x.json"} for e in json.loads(split.read_text())]))
-    assert data.split_protocol({"root": str(root)})["evaluate"] == "test"
+    assert data.split_protocol(DataSettings(root=str(root)))["evaluate"] == "test"
     split.unlink()  # no test split: nothing to submit
-    assert data.split_protocol({"root": str(root)}) == {"fit": "train-fit", "select": "train-holdout",
+    assert data.split_protocol(DataSettings(root=str(root))) == {"fit": "train-fit", "select": "train-holdout",
                                                         "evaluate": "val", "submit": None, "holdout_fraction": 0.1}
 
 
@@ -342,14 +344,14 @@ def test_holdout_is_a_fixed_hash_of_the_item_id(root, assets, monkeypatch):
     """The same items on every machine (SHA-256, pinned here), disjoint from the fit set, together train."""
     monkeypatch.setattr(data, "_cache_root", lambda: root / "cache")
     assert data.holdout_score("train_000000") == pytest.approx(0.0736371228882203)
-    d = {"root": str(root), "crop_size": S, "holdout_fraction": 0.35}
+    d = DataSettings(root=str(root), crop_size=S, holdout_fraction=0.35)
     ids = lambda ds: [ds.dataset.items[i]["item_id"] for i in ds.indices]  # noqa: E731
     holdout, fit = ids(data.open_split(d, "train-holdout", assets)), ids(data.open_split(d, "train-fit", assets))
     assert holdout == ["train_000000", "train_000001", "train_000002", "train_000005"]
     assert fit == ["train_000003", "train_000004"]
     assert data.open_split(d, "train-fit", assets, train=True).dataset.train
     with pytest.raises(ValueError, match=r"train: 'train-holdout' is empty \(data.holdout_fraction 0.05 of 6 "):
-        data.open_split({**d, "holdout_fraction": 0.05}, "train-holdout", assets)
+        data.open_split(replace(d, holdout_fraction=0.05), "train-holdout", assets)
     with pytest.raises(ValueError, match="unknown split 'train-other'"):
         data.open_split(d, "train-other", assets)
 
@@ -419,23 +421,23 @@ def other_flame(tmp_path_factory):
 
 def test_every_reader_takes_the_flame_dir_the_data_were_made_with(other_flame, tmp_path, monkeypatch):
     from dad3dlib import viz
-    from dad3dlib.evaluate import _split_dataset
-    from dad3dlib.config import with_defaults
+    from dad3dlib.evaluate import split_dataset
     from dad3dlib.train import make_datasets
 
     root, flame = other_flame
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
     assert viz.main_show_data(["--data", str(root), "--out", str(tmp_path / "g.png"), "-n", "2"]) == 0
-    assert data.flame_dir({"root": str(root)}) == flame == data.flame_dir({"root": str(root / data.DATASET_DIR)})
-    assert data.flame_dir({"root": str(root), "flame_path": "/else"}) == type(flame)("/else")
-    params = with_defaults({"data": {"root": str(root), "crop_size": 64}})
-    fit = make_datasets(params)["train"].dataset  # no test split: training fits on train without its holdout
-    for ds in [_split_dataset(params, "train")[0], fit, viz._dataset(str(root), "train", 64, params["data"])]:
+    assert data.flame_dir(DataSettings(root=str(root))) == flame == \
+        data.flame_dir(DataSettings(root=str(root / data.DATASET_DIR)))
+    assert data.flame_dir(DataSettings(root=str(root), flame_path="/else")) == type(flame)("/else")
+    d = DataSettings(root=str(root), crop_size=64)
+    fit = make_datasets(d)["train"].dataset  # no test split: training fits on train without its holdout
+    for ds in [split_dataset(d, "train")[0], fit, viz._dataset(d, "train")]:
         assert ds.n_vertices == 60 and len(ds) == 3
 
 
 def test_data_without_a_flame_dir_take_the_synthetic_head(tmp_path):
-    assert data.flame_dir({}) == default_flame_dir() == data.flame_dir({"root": str(tmp_path)})
+    assert data.flame_dir(DataSettings()) == default_flame_dir() == data.flame_dir(DataSettings(root=str(tmp_path)))
     assert (default_flame_dir() / "generic_model.pkl").is_file()
 
 
@@ -443,7 +445,7 @@ def test_unreadable_make_data_record_is_one_line(other_flame, tmp_path):
     shutil.copytree(other_flame[0], tmp_path / "d")
     (tmp_path / "d/make_data.json").write_text("{")
     with pytest.raises(ValueError, match=r"d/make_data\.json: no readable FLAME directory"):
-        data.flame_dir({"root": str(tmp_path / "d")})
+        data.flame_dir(DataSettings(root=str(tmp_path / "d")))
 
 
 def test_flame_vertex_count_mismatch_is_one_line(other_flame, tmp_path, capsys, monkeypatch):

@@ -131,18 +131,19 @@ def test_validation_means_equal_one_process_validating_the_same_checkpoint(ddp, 
     from dad3dlib.data import DAD3DHeadsDataset
     from dad3dlib.flame import load_flame_assets
     from dad3dlib.synthetic_head import default_flame_dir
-    from dad3dlib.config import with_defaults
     from dad3dlib.report import read_metrics
     from dad3dlib.lightning_module import DADModule
     from dad3dlib.train import build_trainer
 
-    params = with_defaults(run_params("smoke", "baseline", 1, {"data": {"root": str(ddp.tmp / "data")},
-                                                               "trainer": {"precision": "32-true"}}))
-    params["trainer"].update(accelerator="cpu", devices=1, num_threads=2)
+    from dad3dlib.settings import Settings
+
+    settings = Settings.parse(run_params("smoke", "baseline", 1, {
+        "data": {"root": str(ddp.tmp / "data")},
+        "trainer": {"precision": "32-true", "accelerator": "cpu", "devices": 1, "num_threads": 2}}))
     flame = load_flame_assets(default_flame_dir())
-    val = DAD3DHeadsDataset(ddp.tmp / "data", "val", params["data"]["crop_size"], flame, cache_dir=tmp_path / "cache")
-    trainer, _ = build_trainer(params, tmp_path)
-    one = trainer.validate(DADModule(params, flame), torch.utils.data.DataLoader(val, batch_size=7),
+    val = DAD3DHeadsDataset(ddp.tmp / "data", "val", settings.data.crop_size, flame, cache_dir=tmp_path / "cache")
+    trainer, _ = build_trainer(settings.trainer, tmp_path)
+    one = trainer.validate(DADModule(settings, flame), torch.utils.data.DataLoader(val, batch_size=7),
                            ckpt_path=ddp.out / "checkpoints" / "last.ckpt", verbose=False)[0]
     logged = read_metrics(ddp.out).filter(like="val/").dropna().iloc[-1]  # the last validation: of last.ckpt
     assert set(one) == set(logged.index) and "val/nme" in one

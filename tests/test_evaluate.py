@@ -15,6 +15,8 @@ from dad3dlib import benchmark as BM
 from dad3dlib import evaluate as E
 from dad3dlib import metrics as M
 from dad3dlib.flame import FlameLayer, TopologyTensors, load_flame_assets, matrix_to_rot6d, rot6d_to_matrix, split_3dmm
+from dad3dlib.references import REFERENCES, reference_prediction
+from dad3dlib.settings import Settings
 from dad3dlib.synthetic_head import default_flame_dir
 
 torch.set_num_threads(1)
@@ -93,7 +95,7 @@ def test_gt_as_prediction_is_perfect(setup):
     assert agg["by_attribute"]["quality"]["hq"]["n"] == 3
     assert set(agg["by_attribute"]["occlusions"]) == {"true", "false"}
     assert arrays["params_3dmm"].shape == (5, 413) and arrays["crop_affine"].shape == (5, 2, 3)
-    assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.num_vertices - len(layer.subset("face"))
+    assert np.isnan(arrays["vertex_error_mm"]).sum() == layer.n_vertices - len(layer.subset("face"))
 
 
 def test_sample_metrics_computes_exactly_the_registered_metrics(setup):
@@ -155,8 +157,8 @@ def test_reference_predictors_known_answers(setup):
 
     layer, params, data = setup
     prior = {"scale": 4.5, "tx": 0.02, "ty": -0.01}
-    res = {n: E.evaluate_predictor(lambda b, n=n: E.reference_prediction(n, b, layer, prior), data, layer, 5)[0]
-           for n in E.REFERENCES}
+    res = {n: E.evaluate_predictor(lambda b, n=n: reference_prediction(n, b, layer, prior), data, layer, 5)[0]
+           for n in REFERENCES}
     floor, const, sblind, pblind = (res[n] for n in ("camera_floor", "constant", "shape_blind", "pose_blind"))
     for m in ("nme_reprojection", "angle_error_deg", "median_mm", "mean_mm"):
         assert floor[m].abs().max() < 1e-3, m
@@ -221,7 +223,7 @@ def test_now_protocol_scores_gt_as_prediction_zero_and_pools_by_attribute(setup)
     layer, params, data = setup
     df, agg, arrays = E.evaluate(TableModel(params), data, layer, batch_size=5, protocol="now")
     assert agg["shape_protocol"] == "now" and agg["mean_mm"] < 1e-3 and df["median_mm"].max() < 1e-3
-    assert 0 < np.isnan(arrays["vertex_error_mm"]).sum() < layer.num_vertices  # the crop, not the face subset
+    assert 0 < np.isnan(arrays["vertex_error_mm"]).sum() < layer.n_vertices  # the crop, not the face subset
     other = params.clone()
     other[:, :300] += 0.5 * torch.randn(5, 300, generator=torch.Generator().manual_seed(1))
     df, agg, _ = E.evaluate(TableModel(other), data, layer, batch_size=5, protocol="now")
@@ -250,7 +252,7 @@ def test_evaluate_command_takes_the_shape_protocol(monkeypatch, tmp_path, capsys
     monkeypatch.setattr(E, "load_model", lambda c: (None, {"data": {"root": str(tmp_path)}, "study": {"jobs": 2}}))
     monkeypatch.setattr(E, "split_protocol", lambda d: {"evaluate": "test"})
     monkeypatch.setattr(E, "evaluate_run", lambda params, *a: seen.append(params["study"]) or
-                        {**agg, "shape_protocol": E.shape_protocol(params)})
+                        {**agg, "shape_protocol": Settings.parse(params).study.shape_protocol})
     assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path), "--shape-protocol", "now"]) == 0
     assert E.main_evaluate(["--checkpoint", "c.ckpt", "--out", str(tmp_path)]) == 0
     assert seen == [{"jobs": 2, "shape_protocol": "now"}, {"jobs": 2}]

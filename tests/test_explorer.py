@@ -94,7 +94,7 @@ def test_encode_mesh_of_a_flat_mesh():
 
 def test_submesh_keeps_the_faces_inside_the_subset_reindexed():
     faces = np.array([[0, 1, 2], [2, 3, 4], [4, 5, 6], [1, 2, 5]])
-    sub, keep = explorer.submesh(faces, np.array([1, 2, 5, 6, 4]))
+    sub, keep = explorer.submesh(faces, np.array([1, 2, 5, 6, 4]), 8)
     np.testing.assert_array_equal(keep, [1, 2, 4, 5, 6])
     np.testing.assert_array_equal(keep[sub], faces[[2, 3]])
 

@@ -101,7 +101,7 @@ def test_published_flame_pickle_loads_without_chumpy(tiny_dir):
     np.testing.assert_allclose(a.model.v_template, model.v_template)
     np.testing.assert_array_equal(a.model.faces, model.faces)
     np.testing.assert_array_equal(a.model.parents, [-1, 0, 1, 1, 1])
-    assert FlameLayer(a).num_vertices == len(model.v_template)
+    assert FlameLayer(a).n_vertices == len(model.v_template)
 
 
 class _Exploit:
@@ -402,7 +402,7 @@ def test_selected_vertices_are_those_of_the_whole_mesh(tiny_dir):
     path, _, _ = tiny_dir
     layer = FlameLayer(load_flame_assets(path))
     g = torch.Generator().manual_seed(4)
-    ids = torch.randperm(layer.num_vertices, generator=g)[: layer.num_vertices // 2]
+    ids = torch.randperm(layer.n_vertices, generator=g)[: layer.n_vertices // 2]
     layer.select_vertices(ids)
     params = (torch.randn(3, 413, generator=g) * 0.3).requires_grad_()
     part, whole = layer.canonical(params, selected=True), layer.canonical(params)[:, ids]
@@ -411,4 +411,4 @@ def test_selected_vertices_are_those_of_the_whole_mesh(tiny_dir):
     torch.testing.assert_close(torch.autograd.grad((part * w).sum(), params)[0],
                                torch.autograd.grad((whole * w).sum(), params)[0])
     layer.select_vertices(None)
-    assert layer.canonical(params, selected=True).shape[1] == layer.num_vertices
+    assert layer.canonical(params, selected=True).shape[1] == layer.n_vertices

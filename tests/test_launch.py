@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 import dad3dlib
-from dad3dlib.config import ParamsError
+from dad3dlib.errors import ParamsError
 from dad3dlib.launch import (LAUNCHER_DEFAULTS, ClusterError, SlurmQueue, job_failure, launcher_settings, make_executor,
                              settle_gpus)
 

@@ -265,17 +265,19 @@ def test_each_registered_term_reads_only_its_recorded_prediction(flame):
 def test_every_list_of_loss_terms_derives_from_the_records(monkeypatch):
     """A term registered in losses.py alone is a weight every params file must list, has its reference
     weight as default, is computed by DADLoss and plotted by the report."""
-    from dad3dlib import config, losses, report
+    from dad3dlib import losses, report
+    from dad3dlib.settings import LossSettings
 
-    assert tuple(config.DEFAULTS["loss"]["lambdas"]) == ("l3d", "l1", "lproj", "awing")
-    assert config.DEFAULTS["loss"]["lambdas"] == {k: t.reference_weight for k, t in losses.LOSS_TERMS.items()}
+    defaults = LossSettings().lambdas
+    assert tuple(defaults) == ("l3d", "l1", "lproj", "awing")
+    assert defaults == {k: t.reference_weight for k, t in losses.LOSS_TERMS.items()}
     assert all(f"train/raw/{k}_step" in report.CURVES and f"val/raw/{k}" in report.CURVES for k in losses.LOSS_TERMS)
     with pytest.raises(KeyError, match="'l1' is registered already"):
         losses.register_term("l1", "L_1", 1.0, "landmarks_2d")
     monkeypatch.setattr(losses, "LOSS_TERMS", dict(losses.LOSS_TERMS))
     losses.register_term("lzero", "L_0", 2.0, needs="landmarks_2d")(lambda loss, p, b: p["landmarks_2d"].sum() * 0 + 3)
     with pytest.raises(ValueError, match=r"loss.lambdas misses \['lzero'\]"):
-        losses.validate_lambdas(config.DEFAULTS["loss"]["lambdas"])
+        losses.validate_lambdas(defaults)
     weights = {**{k: 0.0 for k in losses.LOSS_TERMS}, "lzero": 2.0}
     total, terms = losses.DADLoss(weights, {n: torch.arange(3) for n in losses.L3D_SUBSET_WEIGHTS})(
         {"landmarks_2d": torch.zeros(1, 68, 2)}, {})

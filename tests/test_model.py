@@ -6,7 +6,7 @@ import timm
 import torch
 
 from dad3dlib.flame import rot6d_to_matrix, split_3dmm
-from dad3dlib.model import DAD3DNet, SplitEncoder, create_model
+from dad3dlib.model import SplitEncoder, create_model
 
 torch.set_num_threads(1)
 
@@ -89,7 +89,7 @@ def test_pretrained_encoder_from_local_file(tmp_path, name, suffix):
         save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     else:
         torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, path)
-    net = DAD3DNet(encoder=name, bifpn_filters=16, hidden=32, pretrained_path=path)
+    net = create_model({"encoder": name, "bifpn_filters": 16, "hidden": 32, "pretrained_path": path})
     enc = dict(net.encoder.stem.named_parameters()) | dict(net.encoder.last.named_parameters())
     matched = 0
     for k, v in enc.items():
@@ -103,21 +103,21 @@ def test_pretrained_encoder_from_local_file(tmp_path, name, suffix):
 
 def test_pretrained_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        DAD3DNet(encoder="resnet10t", bifpn_filters=16, hidden=32, pretrained_path=tmp_path / "nothere.pth")
+        create_model({"encoder": "resnet10t", "bifpn_filters": 16, "hidden": 32, "pretrained_path": tmp_path / "nothere.pth"})
     other = tmp_path / "other.pth"
     torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), other)
     with pytest.raises(ValueError, match="other.pth: .* missing or of another shape"):
-        DAD3DNet(encoder="resnet10t", bifpn_filters=16, hidden=32, pretrained_path=other)
+        create_model({"encoder": "resnet10t", "bifpn_filters": 16, "hidden": 32, "pretrained_path": other})
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.pth: cannot read"):
-        DAD3DNet(encoder="resnet10t", bifpn_filters=16, hidden=32, pretrained_path=junk)
+        create_model({"encoder": "resnet10t", "bifpn_filters": 16, "hidden": 32, "pretrained_path": junk})
 
 
 def test_create_model_errors():
     with pytest.raises(ValueError, match="unknown model 'nope'"):
         create_model({"name": "nope"})
-    with pytest.raises(ValueError, match="bad config keys"):
+    with pytest.raises(ValueError, match=r"^model: unknown model key\(s\) \['filters'\]; known: "):
         create_model({"encoder": "resnet10t", "filters": 3})
     with pytest.raises(ValueError, match="FeatureGetterNet is not supported"):
         SplitEncoder("vit_tiny_patch16_224")
@@ -209,3 +209,16 @@ def test_light_bifpn_keeps_its_modules():
 def test_bad_bifpn_settings_are_named(key, value, match):
     with pytest.raises(ValueError, match=match):
         create_model({"encoder": "resnet10t", "bifpn_filters": 8, key: value})
+
+
+def test_a_bug_in_a_network_is_not_reported_as_bad_settings(monkeypatch):
+    """create_model checks the keys against the model section, so a TypeError from inside the
+    network's constructor is a bug and keeps its traceback."""
+    from dad3dlib import model
+
+    def broken(**kwargs):
+        raise TypeError("a bug in the constructor")
+
+    monkeypatch.setitem(model.MODELS, "dad3dnet", broken)
+    with pytest.raises(TypeError, match="a bug in the constructor"):
+        create_model({"encoder": "resnet10t"})

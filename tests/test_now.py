@@ -16,7 +16,7 @@ from dad3dlib import cli, config, now
 from dad3dlib.data import IMAGENET_MEAN, IMAGENET_STD
 from dad3dlib.flame import ALIGN7, FlameFormatError, FlameLayer, load_flame_assets, split_3dmm
 from dad3dlib.model import create_model
-from dad3dlib.config import MODEL_ONLY_KEYS, with_defaults
+from dad3dlib.settings import Settings
 from dad3dlib.synthetic_head import default_flame_dir
 
 torch.set_num_threads(1)
@@ -105,7 +105,7 @@ def test_export_writes_neutral_meshes_where_the_now_evaluation_reads_them(layer,
     paths = _compute_error_paths(tmp_path / "pred", root / "imagepathsvalidation.txt")
     for k, (obj, npy) in enumerate(paths):
         v, f = _read_obj(obj)
-        assert v.shape == (layer.num_vertices, 3) and np.array_equal(f, layer.faces.numpy() + 1)
+        assert v.shape == (layer.n_vertices, 3) and np.array_equal(f, layer.faces.numpy() + 1)
         np.testing.assert_allclose(v, neutral[k], atol=1e-6)  # this image's identity, neutral, metres
         assert np.abs(posed[k] - neutral[k]).max() > 1e-3  # the expression and jaw were there to remove
         lmk = np.load(npy, allow_pickle=False)
@@ -167,8 +167,9 @@ def test_obj_has_plain_vertices_and_one_based_faces():
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny untrained checkpoint in train.py's format (smoke network, 64-px crops)."""
-    params = with_defaults(config.run_params("smoke"))
-    model = create_model({k: v for k, v in params["model"].items() if k not in MODEL_ONLY_KEYS})
+    settings = Settings.parse(config.run_params("smoke"))
+    params = settings.to_dict()
+    model = create_model(settings.model)
     path = tmp_path_factory.mktemp("ckpt") / "best.ckpt"
     torch.save({"hyper_parameters": {"params": params},
                 "state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, path)
@@ -186,7 +187,7 @@ def test_predict_now_command(checkpoint, tmp_path, capsys, layer):
     assert "wrote 2 predictions" in capsys.readouterr().out
     for obj, npy in _compute_error_paths(tmp_path / "pred", root / "imagepathsvalidation.txt"):
         v, f = _read_obj(obj)
-        assert v.shape == (layer.num_vertices, 3) and len(f) == len(layer.faces)
+        assert v.shape == (layer.n_vertices, 3) and len(f) == len(layer.faces)
         assert np.load(npy, allow_pickle=False).shape == (7, 3)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from dad3dlib import metrics as M
 from dad3dlib import now
-from dad3dlib.config import SYNTHETIC_SAMPLING
+from dad3dlib.settings import SYNTHETIC_SAMPLING
 from dad3dlib.flame import FlameLayer, load_flame_assets, pack_3dmm
 from dad3dlib.synthetic_data import item_rng, sample_scene
 from dad3dlib.synthetic_head import default_flame_dir

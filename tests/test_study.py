@@ -18,8 +18,9 @@ import pytest
 
 import dad3dlib
 from conftest import as_released, study_cmd
-from dad3dlib import config, data, data_setup, devices, files, finish, html_report, kernels, plan, report, study
-from dad3dlib.config import ParamsError
+from dad3dlib import (cli, config, data, data_setup, devices, errors, files, finish, html_report, kernels, plan, report,
+                      settings, study)
+from dad3dlib.errors import ParamsError
 
 SIX = ("median_mm", "mean_mm", "std_mm", "angle_error_deg", "nme_reprojection", "z5_accuracy")
 ABLATIONS = ("baseline", "l3d50_proj0.05", "no_l3d", "no_lproj", "no_2d", "l3d50_proj0.5", "l3d5_proj0.05")
@@ -45,12 +46,14 @@ def test_a_second_runner_is_refused_and_a_dead_ones_lock_blocks_nobody(tmp_path)
 
 
 def test_study_command_on_a_held_directory_exits_2_naming_the_holder(tmp_path, monkeypatch, capsys):
+    assert issubclass(study.StudyBusy, errors.InputError)
+
     def must_not_run(*args):
         raise AssertionError("the second runner started the study")
 
     monkeypatch.setattr(study, "ensure_data", must_not_run)
     with study.study_lock(tmp_path):
-        assert study.main(["--preset", "smoke", "--out", str(tmp_path)]) == 2
+        assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path}: in use by another study runner (pid {os.getpid()}); wait for it to end "
                    "or stop it, then run this command again"]
@@ -138,7 +141,7 @@ def test_a_hung_kernel_fails_its_run_after_the_cell_timeout(tmp_path, monkeypatc
 
 
 def test_a_bad_cell_timeout_is_one_line():
-    with pytest.raises(ParamsError, match=r"^study.cell_timeout_s must be a positive number of seconds or null, "
+    with pytest.raises(ParamsError, match=r"^params: study.cell_timeout_s must be a positive number of seconds or null, "
                                           r"got '1h'$"):
         plan.cell_timeout({"study": {"cell_timeout_s": "1h"}})
     assert plan.cell_timeout({}) is None and plan.cell_timeout(config.run_params("smoke"))
@@ -165,26 +168,26 @@ def test_generated_data_is_remade_when_its_recipe_changes_and_only_then(tmp_path
     record = data_setup.ensure_data(params) / "make_data.json"
     assert "no data set there yet" in capsys.readouterr().out
     made = json.loads(record.read_text())
-    assert made["recipe"] == config.synthetic_recipe(tiny)
+    assert made["recipe"] == settings.synthetic_recipe(tiny)
     stamp = record.stat().st_mtime_ns
     data_setup.ensure_data(params)
     assert record.stat().st_mtime_ns == stamp and capsys.readouterr().out == ""
     earlier = {k: v for k, v in made.items() if k != "recipe"} | {  # the form of an earlier record
-        "config": {"splits": tiny["splits"], "image_sizes": tiny["image_sizes"]}, "sampling": config.SYNTHETIC_SAMPLING}
+        "config": {"splits": tiny["splits"], "image_sizes": tiny["image_sizes"]}, "sampling": settings.SYNTHETIC_SAMPLING}
     record.write_text(json.dumps(earlier))
     stamp = record.stat().st_mtime_ns
     data_setup.ensure_data(params)
     assert record.stat().st_mtime_ns == stamp
-    other = config.deep_merge(params, {"data": {"synthetic": {"sampling": {"yaw_max": 60.0}}}})
+    other = settings.deep_merge(params, {"data": {"synthetic": {"sampling": {"yaw_max": 60.0}}}})
     data_setup.ensure_data(other)
     assert "made from another recipe" in capsys.readouterr().out
     assert json.loads(record.read_text())["recipe"]["sampling"]["yaw_max"] == 60.0
 
 
 def test_study_cli_reports_bad_input(tmp_path, capsys):
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
+    assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path), "--ablations", "baseline,bogus"]) == 2
     assert "unknown ablation 'bogus'" in capsys.readouterr().err
-    assert study.main(["--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
+    assert cli.main(["study", "--preset", "smoke", "--out", str(tmp_path), "--data", str(tmp_path / "none")]) == 2
     assert "not found" in capsys.readouterr().err
 
 
@@ -203,11 +206,11 @@ def test_concurrent_jobs_come_from_the_flag_else_the_preset():
 def test_runs_over_several_processes_run_one_at_a_time_here():
     """Two DDP runs at once would contend for this machine's devices and rendezvous ports; as cluster
     jobs each has its own allocation."""
-    ddp = config.deep_merge(config.run_params("cpu"), {"trainer": {"devices": 2, "strategy": "ddp"}})
+    ddp = settings.deep_merge(config.run_params("cpu"), {"trainer": {"devices": 2, "strategy": "ddp"}})
     with pytest.raises(ParamsError, match=r"jobs 2: each run of this preset trains over 2 processes"):
         plan.study_jobs(ddp)
     assert plan.study_jobs(ddp, 1) == 1 and plan.study_jobs(ddp, 4, "slurm") == 4
-    nodes = config.deep_merge(config.run_params("smoke"), {"trainer": {"num_nodes": 2}})
+    nodes = settings.deep_merge(config.run_params("smoke"), {"trainer": {"num_nodes": 2}})
     with pytest.raises(ParamsError, match="over 2 processes"):
         plan.study_jobs(nodes, 2)
 
@@ -229,7 +232,7 @@ def test_a_run_trained_with_other_params_is_moved_aside_not_resumed(tmp_path):
 
 
 def test_the_runner_keeps_a_multi_process_runs_devices_and_shares_out_its_threads():
-    ddp = config.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
+    ddp = settings.deep_merge(config.run_params("smoke"), {"trainer": {"accelerator": "cpu", "devices": 2,
                                                                      "strategy": "ddp"}})
     cpu = devices.on_device(ddp, "cpu", num_threads=2)["trainer"]
     assert (cpu["accelerator"], cpu["devices"], cpu["num_threads"]) == ("cpu", 2, 1)
@@ -499,14 +502,14 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
     """val is out of reach while training runs (any read of it fails); the run then evaluates on
     val and writes a submission for every test item; the reference predictors' prior comes from the
     fit split."""
-    from dad3dlib.evaluate import evaluate_references
+    from dad3dlib.references import evaluate_references
     from dad3dlib.flame import load_flame_assets
     from dad3dlib.synthetic_head import default_flame_dir
     from dad3dlib.model import pose_prior
     from dad3dlib.train import train
 
     params, run = _released_params(released), tmp_path / "run"
-    holdout = [i for i in _item_ids(released, "train") if data.holdout_score(i) < data.HOLDOUT_FRACTION]
+    holdout = [i for i in _item_ids(released, "train") if data.holdout_score(i) < settings.DataSettings.holdout_fraction]
     val = released / data.DATASET_DIR / "val"
     val.rename(val.with_name("val.hidden"))
     try:
@@ -527,7 +530,7 @@ def test_released_layout_selects_on_a_train_holdout_evaluates_on_val_and_submits
 
     refs = evaluate_references(params, tmp_path / "refs", names=("constant",))
     record = json.loads((tmp_path / "refs" / "references.json").read_text())
-    fit = data.open_split(params["data"], "train-fit", load_flame_assets(default_flame_dir()))
+    fit = data.open_split(settings.DataSettings.parse(params["data"]), "train-fit", load_flame_assets(default_flame_dir()))
     assert record["split"] == "val" and refs["constant"]["n_samples"] == 8
     assert record["prior"] == pose_prior(fit, params["model"]["pose_prior_samples"], params["data"]["crop_size"])
 

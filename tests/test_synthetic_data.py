@@ -18,7 +18,7 @@ from dad3dlib import synthetic_data as sd
 from dad3dlib.flame import MODEL_FILE, FlameFormatError, landmarks_from_vertices, load_flame_assets
 from dad3dlib.geometry import project
 from dad3dlib.render import silhouette
-from dad3dlib.config import SYNTHETIC_SAMPLING, synthetic_recipe
+from dad3dlib.settings import SYNTHETIC_SAMPLING, synthetic_recipe
 from dad3dlib.synthetic_head import default_flame_dir
 
 # no shoulders: the renderer's mask is then the head's whole coverage, comparable to its silhouette

@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from conftest import random_3dmm, tiny_flame_assets
 from dad3dlib.board import BOARD_DIR
-from dad3dlib.config import run_params, with_defaults
+from dad3dlib.config import run_params
+from dad3dlib.settings import Settings
 from dad3dlib.progress import read_progress
 from dad3dlib.flame import FlameLayer, fit_weak_perspective, load_flame_assets, save_flame_assets
 from dad3dlib.geometry import crop_to_image
@@ -107,25 +108,28 @@ def test_fit_weak_perspective_recovers_scale_and_translation(datasets):
 
 
 def test_params_defaults_and_unknown_keys():
-    p = with_defaults({"data": {"root": "x"}})
-    assert p["trainer"]["precision"] == "auto" and p["model"]["encoder"] == "resnet50" and p["data"]["root"] == "x"
-    with pytest.raises(ValueError, match="unknown trainer key"):
-        with_defaults({"trainer": {"max_epoch": 3}})
+    s = Settings.parse({"data": {"root": "x"}})
+    assert s.trainer.precision == "auto" and s.model.encoder == "resnet50" and s.data.root == "x"
+    assert s.to_dict()["model"]["hidden"] == 512 and Settings.parse(s.to_dict()) == s
+    with pytest.raises(ValueError, match=r"^params: unknown trainer key\(s\) \['max_epoch'\]"):
+        Settings.parse({"trainer": {"max_epoch": 3}})
+    with pytest.raises(ValueError, match=r"^mine.yaml: unknown model key\(s\) \['filters'\]"):
+        Settings.parse({"model": {"filters": 3}}, "mine.yaml")
 
 
 # --------------------------------------------------------------------------------------------
 # Gradient routing through the whole network
 # --------------------------------------------------------------------------------------------
 def test_no_gradient_reaches_landmark_head_without_2d_terms(flame_dir, datasets):
-    params = with_defaults(tiny_params(flame_dir))
+    params = tiny_params(flame_dir)
     params["loss"]["lambdas"] = {"l3d": 50.0, "l1": 0.0, "lproj": 0.05, "awing": 0.0}
-    module = DADModule(params)
+    module = DADModule(Settings.parse(params))
     batch = {k: v[:4] for k, v in datasets["train"].samples.items()}
     module.training_step(batch, 0).backward()
     assert all(p.grad is None for p in module.model.landmark_head.parameters())
     assert module.model.pose_head[-1].weight.grad.abs().sum() > 0
     params["loss"]["lambdas"] = {"l3d": 50.0, "l1": 0.0, "lproj": 0.0, "awing": 0.0}
-    module = DADModule(params)
+    module = DADModule(Settings.parse(params))
     module.training_step(batch, 0).backward()
     pose_grad = module.model.pose_head[-1].weight.grad
     assert pose_grad is None or pose_grad.abs().sum() == 0  # L_3D alone never moves the pose
@@ -184,18 +188,18 @@ def test_onecycle_schedule_warms_up_then_decays_to_zero(tmp_path, flame_dir, dat
 def test_unknown_schedule_is_refused(flame_dir):
     params = tiny_params(flame_dir)
     params["optim"]["schedule"] = "cosine_restarts"
-    with pytest.raises(ValueError, match="unknown optim.schedule 'cosine_restarts'"):
-        with_defaults(params)
+    with pytest.raises(ValueError, match="optim.schedule must be one of onecycle, plateau, got 'cosine_restarts'"):
+        Settings.parse(params)
 
 
 def test_min_epochs_reach_the_trainer(tmp_path, flame_dir):
     """The reference's official configuration trains at least 100 epochs before early stopping may end it."""
     from dad3dlib.train import build_trainer
 
-    params = with_defaults(tiny_params(flame_dir, min_epochs=4, early_stopping_patience=1))
-    trainer, _ = build_trainer(params, tmp_path)
+    settings = Settings.parse(tiny_params(flame_dir, min_epochs=4, early_stopping_patience=1))
+    trainer, _ = build_trainer(settings.trainer, tmp_path)
     assert trainer.fit_loop.min_epochs == 4
-    assert build_trainer(with_defaults(tiny_params(flame_dir)), tmp_path)[0].fit_loop.min_epochs is None
+    assert build_trainer(Settings.parse(tiny_params(flame_dir)).trainer, tmp_path)[0].fit_loop.min_epochs is None
 
 
 class AugmentedHeads(RandomHeads):

@@ -1,6 +1,7 @@
 """Figures: mesh renders in image space and from a view, plots of the report's tables, and the
 figures' caches (which follow the files they were read from)."""
 import json
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -8,6 +9,7 @@ import pytest
 
 from conftest import small_study, tiny_flame_assets
 from dad3dlib import report, viz
+from dad3dlib.settings import DataSettings
 
 
 RED, BLUE = (1.0, 0.0, 0.0), (0.0, 0.0, 1.0)
@@ -61,7 +63,7 @@ def head():
     from dad3dlib.synthetic_head import default_flame_dir
 
     layer = FlameLayer(load_flame_assets(default_flame_dir())).eval()
-    colors = np.tile(np.array(BLUE, np.float32), (layer.num_vertices, 1))
+    colors = np.tile(np.array(BLUE, np.float32), (layer.n_vertices, 1))
     colors[layer.subset("face").numpy()] = RED
     return layer, layer.faces.numpy(), colors
 
@@ -264,10 +266,10 @@ def test_flame_layer_cache_follows_the_directory_and_its_files(tmp_path):
 
     a, b = save(30, tmp_path / "a"), save(40, tmp_path / "b")
     layer = viz._layer(a)
-    assert layer.num_vertices == 30 and viz._layer(a) is layer
-    assert viz._layer(b).num_vertices == 40  # another study's FLAME directory
+    assert layer.n_vertices == 30 and viz._layer(a) is layer
+    assert viz._layer(b).n_vertices == 40  # another study's FLAME directory
     save(50, a)  # the same directory rewritten
-    assert viz._layer(a).num_vertices == 50
+    assert viz._layer(a).n_vertices == 50
     kept = viz._layer(b)
     viz.clear_caches()
     assert viz._layer(b) is not kept
@@ -280,10 +282,10 @@ def test_dataset_cache_is_keyed_by_crop_size_and_follows_the_split_file(tmp_path
     monkeypatch.setattr(data, "_cache_root", lambda: tmp_path / "cache")
     root = tmp_path / "d"
     make_data(root, {"splits": {"train": 3}, "image_sizes": [[96, 96]], "seed": 1}, workers=1)
-    section = {"root": str(root)}
-    ds = viz._dataset(str(root), "train", 64, section)
-    assert len(ds) == 3 and ds.crop_size == 64 and viz._dataset(str(root), "train", 64, section) is ds
-    assert viz._dataset(str(root), "train", 96, section).crop_size == 96
+    section = DataSettings(root=str(root), crop_size=64)
+    ds = viz._dataset(section, "train")
+    assert len(ds) == 3 and ds.crop_size == 64 and viz._dataset(section, "train") is ds
+    assert viz._dataset(replace(section, crop_size=96), "train").crop_size == 96
     split = root / data.DATASET_DIR / "train" / "train.json"
     split.write_text(json.dumps(json.loads(split.read_text())[:2]))  # the data set changed on disk
-    assert len(viz._dataset(str(root), "train", 64, section)) == 2
+    assert len(viz._dataset(section, "train")) == 2
