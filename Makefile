@@ -9,7 +9,7 @@ OUT ?= outputs/$(PRESET)
 JOBS ?=
 SEEDS ?=
 
-.PHONY: setup sysdeps test test-fast study smoke-study lab bench bench-data bench-train bench-eval bench-run clean-venv
+.PHONY: setup sysdeps test test-fast study smoke-study lab bench bench-data bench-train bench-eval bench-run bench-identity clean-venv
 
 setup: $(STAMP) sysdeps
 
@@ -56,6 +56,10 @@ bench-eval: setup
 
 bench-run: setup
 	$(PY) benchmarks/bench_run.py --preset $(PRESET)
+
+# What stops a run from learning identity (generated data; RUN=a run directory adds the network's part)
+bench-identity: setup
+	$(PY) benchmarks/identity.py --preset $(PRESET) $(if $(RUN),--run $(RUN))
 
 clean-venv:
 	rm -rf $(VENV)

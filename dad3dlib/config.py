@@ -27,7 +27,6 @@ SECTIONS = {"name", "description", "seed", "ablation", "data", "model", "loss", 
             "launcher", "hypothesis"}
 RUN_SECTIONS = SECTIONS - {"name"} | {"preset", "ablation_description"}  # a run's complete params.yaml
 ABLATION_KEYS = ("name", "description", "hypothesis", "loss")  # what an ablation file may set
-MAPPINGS = ("data", "model", "loss", "optim", "trainer", "study", "launcher")
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,10 +93,9 @@ def validate_params(params: dict, source: str) -> dict:
     (:func:`hypothesis`); refuses unknown sections and any value :meth:`Settings.parse` refuses, naming
     ``source`` (the file(s) they came from)."""
     _refuse_unknown_sections(params, source, RUN_SECTIONS)
-    for name in MAPPINGS:
-        if params.get(name) is not None and not isinstance(params[name], dict):
-            raise ParamsError(f"{source}: '{name}' must be a mapping, got {params[name]!r}")
-    if set(params.get("study") or {}) & {"make_data", "data_seed"}:
+    if params.get("launcher") is not None and not isinstance(params["launcher"], dict):  # the typed sections: parse
+        raise ParamsError(f"{source}: 'launcher' must be a mapping, got {params['launcher']!r}")
+    if isinstance(params.get("study"), dict) and set(params["study"]) & {"make_data", "data_seed"}:
         raise ParamsError(f"{source}: study.make_data and study.data_seed are now data.synthetic, the generated data "
                           "set's recipe (splits, image_sizes, seed, sampling; see params/presets/cpu.yaml)")
     settings = Settings.parse(params, source)

@@ -393,6 +393,14 @@ def item_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
+def item_scene(recipe: dict, item_id: str) -> Scene:
+    """The scene a generated item was drawn from (its identity, expression, jaw, pose, camera), drawn
+    again from its complete recipe (``settings.synthetic_recipe``) and its id ``<split>_<index>``:
+    the parameters behind the annotation, for analyses that need more than the mesh."""
+    split, index = item_id.rsplit("_", 1)
+    return sample_scene(item_rng(recipe["seed"], split, int(index)), recipe["sampling"], recipe["image_sizes"])
+
+
 class Generator:
     """Renders chunks of items; one per process (holds the FLAME layer and the GL renderers)."""
 

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import dad3dlib
@@ -54,3 +55,22 @@ def test_bench_run_times_a_whole_run_by_part(tmp_path):
 def test_now_agreement_compares_the_now_protocol_with_the_oracle(tmp_path):
     out = _bench("now_agreement.py", tmp_path, "--release", str(tmp_path / "release"), "--subjects", "1")
     assert "2 images" in out and "oracle of the official steps" in out and "same crop on every image: True" in out
+
+
+@pytest.mark.slow
+def test_identity_takes_a_run_apart_and_knows_its_known_answers(tmp_path, smoke_study):
+    """Known answers of the decomposition: more of the ground truth's identity, less error; the
+    mean head scores what the shape_blind reference does (the mean mesh at the GT pose)."""
+    run = smoke_study[0] / "runs" / "baseline_s1"
+    _bench("identity.py", tmp_path, "--run", str(run), "--noise", "0", "--out", str(tmp_path / "id.json"))
+    result = json.loads((tmp_path / "id.json").read_text())
+    parts = result["decomposition_mean_mm"]
+    assert parts["ground truth, identity components 0-99 only"] < parts["ground truth without identity"] < parts["mean head"]
+    assert result["footprint_px"]["weak-perspective residual"][0] > 0
+    (reader,) = result["landmark_reader"]
+    assert np.isfinite(reader["reader"]) and reader["noise_px"] == 0
+    shape_blind = json.loads((smoke_study[0] / "references" / "shape_blind" / "evaluation.json").read_text())
+    assert parts["mean head"] == pytest.approx(shape_blind["mean_mm"], abs=1e-4)
+    net = result["network"]
+    assert set(net["test"]["R2"]) == set(net["train"]["R2"]) and net["test"]["landmark_error_px"] > 0
+    assert net["test"]["mean_mm"]["the network's mesh"] > 0

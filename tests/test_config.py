@@ -84,6 +84,8 @@ def _run_params_file(tmp_path, edit=lambda params: None):
     (lambda p: p["loss"]["lambdas"].pop("awing"), r"loss.lambdas misses \['awing'\]"),
     (lambda p: p["loss"]["lambdas"].update(awing=float("inf")), r"lambdas.awing must be a finite number >= 0, got inf"),
     (lambda p: p.update(trainer=3), r"'trainer' must be a mapping, got 3"),
+    (lambda p: p.update(study=3), r"'study' must be a mapping, got 3"),
+    (lambda p: p.update(launcher=[1]), r"'launcher' must be a mapping, got \[1\]"),
 ])
 def test_bad_run_params_file_is_refused_naming_it(tmp_path, edit, match):
     """What ``train --params`` reads: refused at load, not later inside the loss or the optimiser."""

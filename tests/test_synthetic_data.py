@@ -59,6 +59,24 @@ def test_layout_and_schema(tiny, assets):
     assert json.loads((tiny / "make_data.json").read_text())["seed"] == 3
 
 
+def test_item_scene_draws_again_the_parameters_behind_each_annotation(tiny, assets):
+    from dad3dlib.flame import FlameLayer
+
+    layer = FlameLayer(assets).eval()
+    recipe = synthetic_recipe({**TINY, "seed": 3})
+    for split in ("train", "test"):
+        for e in json.loads((tiny / "DAD-3DHeadsDataset" / split / f"{split}.json").read_text()):
+            scene = sd.item_scene(recipe, e["item_id"])
+            ann = np.array(json.loads((tiny / e["annotation_path"]).read_text())["vertices"])
+            t = lambda a: torch.tensor(a[None], dtype=torch.float32)  # noqa: E731
+            with torch.no_grad():
+                v = layer.vertices(t(scene.shape), t(scene.expression), t(scene.jaw))[0].double().numpy()
+            assert np.abs(v - ann).max() < 1e-5  # the annotation's rounding
+            assert list(scene.size) in TINY["image_sizes"]
+    other = sd.item_scene({**recipe, "seed": 4}, e["item_id"])
+    assert not np.allclose(other.shape, scene.shape)
+
+
 def test_projection_lands_on_the_rendered_head(tiny, assets):
     """The projection formula applied to the written annotation reproduces the rendered silhouette, and
     the landmarks agree with the GL pipeline's own projection."""
