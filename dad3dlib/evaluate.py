@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from . import metrics as M
 from .config import DEFAULT_SHAPE_PROTOCOL, data_root, shape_protocol, with_defaults
-from .data import attribute_key, flame_dir, open_split, split_protocol
+from .data import attribute_key, collate, flame_dir, open_split, split_protocol
 from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
 from .flame import (ALIGN7, CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, TopologyTensors,
@@ -160,7 +160,8 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     from tqdm import tqdm
 
     topo = TopologyTensors(layer.topology)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2):
@@ -334,7 +335,8 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     dev = resolve_device(device)
     model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
     topo = TopologyTensors(layer.topology)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
     submission = {}
     for batch in tqdm(loader, desc="predict", unit="batch", disable=len(loader) < 2):
         pred = predict_batch(model, layer, batch["image"].to(dev), batch["crop_affine"].to(dev))

@@ -12,14 +12,16 @@ from __future__ import annotations
 import torch
 
 from .config import ParamsError
+from .data import DAD3DHeadsDataset, collate
 
 
 def make_loaders(datasets: dict, params: dict) -> dict[str, torch.utils.data.DataLoader]:
     """Train (shuffled by an :class:`EpochSampler` seeded from ``params["seed"]``, samples drawn
     through :class:`SeededSamples`) and val (in order, :class:`ShardSampler`) loaders, each taking
-    this process's share of the samples. Neither draws from the global torch generator."""
+    this process's share of the samples, each batch made at once (:func:`dad3dlib.data.collate`).
+    Neither draws from the global torch generator."""
     d, seed = params["data"], params["seed"]
-    common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"],
+    common = {"batch_size": d["batch_size"], "num_workers": d["num_workers"], "collate_fn": collate,
               "persistent_workers": d["num_workers"] > 0, "pin_memory": torch.cuda.is_available()}
     private = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 (worker base seeds only)
     return {"train": torch.utils.data.DataLoader(SeededSamples(datasets["train"]), drop_last=True,
@@ -110,3 +112,19 @@ class SeededSamples(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=()):
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        """The items of a batch: made together when the data set (under any ``Subset``) is a
+        :class:`dad3dlib.data.DAD3DHeadsDataset` (:meth:`~dad3dlib.data.DAD3DHeadsDataset.samples`),
+        each sample's generator drawn from its own seed as :meth:`__getitem__` would; else one by one."""
+        dataset, indices = self.dataset, [index for index, _ in items]
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset, indices = dataset.dataset, [dataset.indices[i] for i in indices]
+        if not isinstance(dataset, DAD3DHeadsDataset):
+            return [self[item] for item in items]
+        with torch.random.fork_rng(devices=()):
+            rngs = []
+            for _, seed in items:
+                torch.default_generator.manual_seed(seed)
+                rngs.append(dataset.draw())
+        return dataset.samples(indices, rngs)
