@@ -20,6 +20,7 @@ import os
 import shutil
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -127,8 +128,8 @@ def gaussian_heatmaps(points, visibility, size: int, stride: int = 4, radius: in
 
 
 def normalize_image(crop: np.ndarray) -> torch.Tensor:
-    """[S,S,3] uint8 RGB -> [3,S,S] float32, ImageNet mean/std."""
-    x = crop.transpose(2, 0, 1).astype(np.float32)
+    """[...,S,S,3] uint8 RGB -> [...,3,S,S] float32, ImageNet mean/std."""
+    x = np.moveaxis(crop, -1, -3).astype(np.float32, order="C")
     x *= _SCALE
     x -= _SHIFT
     return torch.from_numpy(x)
@@ -684,41 +685,93 @@ class DAD3DHeadsDataset(Dataset):
         v, mv, P = a["vertices"], a["model_view_matrix"], a["projection_matrix"]
         return v, mv, P, landmarks_image(v.astype(np.float64), mv, P, height, self.topology)
 
+    def draw(self) -> np.random.Generator | None:
+        """The generator of one sample's random draws (crop margins, photometric augmentation):
+        seeded by one draw from the global torch generator in training, None in evaluation."""
+        return np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        entry, S = self.index.entries[i], self.crop_size
-        rng = np.random.default_rng(int(torch.randint(0, 2**62, ()).item())) if self.train else None
-        pixels, x0, y0, width, height = self._source(i)
-        bbox = np.asarray(entry["bbox"], np.float64)
-        try:
-            A = sample_affine(bbox, (width, height), S, self.clip_bbox, rng)
-        except InputError as e:
-            raise InputValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
-        A_pixels = A.copy()
-        A_pixels[:, 2] += A[:, :2] @ [x0, y0]  # the same map from the region's pixels
-        crop = warp_crop(pixels, A_pixels, S)
-        if self.augment:
-            crop = photometric(rng, crop)
-        out = {"image": normalize_image(crop), "crop_affine": torch.tensor(A, dtype=torch.float32),
-               "bbox": torch.tensor(bbox, dtype=torch.float32), "index": torch.tensor(i, dtype=torch.int64)}
-        if not self.annotations:
-            return out
-        verts, mv, P, lmk_img = self._arrays(i, height)
-        verts_img = self._vertices_image(i, verts, mv, P, height)
-        lmk_crop = apply_affine(A, lmk_img)
-        inside_crop = ((lmk_crop > 0) & (lmk_crop < S)).all(1)
-        inside_image = ((lmk_img >= 0) & (lmk_img < [width, height])).all(1)
-        visibility = (inside_crop & inside_image).astype(np.float32)
-        vertices_crop = apply_affine(A, verts_img)
-        out.update({
-            "landmarks_2d": torch.tensor(lmk_crop, dtype=torch.float32),
-            "visibility": torch.from_numpy(visibility),
-            "heatmaps": torch.from_numpy(gaussian_heatmaps(lmk_crop, visibility, S, **HEATMAP)),
-            "vertices_crop": torch.tensor(vertices_crop, dtype=torch.float32),
-            "vertices_model": torch.tensor(verts, dtype=torch.float32),
-            "rotation": torch.tensor(flip_yz(mv), dtype=torch.float32),
-            "landmarks_2d_image": torch.tensor(lmk_img, dtype=torch.float32),
-        })
-        return out
+        return self.samples([i], [self.draw()])[0]
+
+    def __getitems__(self, indices: list[int]) -> SampleBatch:
+        """Samples ``indices`` made together (the DataLoader's batched fetch), each drawing its
+        generator in turn as :meth:`__getitem__` does."""
+        return self.samples(indices, [self.draw() for _ in indices])
+
+    def samples(self, indices: list[int], rngs: list[np.random.Generator | None]) -> SampleBatch:
+        """The samples ``indices``, sample k drawing from ``rngs[k]`` (:meth:`draw`), as one
+        :class:`SampleBatch`. Crops are cut one by one; the rest (normalisation, the crop maps of
+        the landmarks and vertices, visibility, heatmaps, the tensors) is computed for the whole
+        batch at once, elementwise or per sample as one sample alone would be: a sample is the
+        same bit for bit in a batch of any size (``tests/test_data.py``)."""
+        S, B, ix = self.crop_size, len(indices), self.index
+        crops = np.empty((B, S, S, 3), np.uint8)
+        A, bbox, size = np.empty((B, 2, 3)), np.empty((B, 4)), np.empty((B, 2), np.int64)
+        for k, (i, rng) in enumerate(zip(indices, rngs)):
+            entry = ix.entries[i]
+            pixels, x0, y0, width, height = self._source(i)
+            bbox[k], size[k] = entry["bbox"], (width, height)
+            try:
+                A[k] = sample_affine(bbox[k], (width, height), S, self.clip_bbox, rng)
+            except InputError as e:
+                raise InputValueError(f"{self.ds / self.split}: item '{entry['item_id']}': {e}") from None
+            A_pixels = A[k].copy()
+            A_pixels[:, 2] += A[k, :, :2] @ [x0, y0]  # the same map from the region's pixels
+            crops[k] = warp_crop(pixels, A_pixels, S)
+            if self.augment:
+                crops[k] = photometric(rng, crops[k])
+        out = {"image": normalize_image(crops), "crop_affine": _float32(A), "bbox": _float32(bbox),
+               "index": torch.tensor(indices, dtype=torch.int64)}
+        if self.annotations:
+            V = self.n_vertices
+            verts, verts_img = np.empty((B, V, 3), np.float32), np.empty((B, V, 2))
+            mv, lmk_img = np.empty((B, 4, 4)), np.empty((B, 68, 2))
+            for k, i in enumerate(indices):
+                verts[k], mv[k], P, lmk_img[k] = self._arrays(i, int(size[k, 1]))
+                verts_img[k] = self._vertices_image(i, verts[k], mv[k], P, int(size[k, 1]))
+            lmk_crop = apply_affine(A, lmk_img)
+            inside_crop = ((lmk_crop > 0) & (lmk_crop < S)).all(-1)
+            inside_image = ((lmk_img >= 0) & (lmk_img < size[:, None])).all(-1)
+            visibility = (inside_crop & inside_image).astype(np.float32)
+            out.update({
+                "landmarks_2d": _float32(lmk_crop),
+                "visibility": torch.from_numpy(visibility),
+                "heatmaps": torch.from_numpy(gaussian_heatmaps(lmk_crop, visibility, S, **HEATMAP)),
+                "vertices_crop": _float32(apply_affine(A, verts_img)),
+                "vertices_model": torch.from_numpy(verts),
+                "rotation": _float32(flip_yz(mv)),
+                "landmarks_2d_image": _float32(lmk_img),
+            })
+        return SampleBatch(out)
+
+
+def _float32(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(a, np.float32))
+
+
+class SampleBatch(Sequence):
+    """Samples made together (:meth:`DAD3DHeadsDataset.samples`): ``stacked`` {key: tensor [B,...]}.
+    As a sequence, sample k is the dict of each tensor's row k (views), which is what a DataLoader
+    with torch's default collate stacks again; :func:`collate` takes ``stacked`` as it is."""
+
+    def __init__(self, stacked: dict[str, torch.Tensor]):
+        self.stacked = stacked
+
+    def __len__(self) -> int:
+        return len(self.stacked["index"])
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return {key: v[k] for key, v in self.stacked.items()}
+
+
+def collate(samples) -> dict:
+    """A DataLoader's ``collate_fn`` for the data sets here: a :class:`SampleBatch`'s tensors as
+    they are (no second copy), any other list of samples by torch's default collate."""
+    if isinstance(samples, SampleBatch):
+        return samples.stacked
+    return torch.utils.data.default_collate(samples)
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from . import metrics as M
-from .data import attribute_key, flame_dir, open_split, split_protocol
+from .data import attribute_key, collate, flame_dir, open_split, split_protocol
 from .errors import InputFileNotFound, InputValueError
 from .files import atomic_write, write_json
 from .flame import ALIGN7, FlameLayer, TopologyTensors, load_flame_assets, rot6d_to_matrix, split_3dmm
@@ -157,7 +157,8 @@ def evaluate_predictor(predictor, dataset, layer: FlameLayer, batch_size: int = 
     from tqdm import tqdm
 
     topo = TopologyTensors(layer.topology)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
     rows, dists, keep = [], [], defaultdict(list)
     crop_size = None
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress or len(loader) < 2):
@@ -249,7 +250,8 @@ def predict(checkpoint: str | Path, data: str | Path, split: str, out: str | Pat
     dev = resolve_device(device)
     model, layer = model.to(dev).eval(), FlameLayer(assets).to(dev).eval()
     topo = TopologyTensors(layer.topology)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                         collate_fn=collate)
     submission = {}
     for batch in tqdm(loader, desc="predict", unit="batch", disable=len(loader) < 2):
         pred = predict_batch(model, layer, batch["image"].to(dev), batch["crop_affine"].to(dev))

@@ -10,6 +10,7 @@ Shapes: B batch, V vertices, N points of a subset, L landmarks, F faces.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 from typing import Callable
 
@@ -28,7 +29,6 @@ _MIN_TRIANGLE_AREA_MM2 = 1e-6  # pytorch3d treats smaller triangles as degenerat
 # CPU point-to-surface pruning: triangles split at these radius quantiles; the last tier (the
 # largest triangles) is bound-tested against every point, the others searched by KD-tree.
 _RADIUS_TIERS = (0.7, 0.95, 0.99)
-_TIER_NEIGHBOURS = 24
 Z_N = 5  # the n of the Z_n depth-order accuracies
 FLAME_MESH = "N_landmarks_3d on the FLAME topology"  # benchmark pseudo-key: N_landmarks_3d with N = V
 
@@ -193,23 +193,12 @@ def _pairs_sq(points: Tensor, tris: Tensor, point_ids: np.ndarray, tri_ids: np.n
 
 def _tier_pairs(tree, ids: np.ndarray, r_tier: float, points: np.ndarray, d_upper: np.ndarray,
                 slack: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(point, triangle) pairs of one radius tier: centroids within d_upper + r_tier of the point.
-    The k nearest centroids serve most points at once; the few whose ball holds more than k get
-    an exact ball query."""
-    reach = d_upper + r_tier + slack
-    k = min(_TIER_NEIGHBOURS, len(ids))
-    dist, near = tree.query(points, k=k)
-    dist, near = dist.reshape(len(points), k), near.reshape(len(points), k)
-    p_ids, j = np.nonzero(dist <= reach[:, None])
-    t_ids = ids[near[p_ids, j]]
-    crowded = np.flatnonzero(dist[:, -1] <= reach) if k < len(ids) else np.zeros(0, np.int64)
-    if len(crowded):
-        keep = ~np.isin(p_ids, crowded)
-        groups = tree.query_ball_point(points[crowded], reach[crowded])
-        counts = np.fromiter(map(len, groups), dtype=np.int64, count=len(crowded))
-        p_ids = np.concatenate([p_ids[keep], np.repeat(crowded, counts)])
-        t_ids = np.concatenate([t_ids[keep], ids[np.concatenate(groups).astype(np.int64)]])
-    return p_ids, t_ids
+    """(point, triangle) pairs of one radius tier: centroids within d_upper + r_tier of the point
+    (one KD-tree ball query per point, each with its own radius)."""
+    groups = tree.query_ball_point(points, d_upper + r_tier + slack, return_sorted=False)
+    counts = np.fromiter(map(len, groups), dtype=np.int64, count=len(points))
+    found = np.fromiter(itertools.chain.from_iterable(groups), dtype=np.int64, count=int(counts.sum()))
+    return np.repeat(np.arange(len(points)), counts), ids[found]
 
 
 def _candidate_pairs(points: Tensor, tris: Tensor) -> tuple[np.ndarray, np.ndarray]:

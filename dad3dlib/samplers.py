@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .data import DAD3DHeadsDataset, collate
 from .errors import ParamsError
 from .settings import DataSettings
 
@@ -19,8 +20,8 @@ def make_loaders(datasets: dict, d: DataSettings, seed: int) -> dict[str, torch.
     """Train (shuffled by an :class:`EpochSampler` seeded from the run's ``seed``, samples drawn
     through :class:`SeededSamples`) and val (in order, :class:`ShardSampler`) loaders of the data
     section's batch size and workers, each taking this process's share of the samples. Neither draws
-    from the global torch generator."""
-    common = {"batch_size": d.batch_size, "num_workers": d.num_workers,
+    from the global torch generator. Each batch is made at once (:func:`dad3dlib.data.collate`)."""
+    common = {"batch_size": d.batch_size, "num_workers": d.num_workers, "collate_fn": collate,
               "persistent_workers": d.num_workers > 0, "pin_memory": torch.cuda.is_available()}
     private = lambda: torch.Generator().manual_seed(seed)  # noqa: E731 (worker base seeds only)
     return {"train": torch.utils.data.DataLoader(SeededSamples(datasets["train"]), drop_last=True,
@@ -111,3 +112,19 @@ class SeededSamples(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=()):
             torch.default_generator.manual_seed(seed)
             return self.dataset[index]
+
+    def __getitems__(self, items: list[tuple[int, int]]):
+        """The items of a batch: made together when the data set (under any ``Subset``) is a
+        :class:`dad3dlib.data.DAD3DHeadsDataset` (:meth:`~dad3dlib.data.DAD3DHeadsDataset.samples`),
+        each sample's generator drawn from its own seed as :meth:`__getitem__` would; else one by one."""
+        dataset, indices = self.dataset, [index for index, _ in items]
+        while isinstance(dataset, torch.utils.data.Subset):
+            dataset, indices = dataset.dataset, [dataset.indices[i] for i in indices]
+        if not isinstance(dataset, DAD3DHeadsDataset):
+            return [self[item] for item in items]
+        with torch.random.fork_rng(devices=()):
+            rngs = []
+            for _, seed in items:
+                torch.default_generator.manual_seed(seed)
+                rngs.append(dataset.draw())
+        return dataset.samples(indices, rngs)

@@ -241,6 +241,41 @@ def test_cached_and_uncached_samples_agree(root, assets):
         torch.testing.assert_close(v, b[4][k], atol=1e-4, rtol=1e-5, msg=k)
 
 
+@pytest.mark.parametrize("kw", [{}, {"train": True, "augment": True}, {"train": True, "cache": False},
+                                {"split": "test", "annotations": False}], ids=["eval", "train", "uncached", "unlabelled"])
+def test_a_batch_made_at_once_is_its_samples_made_one_by_one(root, assets, kw):
+    """The DataLoader's batched fetch (``__getitems__``, then :func:`data.collate`) gives bit for
+    bit what one sample at a time and torch's default collate give: same draws, same tensors,
+    contiguous; and the default collate takes a batch made at once as well."""
+    ds, order = dataset(root, assets, **kw), [1, 0, 1] if kw.get("split") == "test" else [4, 0, 5, 2]
+    torch.manual_seed(3)
+    batch = data.collate(ds.__getitems__(order))
+    torch.manual_seed(3)
+    one_by_one = torch.utils.data.default_collate([ds[i] for i in order])
+    torch.manual_seed(3)
+    default = torch.utils.data.default_collate(ds.__getitems__(order))
+    assert set(batch) == set(one_by_one) == set(default)
+    for k, v in one_by_one.items():
+        for b in (batch[k], default[k]):
+            assert b.dtype == v.dtype and b.is_contiguous() and torch.equal(b, v), k
+
+
+def test_seeded_samples_make_a_batch_at_once_as_one_by_one(root, assets):
+    """:class:`samplers.SeededSamples`'s batched fetch, also through a ``Subset`` (``train-fit``):
+    each sample drawn from its own seed, as one at a time."""
+    from dad3dlib.samplers import SeededSamples
+
+    ds = dataset(root, assets, train=True, augment=True)
+    items = [(3, 11), (0, 7), (3, 12), (1, 2 ** 61)]
+    for wrapped in (ds, torch.utils.data.Subset(ds, [5, 4, 3, 2, 1, 0])):
+        seeded = SeededSamples(wrapped)
+        batch = data.collate(seeded.__getitems__(items))
+        one_by_one = torch.utils.data.default_collate([seeded[item] for item in items])
+        for k, v in one_by_one.items():
+            assert torch.equal(batch[k], v), k
+    assert not torch.equal(batch["image"][0], batch["image"][2])  # item 3 drawn from two seeds
+
+
 def _missing_image(root, e):
     (root / e["img_path"]).unlink()
 
