@@ -193,6 +193,18 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(root, assets):
     assert [p.name for p in caches()] != [first.name] and len(caches()) == 1
 
 
+def test_a_data_set_reached_through_a_link_shares_its_cache(root, assets, tmp_path):
+    """Two spellings of one data set (a checkout's outputs/ linked to another's) read one cache
+    instead of rebuilding and replacing each other's."""
+    link = tmp_path / "linked"
+    link.symlink_to(root, target_is_directory=True)
+    cache = tmp_path / "cache"
+    dataset(root, assets, cache_dir=cache)
+    first = sorted(p.name for p in cache.iterdir())
+    dataset(link, assets, cache_dir=cache)
+    assert sorted(p.name for p in cache.iterdir()) == first and len(first) == 2  # the cache and its lock
+
+
 BUILD_CACHE = """
 import sys, time
 from pathlib import Path
