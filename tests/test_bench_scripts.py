@@ -69,7 +69,7 @@ def test_identity_takes_a_run_apart_and_knows_its_known_answers(tmp_path, smoke_
     assert result["footprint_px"]["weak-perspective residual"][0] > 0
     (reader,) = result["landmark_reader"]
     assert np.isfinite(reader["reader"]) and reader["noise_px"] == 0
-    shape_blind = json.loads((smoke_study[0] / "references" / "shape_blind" / "evaluation.json").read_text())
+    shape_blind = json.loads((smoke_study[0] / "references" / "shape_blind" / "metrics.json").read_text())
     assert parts["mean head"] == pytest.approx(shape_blind["mean_mm"], abs=1e-4)
     net = result["network"]
     assert set(net["test"]["R2"]) == set(net["train"]["R2"]) and net["test"]["landmark_error_px"] > 0
