@@ -207,6 +207,23 @@ class ProgressFile(Callback):
             self._write(trainer)
 
 
+class LastStep(ModelCheckpoint):
+    """``last.ckpt``: the top-1 checkpoint by step, written after every validation (and every
+    ``checkpoint_every_n_steps`` steps), unlike ``save_last``, which only follows saved top-k files;
+    and at the end of training when the last step came after the last validation (a run whose
+    epochs are not a multiple of ``check_val_every_n_epoch``, or stopped by ``max_time``), so that
+    the one-cycle result, the last step, is always the one evaluated."""
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int | None):
+        super().__init__(dirpath=dirpath, filename="last", monitor="step", mode="max", save_top_k=1,
+                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        saved = self.best_model_score  # the step of last.ckpt, None before the first
+        if trainer.global_step and (saved is None or int(saved) < trainer.global_step):
+            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+
+
 def build_trainer(t: TrainerSettings, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
     """Lightning Trainer of the trainer section; returns it and the best-checkpoint callback."""
     gpu = _on_gpu(t)
@@ -214,10 +231,7 @@ def build_trainer(t: TrainerSettings, out_dir: Path, callbacks=()) -> tuple[L.Tr
     ckpt_dir = out_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=MONITOR, mode="min", save_top_k=1,
                            enable_version_counter=False)
-    # "last.ckpt" = the top-1 checkpoint by step: written after every validation (and every
-    # checkpoint_every_n_steps steps), unlike save_last, which only follows saved top-k files.
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor="step", mode="max", save_top_k=1,
-                           every_n_train_steps=t.checkpoint_every_n_steps, enable_version_counter=False)
+    last = LastStep(ckpt_dir, t.checkpoint_every_n_steps)
     cbs = [best, last, LearningRateMonitor("step"), ProgressFile(out_dir), *callbacks]
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=max(1, t.log_every_n_steps)))

@@ -332,6 +332,18 @@ def test_full_disk_names_the_checkpoint_and_keeps_the_previous(tmp_path, flame_d
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before  # whole, and no temporary file left
 
 
+def test_the_last_step_is_checkpointed_when_it_comes_after_the_last_validation(tmp_path, flame_dir, datasets):
+    """4 steps an epoch, validation every 2nd epoch, 12 steps: the last validation is at step 8, and
+    the one-cycle run is evaluated on step 12."""
+    params = tiny_params(flame_dir, max_steps=12, check_val_every_n_epoch=2)
+    params["optim"]["schedule"] = "onecycle"
+    chosen = train(params, tmp_path, datasets)
+    assert chosen.name == "last.ckpt"
+    assert torch.load(chosen, weights_only=True)["global_step"] == 12
+    assert json.loads((tmp_path / "training.json").read_text())["checkpoint"]["step"] == 12
+    assert read_metrics(tmp_path)["val/nme"].notna().sum() == 1  # validated at step 8 only
+
+
 def test_resuming_with_another_network_or_loss_is_refused(tmp_path, flame_dir, datasets):
     train(tiny_params(flame_dir, max_steps=2), tmp_path, datasets)
     other = tiny_params(flame_dir, max_steps=4)
