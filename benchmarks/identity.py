@@ -285,8 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="JSON results (default outputs/bench/identity_<preset>.json)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    params = load_params(Path(args.run) / "params.yaml") if args.run else run_params(args.preset)
-    ensure_data(params)
+    if args.run:  # a run's data set as it was trained on: never generated again here
+        params = load_params(Path(args.run) / "params.yaml")
+    else:
+        params = run_params(args.preset)
+        ensure_data(params)
     settings = Settings.parse(params)
     if not settings.data.synthetic:
         raise SystemExit("error: identity.py needs a generated data set (data.synthetic): the scenes are drawn again")
