@@ -41,9 +41,11 @@ from dad3dlib.data_setup import ensure_data  # noqa: E402
 from dad3dlib.evaluate import evaluate_predictor, mesh_views  # noqa: E402
 from dad3dlib.files import atomic_write  # noqa: E402
 from dad3dlib.flame import (CANONICAL_Z_OFFSET, N_EXPR, N_SHAPE, FlameLayer, fit_weak_perspective,  # noqa: E402
-                            load_flame_assets, matrix_to_rot6d, pack_3dmm, rot6d_to_matrix,
-                            split_3dmm)
+                            load_flame_assets, rot6d_to_matrix, split_3dmm)
+from dad3dlib.geometry import vertex_normals  # noqa: E402
+from dad3dlib.metrics import similarity_align  # noqa: E402
 from dad3dlib.model import load_model  # noqa: E402
+from dad3dlib.references import at_gt_pose  # noqa: E402
 from dad3dlib.settings import Settings  # noqa: E402
 from dad3dlib.synthetic_data import item_scene  # noqa: E402
 
@@ -75,21 +77,12 @@ class Items:
         return torch.cat([b[key] for b in self.batches])
 
 
-def at_gt_pose(layer: FlameLayer, batch: dict, shape: Tensor, expression: Tensor, jaw: Tensor) -> dict:
-    """predict_batch's dict for a mesh of these parameters under the ground truth's rotation and its
-    best weak perspective (as the camera_floor reference)."""
-    verts, R, S = batch["vertices_model"].float(), batch["rotation"].float(), batch["image"].shape[-1]
-    s, t = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), S)
-    params = pack_3dmm(shape, expression, jaw, matrix_to_rot6d(R), torch.cat([t, t.new_zeros(len(t), 1)], -1),
-                       (s - 1)[:, None])
-    return mesh_views(layer, params, S, batch["crop_affine"].float())
-
-
 def mean_mm(items: Items, layer: FlameLayer, values: dict[str, np.ndarray]) -> float:
     """The test items' mean of mean mm for meshes of ``values`` {part: [N,k]} at the GT pose."""
     def predictor(batch):
         i = batch["index"].numpy()
-        return at_gt_pose(layer, batch, *(torch.from_numpy(values[p][i]) for p in PARTS))
+        params = at_gt_pose(batch, *(torch.from_numpy(values[p][i]) for p in PARTS))
+        return mesh_views(layer, params, batch["image"].shape[-1], batch["crop_affine"].float())
     df, _, _ = evaluate_predictor(predictor, items.dataset, layer, batch_size=100, progress=False)
     return float(df["mean_mm"].mean())
 
@@ -118,25 +111,7 @@ def decomposition(items: Items, layer: FlameLayer) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 # 2. The image footprint of each part
 # --------------------------------------------------------------------------------------------
-def vertex_normals(v: Tensor, faces: Tensor) -> Tensor:
-    """v [B,V,3], faces [F,3] -> unit normals [B,V,3] (area-weighted face normals summed)."""
-    f = v[:, faces]
-    n = torch.cross(f[:, :, 1] - f[:, :, 0], f[:, :, 2] - f[:, :, 0], dim=-1)
-    return torch.nn.functional.normalize(torch.zeros_like(v).index_add_(1, faces.reshape(-1), n.repeat_interleave(3, 1)), dim=-1)
-
-
-def similarity_2d(a: Tensor, b: Tensor) -> Tensor:
-    """a mapped onto b by the least-squares 2D similarity (no reflection). a, b [B,N,2] -> [B,N,2]"""
-    ac, bc = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
-    U, S, Vt = torch.linalg.svd(ac.transpose(1, 2) @ bc)
-    d = torch.sign(torch.det(Vt.transpose(1, 2) @ U.transpose(1, 2)))
-    D = torch.stack([torch.ones_like(d), d], -1)
-    R = Vt.transpose(1, 2) @ torch.diag_embed(D) @ U.transpose(1, 2)
-    s = (S * D).sum(-1) / ac.square().sum((1, 2))
-    return s[:, None, None] * ac @ R.transpose(1, 2) + b.mean(1, keepdim=True)
-
-
-def footprint(items: Items, layer: FlameLayer, faces: Tensor, face_ids: Tensor) -> dict[str, list[float]]:
+def footprint(items: Items, layer: FlameLayer, faces: np.ndarray, face_ids: Tensor) -> dict[str, list[float]]:
     """Per part, the median [10th, 90th percentile] over the items of the RMS displacement (crop px)
     of the visible face vertices when the part is set to its mean, at the GT pose; and the
     weak-perspective residual (the true projection against the GT mesh's best weak perspective)."""
@@ -156,10 +131,11 @@ def footprint(items: Items, layer: FlameLayer, faces: Tensor, face_ids: Tensor) 
             xy = ((v + v.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ R.transpose(1, 2))[..., :2]
             return ((xy * s[:, None, None] + tr[:, None]) + 1) * S / 2
 
-        seen = ((vertex_normals(v_gt, faces) @ R.transpose(1, 2))[..., 2] > 0.1)[:, face_ids].float()
+        normals = torch.from_numpy(np.stack([vertex_normals(v, faces) for v in v_gt.numpy()]))
+        seen = ((normals @ R.transpose(1, 2))[..., 2] > 0.1)[:, face_ids].float()
 
         def rms(a, b):
-            return ((a - similarity_2d(b, a)).square().sum(-1).mul(seen).sum(1) / seen.sum(1)).sqrt()
+            return ((a - similarity_align(b, b, a)).square().sum(-1).mul(seen).sum(1) / seen.sum(1)).sqrt()
 
         p_gt = project(v_gt)[:, face_ids]
         out["weak-perspective residual"] += rms(batch["vertices_crop"].float()[:, face_ids], p_gt).tolist()
@@ -295,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: identity.py needs a generated data set (data.synthetic): the scenes are drawn again")
     assets = load_flame_assets(flame_dir(settings.data))
     layer = FlameLayer(assets).eval()
-    faces = torch.as_tensor(assets.model.faces.astype(np.int64))
+    faces = np.asarray(assets.model.faces)
     face_ids = torch.as_tensor(assets.topology.subsets["face"])
     test = Items(settings, "test", assets, args.test_items)
     train = Items(settings, "train", assets, args.train_items)

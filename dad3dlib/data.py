@@ -356,15 +356,13 @@ def _files(ds: Path, split: str, entries: list[dict], annotations: bool) -> list
 
 
 def _cache_key(split_file: Path, files, topology: FlameTopology, annotations: bool) -> str:
-    """The cache of a split's files: their resolved paths, sizes and modification times, and the
-    topology. Paths are hashed with the data set's directory resolved, so that two spellings of one
-    data set (through a symbolic link) share a cache instead of replacing each other's."""
+    """The cache of a split's files: the split file's resolved path; each file's path within the
+    data set, size and modification time; the topology. Two spellings of one data set (through a
+    symbolic link) share a cache instead of replacing each other's."""
     ds = split_file.parent.parent
-    written, resolved = str(ds), str(ds.resolve())
     h = hashlib.sha1(f"v{CACHE_VERSION} {annotations} {split_file.resolve()}".encode())
     for p in [split_file] + [p for pair in files for p in pair if p is not None]:
-        name = str(p)
-        name = resolved + name[len(written):] if name.startswith(written) else name
+        name = p.relative_to(ds) if p.is_relative_to(ds) else p
         try:
             st = p.stat()
             h.update(f"{name}:{st.st_size}:{st.st_mtime_ns};".encode())

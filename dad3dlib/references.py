@@ -44,6 +44,19 @@ REFERENCES = {
 }
 
 
+def at_gt_pose(batch: dict[str, Tensor], shape: Tensor, expression: Tensor, jaw: Tensor) -> Tensor:
+    """The 3DMM vector of these shape, expression and jaw coefficients under the ground truth's
+    rotation and its best weak-perspective scale and translation (:func:`flame.fit_weak_perspective`).
+
+    batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], image [B,3,S,S] (for S);
+    shape [B,300], expression [B,100], jaw [B,3] -> [B,413]
+    """
+    verts, R = batch["vertices_model"].float(), batch["rotation"].float()
+    scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), batch["image"].shape[-1])
+    return pack_3dmm(shape, expression, jaw, matrix_to_rot6d(R), torch.cat([trans, trans.new_zeros(len(trans), 1)], -1),
+                     (scale - 1)[:, None])
+
+
 def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer, prior: dict) -> dict[str, Tensor]:
     """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
 
@@ -54,16 +67,14 @@ def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer,
     reference = REFERENCES[name]
     verts = batch["vertices_model"].float()
     B, S = len(verts), batch["image"].shape[-1]
+    zeros = verts.new_zeros
+    mean = zeros(B, N_SHAPE), zeros(B, N_EXPR), zeros(B, N_JAW)
     if reference.gt_pose:
-        R = batch["rotation"].float()
-        scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), S)
-        rot6d = matrix_to_rot6d(R)
+        params = at_gt_pose(batch, *mean)
     else:
         rot6d = torch.tensor(FRONTAL_ROT6D).expand(B, 6)
         scale, trans = torch.full((B,), float(prior["scale"])), torch.tensor([prior["tx"], prior["ty"]]).expand(B, 2)
-    zeros = verts.new_zeros
-    params = pack_3dmm(zeros(B, N_SHAPE), zeros(B, N_EXPR), zeros(B, N_JAW), rot6d,
-                       torch.cat([trans, zeros(B, 1)], -1), (scale - 1)[:, None])
+        params = pack_3dmm(*mean, rot6d, torch.cat([trans, zeros(B, 1)], -1), (scale - 1)[:, None])
     canonical = verts + verts.new_tensor([0.0, 0.0, CANONICAL_Z_OFFSET]) if reference.gt_mesh else None
     return mesh_views(layer, params, S, batch["crop_affine"].float(), canonical)
 
