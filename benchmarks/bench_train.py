@@ -4,8 +4,11 @@
                                      [--flame DIR] [--out FILE]
 
 For each configuration: training images/s of a full step (network forward, FLAME canonical +
-reprojection, the four losses, backward, Adam), and per batch the time of the FLAME layer
-(forward + backward) and of the losses (forward + backward), all together and each term alone. A configuration takes the model/data
+reprojection, the four losses, backward, Adam), and per batch the time of the network alone
+(forward + backward, with its floating-point work and the GFLOP/s it attains beside a plain
+matrix product's in the same precision: how far a faster implementation could take it), of the
+FLAME layer (forward + backward) and of the losses (forward + backward), all together and each
+term alone. A configuration takes the model/data
 sections of ``params/presets/<name>.yaml`` (``paper``: the reference network and recipe); ``cpu``
 has a built-in fallback. ``--precision auto`` is what training uses: the network in bf16
 autocast on a GPU and on a CPU with native bfloat16 (FLAME and losses in fp32), channels-last
@@ -121,6 +124,29 @@ def _timed(fn, device, repeats: int) -> tuple[float, float]:
     return (time.perf_counter() - t) / repeats, (time.process_time() - c) / repeats
 
 
+def gemm_gflops(device, bf16: bool, n: int = 1024, repeats: int = 10) -> float:
+    """What one matrix product of the precision the network runs in attains here (GFLOP/s): the
+    ceiling to read the network's own throughput against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    sec = _timed(lambda: a @ a, device, repeats)[0]
+    return 2 * n**3 / sec / 1e9
+
+
+def network_row(fwd_bwd, device, repeats: int, bf16: bool) -> dict:
+    """The network alone (forward and backward, no FLAME, losses or optimizer): its time per batch,
+    its floating-point work (``torch.utils.flop_counter``: convolutions and matrix products) and the
+    rate it attains, beside a plain matrix product's."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fwd_bwd()
+    sec = _timed(fwd_bwd, device, repeats)[0]
+    flops = counter.get_total_flops()
+    return {"network_ms_per_batch": round(1000 * sec, 2), "network_gflop_per_batch": round(flops / 1e9, 2),
+            "network_gflops": round(flops / sec / 1e9, 1), "gemm_gflops": round(gemm_gflops(device, bf16), 1)}
+
+
 def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, batch: int | None,
                  warmup: int, bf16: bool) -> dict:
     B, S = batch or cfg["data"]["batch_size"], cfg["data"]["crop_size"]
@@ -146,6 +172,11 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
 
     params0 = torch.zeros(B, 413, device=device)
     params0[:, 403:413] = torch.tensor([1.0, 0, 0, 0, -1, 0, 0, 0, 0, 7.0])
+
+    def network_fwd_bwd():
+        with amp:
+            out = model(image)
+        sum(v.float().mean() for v in out.values() if torch.is_tensor(v)).backward()
 
     def flame_fwd_bwd():
         p = params0.clone().requires_grad_()
@@ -186,6 +217,7 @@ def bench_config(name: str, cfg: dict, flame: FlameLayer, device, steps: int, ba
            "precision": "bf16-mixed" if bf16 else "32-true", "channels_last": True,
            "images_per_s": round(B / sec_step, 2), "ms_per_step": round(1000 * sec_step, 1),
            "cpu_core_s_per_step": round(cpu_step, 2),  # shows how much of the wall time was ours
+           **network_row(network_fwd_bwd, device, max(3, steps // 2), bf16),
            "flame_ms_per_batch": round(1000 * _timed(flame_fwd_bwd, device, max(3, steps // 2))[0], 2),
            "loss_ms_per_batch": round(1000 * _timed(loss_fwd_bwd, device, max(3, steps // 2))[0], 2),
            "term_ms_per_batch": {k: round(1000 * _timed(term_fwd_bwd(k), device, max(3, steps // 2))[0], 2)

@@ -221,7 +221,7 @@ class LastStep(ModelCheckpoint):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         saved = self.best_model_score  # the step of last.ckpt, None before the first
         if trainer.global_step and (saved is None or int(saved) < trainer.global_step):
-            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt")
+            trainer.save_checkpoint(Path(self.dirpath) / "last.ckpt", weights_only=self.save_weights_only)
 
 
 def build_trainer(t: TrainerSettings, out_dir: Path, callbacks=()) -> tuple[L.Trainer, ModelCheckpoint]:
