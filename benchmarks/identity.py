@@ -6,8 +6,8 @@
 
 Generated data only: every item's scene (identity β, expression ψ, jaw) is drawn again from its
 recipe (``synthetic_data.item_scene``). Everything is scored on the test split with the study's
-metrics, at the ground-truth rotation and best weak perspective (as the ``camera_floor`` reference),
-so that only the mesh differs. Prints and saves (default outputs/bench/identity_<preset>.json):
+metrics, at the ground-truth rotation as the crop shows it and its best weak perspective (as the
+``camera_floor`` reference), so that only the mesh differs. Prints and saves (default outputs/bench/identity_<preset>.json):
 
 1. **What each part of the mesh is worth**: the mean mm of the mean head, of the ground truth
    without identity (the best a network that learns no identity can score), with only its first k
