@@ -6,8 +6,8 @@
 
 Generated data only: every item's scene (identity β, expression ψ, jaw) is drawn again from its
 recipe (``synthetic_data.item_scene``). Everything is scored on the test split with the study's
-metrics, at the ground-truth rotation and best weak perspective (as the ``camera_floor`` reference),
-so that only the mesh differs. Prints and saves (default outputs/bench/identity_<preset>.json):
+metrics, at the ground-truth rotation as the crop shows it and its best weak perspective (as the
+``camera_floor`` reference), so that only the mesh differs. Prints and saves (default outputs/bench/identity_<preset>.json):
 
 1. **What each part of the mesh is worth**: the mean mm of the mean head, of the ground truth
    without identity (the best a network that learns no identity can score), with only its first k
@@ -42,7 +42,7 @@ from dad3dlib.evaluate import evaluate_predictor, mesh_views  # noqa: E402
 from dad3dlib.files import atomic_write  # noqa: E402
 from dad3dlib.flame import (CANONICAL_Z_OFFSET, N_EXPR, N_SHAPE, FlameLayer, fit_weak_perspective,  # noqa: E402
                             load_flame_assets, rot6d_to_matrix, split_3dmm)
-from dad3dlib.geometry import vertex_normals  # noqa: E402
+from dad3dlib.geometry import apparent_rotation, vertex_normals  # noqa: E402
 from dad3dlib.metrics import similarity_align  # noqa: E402
 from dad3dlib.model import load_model  # noqa: E402
 from dad3dlib.references import at_gt_pose  # noqa: E402
@@ -113,8 +113,9 @@ def decomposition(items: Items, layer: FlameLayer) -> dict[str, float]:
 # --------------------------------------------------------------------------------------------
 def footprint(items: Items, layer: FlameLayer, faces: np.ndarray, face_ids: Tensor) -> dict[str, list[float]]:
     """Per part, the median [10th, 90th percentile] over the items of the RMS displacement (crop px)
-    of the visible face vertices when the part is set to its mean, at the GT pose; and the
-    weak-perspective residual (the true projection against the GT mesh's best weak perspective)."""
+    of the visible face vertices when the part is set to its mean, at the GT pose as the crop shows it
+    (:func:`geometry.apparent_rotation`); and the weak-perspective residual (the true projection
+    against the GT mesh's best weak perspective)."""
     t = items.truth
     drop = {"identity": dict(shape=None), "identity components 0-9": "shape:0:10",
             "identity components 10-22": "shape:10:23", "identity components 23-299": "shape:23:300",
@@ -123,7 +124,7 @@ def footprint(items: Items, layer: FlameLayer, faces: np.ndarray, face_ids: Tens
     for batch in items.batches:
         i = batch["index"].numpy()
         gt = {p: torch.from_numpy(t[p][i]) for p in PARTS}
-        R, S = batch["rotation"].float(), batch["image"].shape[-1]
+        R, S = apparent_rotation(batch["rotation"].float(), batch["view_ray"].float()), batch["image"].shape[-1]
         v_gt = layer.vertices(gt["shape"], gt["expression"], gt["jaw"])
         s, tr = fit_weak_perspective(v_gt, R, batch["vertices_crop"].float(), S)
 

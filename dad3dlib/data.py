@@ -35,7 +35,7 @@ from .config import data_root
 from .errors import InputError, InputFileNotFound, InputValueError
 from .files import exclusive_lock
 from .flame import MODEL_FILE, FlameAssets, FlameTopology, landmarks_image
-from .geometry import apply_affine, flip_yz, project
+from .geometry import apply_affine, flip_yz, project, viewing_ray
 from .settings import DataSettings
 
 log = logging.getLogger(__name__)
@@ -730,9 +730,10 @@ class DAD3DHeadsDataset(Dataset):
         if self.annotations:
             V = self.n_vertices
             verts, verts_img = np.empty((B, V, 3), np.float32), np.empty((B, V, 2))
-            mv, lmk_img = np.empty((B, 4, 4)), np.empty((B, 68, 2))
+            mv, lmk_img, rays = np.empty((B, 4, 4)), np.empty((B, 68, 2)), np.empty((B, 3))
             for k, i in enumerate(indices):
                 verts[k], mv[k], P, lmk_img[k] = self._arrays(i, int(size[k, 1]))
+                rays[k] = viewing_ray(verts[k], mv[k], P)
                 verts_img[k] = self._vertices_image(i, verts[k], mv[k], P, int(size[k, 1]))
             lmk_crop = apply_affine(A, lmk_img)
             inside_crop = ((lmk_crop > 0) & (lmk_crop < S)).all(-1)
@@ -745,6 +746,7 @@ class DAD3DHeadsDataset(Dataset):
                 "vertices_crop": _float32(apply_affine(A, verts_img)),
                 "vertices_model": torch.from_numpy(verts),
                 "rotation": _float32(flip_yz(mv)),
+                "view_ray": _float32(rays),
                 "landmarks_2d_image": _float32(lmk_img),
             })
         return SampleBatch(out)

@@ -66,6 +66,36 @@ def orthographic_projection(cx: float, cy: float, near: float, far: float) -> np
                      [0.0, 0.0, 0.0, 1.0]])
 
 
+def viewing_ray(vertices: np.ndarray, mv: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """The unit direction from the camera's centre to the centroid of ``vertices`` [N,3] (model
+    space), in the axes of the GT rotation (:func:`flip_yz`: x right, y down, z away from the
+    camera, so that the optical axis is (0, 0, 1)) -> [3]. The centre is the null vector of ``p``'s
+    rows x, y, w (the origin for :func:`perspective_projection`); an orthographic ``p`` has it at
+    infinity and every ray along the optical axis. numpy, float64."""
+    centre = np.linalg.svd(np.asarray(p, np.float64)[[0, 1, 3]])[2][-1]  # [4] homogeneous, eye space
+    if abs(centre[3]) < 1e-9 * np.linalg.norm(centre[:3]):
+        ray = centre[:3]
+    else:
+        ray = mv[:3, :3] @ np.asarray(vertices, np.float64).mean(0) + mv[:3, 3] - centre[:3] / centre[3]
+    ray = ray * np.asarray(FLIP_YZ)
+    return ray / np.linalg.norm(ray) * np.sign(ray[2])
+
+
+def apparent_rotation(rotation: Tensor, ray: Tensor) -> Tensor:
+    """The rotation a crop shows: ``rotation`` [B,3,3] (camera axes, :func:`flip_yz`) as seen by a
+    camera turned, by the shortest arc, from the optical axis to look along ``ray`` [B,3] (unit,
+    :func:`viewing_ray`) -> [B,3,3]. A crop cut around a head off the optical axis is such a turned
+    camera's view, up to the small distortion of the turn, so a network that sees only the crop
+    sees this rotation, not ``rotation``; they differ by the angle between ``ray`` and the axis."""
+    from pytorch3d.transforms import axis_angle_to_matrix
+
+    axis = torch.cross(ray.new_tensor([0.0, 0.0, 1.0]).expand_as(ray), ray, dim=-1)  # |axis| = sin
+    sin, cos = axis.norm(dim=-1, keepdim=True), ray[..., 2:]
+    angle = torch.atan2(sin, cos)
+    turn = axis_angle_to_matrix(axis * torch.where(sin > 1e-12, angle / sin.clamp_min(1e-12), 1.0))
+    return turn.transpose(-1, -2) @ rotation
+
+
 def apply_affine(A, points):
     """Image -> crop pixels (or any 2D affine map). A [...,2,3], points [...,N,2] -> [...,N,2]
     (numpy or torch)."""

@@ -17,7 +17,7 @@ from .evaluate import evaluate_predictor, mesh_views, split_dataset
 from .files import atomic_write, write_json
 from .flame import (CANONICAL_Z_OFFSET, N_EXPR, N_JAW, N_SHAPE, FlameLayer, fit_weak_perspective, matrix_to_rot6d,
                     pack_3dmm)
-from .geometry import FRONTAL_ROT6D
+from .geometry import FRONTAL_ROT6D, apparent_rotation
 from .model import pose_prior
 from .settings import ModelSettings, Settings, StudySettings
 
@@ -26,32 +26,36 @@ from .settings import ModelSettings, Settings, StudySettings
 class Reference:
     """A reference predictor: what of the ground truth it is given, and what it stands for."""
     gt_mesh: bool     # the ground-truth mesh (shape, expression, jaw); else the mean head
-    gt_pose: bool     # the ground-truth rotation and its best weak perspective; else the constant pose
+    gt_pose: bool     # the ground-truth rotation as the crop shows it, its best weak perspective; else the constant pose
     description: str  # one sentence for the report
 
 
 REFERENCES = {
     "constant": Reference(False, False, "the mean head (zero shape, expression and jaw), frontal, at the training "
                           "split's median scale and position: what a network that ignores the image scores"),
-    "shape_blind": Reference(False, True, "the mean head under the ground-truth rotation and the best "
-                             "weak-perspective scale and translation of the ground truth: perfect pose, no "
-                             "knowledge of shape"),
+    "shape_blind": Reference(False, True, "the mean head under the rotation the crop shows and its best "
+                             "weak-perspective scale and translation: perfect pose, no knowledge of shape"),
     "pose_blind": Reference(True, False, "the ground-truth mesh (shape, expression, jaw) at the constant "
                             "predictor's pose: perfect shape, no knowledge of pose"),
-    "camera_floor": Reference(True, True, "the ground-truth mesh under the ground-truth rotation and its best "
-                              "weak-perspective scale and translation: what a perfect network scores under "
-                              "DAD-3DNet's camera model"),
+    "camera_floor": Reference(True, True, "the ground-truth mesh under the rotation the crop shows (the ground "
+                              "truth's, seen along the head's viewing ray) and its best weak-perspective scale and "
+                              "translation: what a perfect network scores under DAD-3DNet's camera model from the "
+                              "crop alone; its angle error is the viewing ray's angle to the optical axis, which "
+                              "no crop shows"),
 }
 
 
 def at_gt_pose(batch: dict[str, Tensor], shape: Tensor, expression: Tensor, jaw: Tensor) -> Tensor:
     """The 3DMM vector of these shape, expression and jaw coefficients under the ground truth's
-    rotation and its best weak-perspective scale and translation (:func:`flame.fit_weak_perspective`).
+    rotation as the crop shows it (:func:`geometry.apparent_rotation`: a crop cannot show the angle
+    of the head's viewing ray) and its best weak-perspective scale and translation
+    (:func:`flame.fit_weak_perspective`).
 
-    batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], image [B,3,S,S] (for S);
-    shape [B,300], expression [B,100], jaw [B,3] -> [B,413]
+    batch: vertices_model [B,V,3], rotation [B,3,3], view_ray [B,3], vertices_crop [B,V,2],
+    image [B,3,S,S] (for S); shape [B,300], expression [B,100], jaw [B,3] -> [B,413]
     """
-    verts, R = batch["vertices_model"].float(), batch["rotation"].float()
+    verts = batch["vertices_model"].float()
+    R = apparent_rotation(batch["rotation"].float(), batch["view_ray"].float())
     scale, trans = fit_weak_perspective(verts, R, batch["vertices_crop"].float(), batch["image"].shape[-1])
     return pack_3dmm(shape, expression, jaw, matrix_to_rot6d(R), torch.cat([trans, trans.new_zeros(len(trans), 1)], -1),
                      (scale - 1)[:, None])
@@ -60,8 +64,8 @@ def at_gt_pose(batch: dict[str, Tensor], shape: Tensor, expression: Tensor, jaw:
 def reference_prediction(name: str, batch: dict[str, Tensor], layer: FlameLayer, prior: dict) -> dict[str, Tensor]:
     """The prediction of reference predictor ``name`` (:data:`REFERENCES`) for a batch.
 
-    batch: vertices_model [B,V,3], rotation [B,3,3], vertices_crop [B,V,2], crop_affine [B,2,3],
-    image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
+    batch: vertices_model [B,V,3], rotation [B,3,3], view_ray [B,3], vertices_crop [B,V,2],
+    crop_affine [B,2,3], image [B,3,S,S] (for S); prior: {"scale", "tx", "ty"} (:func:`model.pose_prior`)
     -> predict_batch's dict
     """
     reference = REFERENCES[name]
@@ -123,7 +127,8 @@ def ensure_references(params: dict, study_dir: Path) -> Path:
     protocol = settings.study.shape_protocol  # counted when not the default, so earlier studies keep their references
     key = {"data": training_fingerprint({"data": params["data"]}), "split": split, "pose_prior_samples":
            (params.get("model") or {}).get("pose_prior_samples"),  # as given: the key of earlier studies
-           **({"shape_protocol": protocol} if protocol != StudySettings.shape_protocol else {})}
+           **({"shape_protocol": protocol} if protocol != StudySettings.shape_protocol else {}),
+           "pose": "apparent"}  # since the references' pose is the rotation the crop shows: measured again
     try:
         if json.loads((out / "references.json").read_text()).get("key") == key:
             return out

@@ -22,7 +22,7 @@ from dad3dlib.synthetic_data import make_data
 
 S = 96
 KEYS = {"image", "landmarks_2d", "visibility", "heatmaps", "vertices_crop", "vertices_model", "rotation",
-        "crop_affine", "bbox", "landmarks_2d_image", "index"}
+        "view_ray", "crop_affine", "bbox", "landmarks_2d_image", "index"}
 TINY = {"splits": {"train": 6, "test": 2}, "image_sizes": [[160, 160], [144, 176]]}
 
 
@@ -57,8 +57,8 @@ def test_sample_keys_shapes_and_targets(root, assets):
     V = len(assets.model.v_template)
     assert set(s) == KEYS
     shapes = {"image": (3, S, S), "landmarks_2d": (68, 2), "visibility": (68,), "heatmaps": (68, S // 4, S // 4),
-              "vertices_crop": (V, 2), "vertices_model": (V, 3), "rotation": (3, 3), "crop_affine": (2, 3),
-              "bbox": (4,), "landmarks_2d_image": (68, 2), "index": ()}
+              "vertices_crop": (V, 2), "vertices_model": (V, 3), "rotation": (3, 3), "view_ray": (3,),
+              "crop_affine": (2, 3), "bbox": (4,), "landmarks_2d_image": (68, 2), "index": ()}
     assert {k: tuple(v.shape) for k, v in s.items()} == shapes
     assert s["index"].dtype == torch.int64 and all(v.dtype == torch.float32 for k, v in s.items() if k != "index")
     v, mv, P = annotation(root, ds.items[2])
@@ -72,6 +72,8 @@ def test_sample_keys_shapes_and_targets(root, assets):
     np.testing.assert_allclose(s["vertices_crop"].numpy(), project(v, mv, P, h) @ A[:, :2].T + A[:, 2], atol=1e-3)
     np.testing.assert_allclose(s["vertices_model"].numpy(), v, atol=1e-6)
     np.testing.assert_allclose(s["rotation"].numpy(), np.diag([1, -1, -1]) @ mv[:3, :3], atol=1e-6)
+    centroid = np.diag([1, -1, -1]) @ (mv[:3, :3] @ v.mean(0) + mv[:3, 3])  # the camera at the origin
+    np.testing.assert_allclose(s["view_ray"].numpy(), centroid / np.linalg.norm(centroid), atol=1e-6)
     assert s["visibility"].sum() == 68  # the 10 % margin keeps the whole face in the crop
 
 
@@ -554,3 +556,24 @@ def test_crops_from_the_decoded_image_cache_are_the_crops_from_the_files(root, a
         assert diff.max() <= 1
         changed, total = changed + (diff.max(-1) > 0).sum(), total + diff.shape[0] * diff.shape[1]
     assert changed / total < 0.01
+
+
+def test_the_crop_shows_the_rotation_seen_along_the_viewing_ray(root, assets):
+    """Generated images are perspective: the weak perspective fits each crop better under the
+    rotation seen along the head's viewing ray than under the camera-space GT rotation (on the cpu
+    preset's test split: 1.10 against 1.81 px mean residual)."""
+    from dad3dlib.flame import CANONICAL_Z_OFFSET, fit_weak_perspective
+    from dad3dlib.geometry import apparent_rotation
+
+    b = data.collate(dataset(root, assets).samples(range(6), [None] * 6))
+
+    def residual(R):
+        v = b["vertices_model"] + torch.tensor([0.0, 0.0, CANONICAL_Z_OFFSET])
+        s, t = fit_weak_perspective(b["vertices_model"], R, b["vertices_crop"], S)
+        fit = (s[:, None, None] * (v @ R.transpose(1, 2))[..., :2] + t[:, None]) * S / 2 + S / 2
+        return (fit - b["vertices_crop"]).norm(dim=-1).mean(1)
+
+    off_axis = torch.rad2deg(torch.acos(b["view_ray"][:, 2])) > 3
+    assert off_axis.sum() >= 2
+    apparent, gt = residual(apparent_rotation(b["rotation"], b["view_ray"])), residual(b["rotation"])
+    assert (apparent[off_axis] < gt[off_axis]).all() and apparent.mean() < gt.mean()

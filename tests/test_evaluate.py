@@ -67,7 +67,7 @@ class HeadsFromParams(Dataset):
         image = torch.zeros(3, S, S)
         image[0, 0, 0] = i
         return {"image": image, "crop_affine": self.A[i], "vertices_model": self.vertices[i], "rotation": self.R[i],
-                "vertices_crop": self.crop[i],
+                "view_ray": torch.tensor([0.0, 0.0, 1.0]), "vertices_crop": self.crop[i],
                 "landmarks_2d_image": self.lmk[i], "bbox": torch.cat([lo, hi - lo]), "index": torch.tensor(i)}
 
 

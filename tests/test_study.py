@@ -332,11 +332,14 @@ def test_reference_predictors_are_in_the_study(smoke_study):
     out, _, _ = smoke_study
     refs = json.loads((out / "references" / "references.json").read_text())
     assert set(refs["descriptions"]) == {"constant", "shape_blind", "pose_blind", "camera_floor"}
-    floor = json.loads((out / "references" / "camera_floor" / "metrics.json").read_text())
-    const = json.loads((out / "references" / "constant" / "metrics.json").read_text())
-    assert floor["angle_error_deg"] < 1e-3 and floor["mean_mm"] < 1e-3 and floor["z5_accuracy"] > 0.99
-    assert const["angle_error_deg"] > 1 and const["mean_mm"] > 0.1
-    assert 0 < floor["nme_reprojection"] < const["nme_reprojection"]
+    floor, blind, const = (json.loads((out / "references" / n / "metrics.json").read_text())
+                           for n in ("camera_floor", "shape_blind", "constant"))
+    # the generated images are perspective: the pose a crop shows is off by its viewing ray's angle
+    assert floor["angle_error_deg"] == pytest.approx(blind["angle_error_deg"])
+    assert 0 < floor["angle_error_deg"] < const["angle_error_deg"]
+    assert const["mean_mm"] == pytest.approx(blind["mean_mm"]) and floor["mean_mm"] < 1e-3 < const["mean_mm"]
+    assert 0 < floor["nme_reprojection"] < blind["nme_reprojection"] < const["nme_reprojection"]
+    assert floor["z5_accuracy"] > const["z5_accuracy"]
     summary = pd.read_csv(out / "summary.csv", index_col="ablation")
     assert set(summary[summary.kind == "reference"].index) == set(refs["descriptions"])
 

@@ -59,7 +59,8 @@ class RandomHeads(Dataset):
         self.samples = {
             "image": image, "landmarks_2d": lmk, "visibility": ((lmk > 0) & (lmk < S)).all(-1).float(),
             "heatmaps": torch.exp(-d2 / (2 * (11 / 6) ** 2)), "vertices_crop": verts[..., :2],
-            "vertices_model": model, "rotation": R, "crop_affine": torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(n, 2, 3),
+            "vertices_model": model, "rotation": R,
+            "view_ray": torch.tensor([0.0, 0.0, 1.0]).expand(n, 3), "crop_affine": torch.tensor([[1.0, 0, 0], [0, 1, 0]]).expand(n, 2, 3),
             "bbox": torch.tensor([0.0, 0, S, S]).expand(n, 4), "landmarks_2d_image": lmk, "index": torch.arange(n)}
 
     def __len__(self) -> int:
