@@ -41,7 +41,7 @@ from dad3dlib.data_setup import ensure_data  # noqa: E402
 from dad3dlib.evaluate import evaluate_predictor, mesh_views  # noqa: E402
 from dad3dlib.files import atomic_write  # noqa: E402
 from dad3dlib.flame import (CANONICAL_Z_OFFSET, N_EXPR, N_SHAPE, FlameLayer, fit_weak_perspective,  # noqa: E402
-                            load_flame_assets, rot6d_to_matrix, split_3dmm)
+                            load_flame_assets, rot6d_to_matrix, split_3dmm, weak_perspective)
 from dad3dlib.geometry import apparent_rotation, vertex_normals  # noqa: E402
 from dad3dlib.metrics import similarity_align  # noqa: E402
 from dad3dlib.model import load_model  # noqa: E402
@@ -129,8 +129,8 @@ def footprint(items: Items, layer: FlameLayer, faces: np.ndarray, face_ids: Tens
         s, tr = fit_weak_perspective(v_gt, R, batch["vertices_crop"].float(), S)
 
         def project(v):
-            xy = ((v + v.new_tensor([0, 0, CANONICAL_Z_OFFSET])) @ R.transpose(1, 2))[..., :2]
-            return ((xy * s[:, None, None] + tr[:, None]) + 1) * S / 2
+            shift = torch.cat([tr, tr.new_zeros(len(tr), 1)], -1)
+            return weak_perspective(v + v.new_tensor([0, 0, CANONICAL_Z_OFFSET]), R, shift, (s - 1)[:, None], S)[..., :2]
 
         normals = torch.from_numpy(np.stack([vertex_normals(v, faces) for v in v_gt.numpy()]))
         seen = ((normals @ R.transpose(1, 2))[..., 2] > 0.1)[:, face_ids].float()
