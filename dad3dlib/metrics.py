@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .flame import ALIGN7, FlameLayer, TopologyTensors, rot6d_to_matrix, split_3dmm
-from .geometry import crop_to_image, flip_yz
+from .geometry import apparent_rotation, crop_to_image, flip_yz
 
 MM_PER_METRE = 1000.0
 Z_N = 5                     # Z_n accuracy at n = 5 (the reference benchmark's Z5)
@@ -629,6 +629,9 @@ register_metric("std_mm", "Std (mm)", "lower", lambda c: c.shape["std"], scopes=
 register_metric("angle_error_deg", "Angle error (°)", "lower", lambda c: angle_error_deg(c.R, c.R_gt),
                 scopes=("study", "benchmark", "attributes"), benchmark=_bench_rotation(angle_error_deg),
                 short="angle_deg")
+register_metric("angle_error_seen_deg", "Angle error vs the crop's view (°)", "lower",
+                lambda c: angle_error_deg(c.R, apparent_rotation(c.R_gt, c.batch["view_ray"].double())),
+                scopes=("study",))
 register_metric(
     "nme_reprojection", "Reprojection NME", "lower",
     lambda c: nme_reprojection(c.pred["landmarks_2d_image"].double(), c.batch["landmarks_2d_image"].double(),

@@ -45,8 +45,9 @@ class TableModel(nn.Module):
 class HeadsFromParams(Dataset):
     """Samples whose ground truth is exactly the mesh of given 3DMM vectors (crop = 2·image − 20)."""
 
-    def __init__(self, layer: FlameLayer, params: torch.Tensor):
+    def __init__(self, layer: FlameLayer, params: torch.Tensor, rays: torch.Tensor | None = None):
         self.params = params
+        self.rays = torch.tensor([0.0, 0.0, 1.0]).expand(len(params), 3) if rays is None else rays
         p = split_3dmm(params)
         with torch.no_grad():
             self.vertices = layer.vertices(p["shape"], p["expression"], p["jaw"])
@@ -67,7 +68,7 @@ class HeadsFromParams(Dataset):
         image = torch.zeros(3, S, S)
         image[0, 0, 0] = i
         return {"image": image, "crop_affine": self.A[i], "vertices_model": self.vertices[i], "rotation": self.R[i],
-                "view_ray": torch.tensor([0.0, 0.0, 1.0]), "vertices_crop": self.crop[i],
+                "view_ray": self.rays[i], "vertices_crop": self.crop[i],
                 "landmarks_2d_image": self.lmk[i], "bbox": torch.cat([lo, hi - lo]), "index": torch.tensor(i)}
 
 
@@ -170,6 +171,24 @@ def test_reference_predictors_known_answers(setup):
     np.testing.assert_allclose(sblind["mean_mm"], const["mean_mm"], rtol=1e-5)
     assert const["mean_mm"].min() > 0.1 and (const["nme_reprojection"] > 1).all()
     assert (sblind["nme_reprojection"] > 0.1).all() and (pblind["nme_reprojection"] > 1).all()
+
+
+def test_angle_against_the_crops_view_known_answers(setup):
+    """Heads seen along rays at known angles from the optical axis: the GT rotation as prediction
+    is off by each ray's angle against the rotation the crop shows, and the camera floor (posed as
+    the crop shows) by the same angle against the GT rotation; each is exact on its own rotation."""
+    layer, params, _ = setup
+    tilt = torch.tensor([0.0, 5.0, 12.0, 20.0, 33.0])
+    azimuth = torch.tensor([0.0, 40.0, 150.0, 260.0, 330.0])
+    t, a = torch.deg2rad(tilt), torch.deg2rad(azimuth)
+    rays = torch.stack([t.sin() * a.cos(), t.sin() * a.sin(), t.cos()], -1)
+    data = HeadsFromParams(layer, params, rays)
+    gt = E.evaluate(TableModel(params), data, layer, batch_size=2)[0]
+    floor = E.evaluate_predictor(lambda b: reference_prediction("camera_floor", b, layer, {}), data, layer, 5)[0]
+    np.testing.assert_allclose(gt["angle_error_deg"], 0, atol=1e-3)
+    np.testing.assert_allclose(gt["angle_error_seen_deg"], tilt, atol=1e-3)
+    np.testing.assert_allclose(floor["angle_error_seen_deg"], 0, atol=1e-3)
+    np.testing.assert_allclose(floor["angle_error_deg"], tilt, atol=1e-3)
 
 
 def test_save_evaluation_writes_atomically(setup, tmp_path):
