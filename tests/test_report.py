@@ -12,7 +12,8 @@ from conftest import small_study
 from dad3dlib import report, stats
 
 N = 60
-BASE = {"median_mm": 2.0, "mean_mm": 2.6, "std_mm": 2.4, "angle_error_deg": 11.6, "nme_reprojection": 4.3,
+BASE = {"median_mm": 2.0, "mean_mm": 2.6, "std_mm": 2.4, "angle_error_deg": 11.6, "angle_error_seen_deg": 10.1,
+        "nme_reprojection": 4.3,
         "z5_accuracy": 0.91, "z5_accuracy_local": 0.92}
 # ablation -> {metric: per-seed shift from the baseline's run of the same seed}
 EFFECTS = {
@@ -179,7 +180,8 @@ def test_findings_name_effects_references_and_not_aliases(study):
     text = report.findings(report.run_table(root), d.reset_index(), report.reference_table(root))
     blocks = text.split("\n\n")
     assert blocks[0] == report.design_note(d.reset_index())
-    assert "3 primary" not in blocks[0] and "these 3 comparisons" in blocks[0] and "other 18" in blocks[0]
+    assert "3 primary" not in blocks[0] and "these 3 comparisons" in blocks[0]
+    assert f"other {3 * len(report.METRICS) - 3} " in blocks[0]  # 3 ablations × the study metrics, less the primaries
     assert "3 seeds" in blocks[1] and blocks[2] == "**Primary hypotheses**" and blocks[4].startswith("**Exploratory**")
     primary, exploratory = blocks[3].splitlines(), blocks[5].splitlines()
     no_lproj = next(line for line in primary if "**no_lproj**" in line)
